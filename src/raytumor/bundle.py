@@ -1,0 +1,171 @@
+"""Model bundle: a directory that carries the weights and everything needed to use them.
+
+Layout (MONAI-bundle spirit, one JSON instead of a config tree):
+  model.pt                     state dict of ``TumorClassifier`` (loadable with ``weights_only=True``)
+  bundle.json                  backbone, classes, preprocessing, threshold, temperature, metrics, fingerprints
+                               of data and split, package versions
+  train_fingerprints.parquet   sha256/dHash/thumbnail of every train+val file, so evaluation can drop
+                               test files that duplicate what the model saw
+  history.csv                  per-epoch training metrics
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+BUNDLE_FORMAT = 1
+MODEL_FILE = "model.pt"
+META_FILE = "bundle.json"
+FINGERPRINTS_FILE = "train_fingerprints.parquet"
+HISTORY_FILE = "history.csv"
+
+
+@dataclass
+class BundleMeta:
+    backbone: str
+    classes: list[str]
+    negative_class: str | None
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    channels: str = "gray"  # decoded to one intensity channel; the model replicates it to 3
+    geometry: str = "pad-to-square, resize (formats.fit_square)"
+    threshold: float = 0.5  # on the tumour score (1 - P(negative class), or P(class 1) without one)
+    temperature: float = 1.0  # logits are divided by this before softmax (calibration)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    train_config: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # source, split manifest sha256, counts
+    versions: dict[str, str] = field(default_factory=dict)
+    created_at: str = ""
+    bundle_id: str = ""
+    format: int = BUNDLE_FORMAT
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def tumour_score_index(self) -> int | None:
+        """Index whose probability is the tumour score, or None when it is 1 - P(negative)."""
+        if self.negative_class is not None:
+            return None
+        return 1 if self.num_classes == 2 else None
+
+
+def package_versions() -> dict[str, str]:
+    import ray
+    import torchvision
+
+    import raytumor
+
+    return {
+        "raytumor": raytumor.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_bundle(
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    meta: BundleMeta,
+    train_fingerprints: pd.DataFrame | None = None,
+    history: pd.DataFrame | None = None,
+) -> Path:
+    """Write a bundle atomically (to a temp dir, then rename) so a crash never leaves half a bundle."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=path.parent))
+    try:
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp / MODEL_FILE)
+        meta.bundle_id = file_sha256(tmp / MODEL_FILE)[:16]
+        meta.created_at = meta.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        meta.versions = meta.versions or package_versions()
+        if train_fingerprints is not None:
+            train_fingerprints.reset_index(drop=True).to_parquet(tmp / FINGERPRINTS_FILE, index=False)
+        if history is not None:
+            history.to_csv(tmp / HISTORY_FILE, index=False)
+        (tmp / META_FILE).write_text(json.dumps(asdict(meta), indent=2, default=_json_default) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def read_meta(path: str | os.PathLike) -> BundleMeta:
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a model bundle (no {META_FILE})")
+    raw = json.loads((path / META_FILE).read_text())
+    if raw.get("format", 0) > BUNDLE_FORMAT:
+        raise ValueError(f"bundle format {raw['format']} is newer than this raytumor understands ({BUNDLE_FORMAT})")
+    known = set(BundleMeta.__dataclass_fields__)
+    return BundleMeta(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass
+class LoadedBundle:
+    path: Path
+    meta: BundleMeta
+    model: torch.nn.Module
+    device: torch.device
+
+    def train_fingerprints(self) -> pd.DataFrame | None:
+        f = self.path / FINGERPRINTS_FILE
+        return pd.read_parquet(f) if f.is_file() else None
+
+
+def load_bundle(path: str | os.PathLike, device: str | torch.device | None = None) -> LoadedBundle:
+    """Load a bundle's model in eval mode on ``device`` (CUDA when available by default), channels_last."""
+    from raytumor.model import create_model
+
+    path = Path(path)
+    meta = read_meta(path)
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(meta.backbone, meta.num_classes, weights="none", dropout=0.0)
+    state = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval().to(dev, memory_format=torch.channels_last)
+    return LoadedBundle(path=path, meta=meta, model=model, device=dev)
+
+
+def tumour_scores(probs: torch.Tensor | Any, meta: BundleMeta) -> Any:
+    """The scalar tumour score per row from class probabilities (N, C)."""
+    if meta.negative_class is not None:
+        return 1.0 - probs[:, meta.classes.index(meta.negative_class)]
+    idx = meta.tumour_score_index()
+    if idx is None:
+        raise ValueError("no negative class and more than 2 classes: no single tumour score")
+    return probs[:, idx]

@@ -1,0 +1,367 @@
+"""Ingest: list labelled scans from a folder, bucket or manifest, and decode them in Ray Data tasks.
+
+Listing happens on the driver (one metadata call per directory page), reading and decoding in parallel
+Ray Data tasks. Every listed file ends up in exactly one of: used, rejected (with a reason) or ignored
+(hidden/documentation files outside class folders) — nothing disappears without a count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+
+# Folder names that mean "no tumour"; compared after lower-casing and dropping non-alphanumerics.
+NEGATIVE_NAMES = frozenset(
+    {"no", "notumor", "notumour", "nontumor", "nontumour", "normal", "negative", "healthy", "absent", "0", "false"}
+)
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+# Files next to the data that are documentation, not scans; skipped (and counted) when listing a tree.
+DOC_SUFFIXES = (".md", ".txt", ".csv", ".json", ".yaml", ".yml", ".parquet", ".html", ".pdf")
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach object storage. Picklable, so Ray tasks rebuild the filesystem themselves."""
+
+    endpoint_override: str | None = None  # e.g. http://127.0.0.1:9000 for an S3-compatible store
+    region: str | None = None
+    anonymous: bool = False
+
+    @classmethod
+    def from_env(cls, endpoint: str | None = None) -> StorageOptions:
+        endpoint = endpoint or os.environ.get("RAYTUMOR_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+        return cls(endpoint_override=endpoint, region=os.environ.get("AWS_REGION"))
+
+
+_FS_CACHE: dict[tuple, pafs.FileSystem] = {}
+
+
+def get_filesystem(uri: str, storage: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path-within-filesystem) for a local path, ``s3://`` or ``gs://`` URI."""
+    storage = storage or StorageOptions.from_env()
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        path = parsed.path if scheme == "file" else uri
+        key: tuple = ("local",)
+        if key not in _FS_CACHE:
+            _FS_CACHE[key] = pafs.LocalFileSystem()
+        return _FS_CACHE[key], os.path.abspath(os.path.expanduser(path))
+    path = (parsed.netloc + parsed.path).rstrip("/")
+    key = (scheme, storage)
+    if key not in _FS_CACHE:
+        if scheme in ("s3", "s3a"):
+            kwargs: dict[str, Any] = {"anonymous": storage.anonymous}
+            if storage.region:
+                kwargs["region"] = storage.region
+            if storage.endpoint_override:
+                ep = urlparse(storage.endpoint_override)
+                if ep.scheme in ("http", "https"):
+                    kwargs.update(endpoint_override=ep.netloc, scheme=ep.scheme)
+                else:
+                    kwargs["endpoint_override"] = storage.endpoint_override
+                kwargs.setdefault("region", "us-east-1")
+            _FS_CACHE[key] = pafs.S3FileSystem(**kwargs)
+        elif scheme in ("gs", "gcs"):
+            _FS_CACHE[key] = pafs.GcsFileSystem(anonymous=storage.anonymous)
+        else:
+            raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r}: use a local path, s3:// or gs://")
+    return _FS_CACHE[key], path
+
+
+def to_uri(scheme_of: str, path: str) -> str:
+    """Rebuild a user-facing URI for ``path`` on the same filesystem as ``scheme_of``."""
+    scheme = urlparse(scheme_of).scheme.lower()
+    return f"{scheme}://{path}" if scheme and scheme != "file" else path
+
+
+def read_bytes(uri: str, storage: StorageOptions | None = None) -> bytes:
+    fs, path = get_filesystem(uri, storage)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Class layout
+
+
+def _norm_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def is_negative_name(name: str) -> bool:
+    return _norm_name(name) in NEGATIVE_NAMES
+
+
+def class_layout(names: list[str] | set[str], order: list[str] | None = None) -> tuple[list[str], str | None]:
+    """Order the classes and find the no-tumour class.
+
+    Binary sets put the no-tumour class first so index 1 means tumour; otherwise names sort. An explicit
+    ``order`` wins. Returns (classes, negative_class or None).
+    """
+    names = sorted(set(names))
+    if order:
+        missing = set(names) - set(order)
+        if missing:
+            raise ValueError(f"labels {sorted(missing)} are not in the given class order {order}")
+        classes = list(order)
+    else:
+        classes = names
+        negatives = [n for n in names if is_negative_name(n)]
+        if len(names) == 2 and len(negatives) == 1:
+            classes = [negatives[0]] + [n for n in names if n != negatives[0]]
+    if len(classes) < 2:
+        raise ValueError(f"need at least 2 classes, found {classes}: a labelled tree is ROOT/<class>/<files>")
+    negatives = [c for c in classes if is_negative_name(c)]
+    return classes, (negatives[0] if len(negatives) == 1 else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Listing
+
+
+@dataclass
+class Listing:
+    """Files found at a source, before decoding."""
+
+    source: str
+    files: pd.DataFrame  # path, class_name (+ optional source, patient_id)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+
+    def summary(self) -> dict:
+        return {
+            "source": self.source,
+            "files_listed": int(len(self.files)),
+            "files_ignored": len(self.ignored),
+            "ignored_reasons": dict(Counter(why for _, why in self.ignored)),
+        }
+
+
+def list_labelled(source: str, storage: StorageOptions | None = None) -> Listing:
+    """List a labelled tree ``ROOT/<class>/**/<file>`` or a CSV/Parquet manifest with ``path,label``."""
+    if source.lower().endswith(MANIFEST_SUFFIXES):
+        return _list_manifest(source, storage)
+    fs, root = get_filesystem(source, storage)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data source not found: {source}")
+    if info.type != pafs.FileType.Directory:
+        raise ValueError(f"{source} is neither a directory nor a .csv/.parquet manifest")
+    rows, ignored = [], []
+    for fi in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if fi.type != pafs.FileType.File:
+            continue
+        rel = posixpath.relpath(fi.path.replace(os.sep, "/"), root.replace(os.sep, "/"))
+        parts = rel.split("/")
+        uri = to_uri(source, fi.path)
+        if any(p.startswith(".") for p in parts):
+            ignored.append((uri, "hidden file"))
+        elif len(parts) < 2:
+            ignored.append((uri, "not inside a class folder"))
+        elif parts[-1].lower().endswith(DOC_SUFFIXES) or parts[-1].upper().startswith(("README", "PROVENANCE")):
+            ignored.append((uri, "documentation file"))
+        else:
+            rows.append((uri, parts[0]))
+    files = pd.DataFrame(rows, columns=["path", "class_name"]).sort_values("path", ignore_index=True)
+    if files.empty:
+        raise ValueError(f"no files found under class folders in {source}: expected ROOT/<class>/<files>")
+    return Listing(source=source, files=files, ignored=ignored)
+
+
+def _list_manifest(source: str, storage: StorageOptions | None) -> Listing:
+    fs, path = get_filesystem(source, storage)
+    with fs.open_input_file(path) as f:
+        df = pd.read_parquet(f) if not source.lower().endswith(".csv") else pd.read_csv(f, dtype=str)
+    if "path" not in df.columns or "label" not in df.columns:
+        raise ValueError(f"manifest {source} needs columns path,label (has {list(df.columns)})")
+    base = source.rsplit("/", 1)[0] if "/" in source else "."
+
+    def resolve(p: str) -> str:
+        # Absolute paths and URIs stand as they are; relative ones are relative to the manifest.
+        if p.startswith("/") or len(urlparse(p).scheme) > 1:
+            return p
+        return f"{base}/{p}" if "://" in base else os.path.normpath(os.path.join(base, p))
+
+    out = pd.DataFrame({"path": df["path"].astype(str).map(resolve), "class_name": df["label"].astype(str)})
+    for col in ("source", "patient_id"):
+        if col in df.columns:
+            out[col] = df[col].where(df[col].notna(), None).astype(object)
+    return Listing(source=source, files=out.reset_index(drop=True))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding inside Ray Data tasks
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    storage: StorageOptions | None = None,
+    image_size: int | None = None,
+    fingerprints: bool = True,
+) -> dict[str, np.ndarray]:
+    """Read and decode each path in a batch; one output row per input row, errors as a reason string.
+
+    With ``image_size`` an ``image`` column of (size, size) uint8 arrays is added (zeros for failed rows,
+    so the tensor column keeps one shape); with ``fingerprints`` the dHash/thumbnail used for grouping.
+    """
+    from raytumor import formats, split
+
+    paths = [str(p) for p in batch["path"]]
+    n = len(paths)
+    out: dict[str, Any] = {k: v for k, v in batch.items()}
+    sha = np.empty(n, dtype=object)
+    err = np.empty(n, dtype=object)
+    fmt = np.empty(n, dtype=object)
+    mode = np.empty(n, dtype=object)
+    width = np.zeros(n, dtype=np.int32)
+    height = np.zeros(n, dtype=np.int32)
+    dhash = np.zeros(n, dtype=np.int64)
+    thumb = np.empty(n, dtype=object)
+    images = np.zeros((n, image_size, image_size), dtype=np.uint8) if image_size else None
+    for i, path in enumerate(paths):
+        try:
+            data = read_bytes(path, storage)
+        except Exception as e:  # unreadable: permissions, vanished object, network
+            err[i] = f"unreadable: {type(e).__name__}: {e}"[:300]
+            continue
+        sha[i] = hashlib.sha256(data).hexdigest()
+        try:
+            dec = formats.decode_image(data, draft_size=image_size)
+        except formats.DecodeError as e:
+            err[i] = e.reason
+            fmt[i] = formats.sniff_format(data)
+            continue
+        except Exception as e:  # a decoder bug must cost one row, not the run
+            err[i] = f"decode failed: {type(e).__name__}: {e}"[:300]
+            continue
+        fmt[i], mode[i], width[i], height[i] = dec.format, dec.mode, dec.width, dec.height
+        if fingerprints:
+            fp = split.fingerprint(dec.pixels)
+            dhash[i], thumb[i] = fp["dhash"], fp["thumb"]
+        if images is not None:
+            images[i] = formats.fit_square(dec.pixels, image_size)
+    out.update(sha256=sha, error=err, format=fmt, mode=mode, width=width, height=height)
+    if fingerprints:
+        out.update(dhash=dhash, thumb=thumb)
+    if images is not None:
+        out["image"] = images
+    return out
+
+
+def _num_blocks(n: int) -> int:
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 2)) if ray.is_initialized() else 2
+    return max(1, min(n // 32 + 1, max(4 * cpus, n // 256)))
+
+
+def decode_dataset(
+    files: pd.DataFrame,
+    *,
+    storage: StorageOptions | None = None,
+    image_size: int | None = None,
+    fingerprints: bool = True,
+    batch_size: int = 32,
+):
+    """A lazy Ray Dataset of decoded rows for the listed ``files`` (parallel over CPU tasks)."""
+    import ray.data
+
+    ds = ray.data.from_pandas(files.reset_index(drop=True)).repartition(_num_blocks(len(files)))
+    return ds.map_batches(
+        decode_batch,
+        fn_kwargs={"storage": storage, "image_size": image_size, "fingerprints": fingerprints},
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+
+
+@dataclass
+class Catalogue:
+    """Every listed file with its label, content hash, fingerprint and decode outcome (no pixels)."""
+
+    listing: Listing
+    table: pd.DataFrame  # path, class_name, label, sha256, dhash, thumb, format, mode, width, height, error
+    classes: list[str]
+    negative_class: str | None
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        return self.table[self.table["error"].isna()]
+
+    @property
+    def rejected(self) -> pd.DataFrame:
+        return self.table[self.table["error"].notna()]
+
+    def summary(self) -> dict:
+        t = self.table
+        return {
+            **self.listing.summary(),
+            "files_read": int(len(t)),
+            "files_decoded": int(t["error"].isna().sum()),
+            "files_rejected": int(t["error"].notna().sum()),
+            "rejected_reasons": dict(Counter(_reason_key(r) for r in t["error"].dropna())),
+            "rejected_files": [
+                {"path": p, "reason": r} for p, r in t.loc[t["error"].notna(), ["path", "error"]].values[:200]
+            ],
+            "classes": self.classes,
+            "negative_class": self.negative_class,
+            "per_class": {c: int(v) for c, v in t.loc[t["error"].isna(), "class_name"].value_counts().items()},
+            "formats": {str(k): int(v) for k, v in t["format"].value_counts().items()},
+            "modes": {str(k): int(v) for k, v in t["mode"].value_counts().items()},
+        }
+
+
+def _reason_key(reason: str) -> str:
+    # Group "decompression bomb: 9e8 pixels > ..." style messages by their stable prefix.
+    return reason.split(":", 1)[0]
+
+
+def build_catalogue(
+    source: str,
+    storage: StorageOptions | None = None,
+    class_order: list[str] | None = None,
+) -> Catalogue:
+    """List and fingerprint every file at ``source`` (decodes each once, keeps no pixels)."""
+    listing = list_labelled(source, storage)
+    classes, negative = class_layout(listing.files["class_name"].unique().tolist(), class_order)
+    table = decode_dataset(listing.files, storage=storage, image_size=None).to_pandas()
+    table = table.sort_values("path", ignore_index=True)
+    table["label"] = table["class_name"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
+    for col in ("error", "format", "mode", "sha256"):
+        table[col] = table[col].where(table[col].notna(), None)
+    return Catalogue(listing=listing, table=table, classes=classes, negative_class=negative)
+
+
+def summary_to_json(summary: dict) -> dict:
+    """Make a summary JSON-safe (numpy scalars to Python)."""
+    import json
+
+    return json.loads(json.dumps(summary, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+__all__ = [
+    "Catalogue",
+    "Listing",
+    "StorageOptions",
+    "build_catalogue",
+    "class_layout",
+    "decode_batch",
+    "decode_dataset",
+    "get_filesystem",
+    "is_negative_name",
+    "list_labelled",
+    "read_bytes",
+    "summary_to_json",
+]

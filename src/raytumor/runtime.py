@@ -1,0 +1,67 @@
+"""Ray session and resource sizing shared by the jobs.
+
+Sizes come from ``ray.cluster_resources()`` so a 2-CPU laptop and a GPU cluster both run without flags:
+on 2 CPUs a 2-worker trainer asking 1 CPU each would leave Ray Data no CPU and hang forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("raytumor")
+
+
+def init_ray(address: str | None = None, **kwargs: Any) -> None:
+    """Join ``RAY_ADDRESS``/``address`` if set (a cluster or ``ray job submit``), else start Ray in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray Train V2 is the default in 2.5x; keep it explicit so workers and drivers agree.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs.setdefault("log_to_driver", True)
+    if not address:
+        kwargs.setdefault("include_dashboard", False)
+    ray.init(address=address, **kwargs)
+    # Quieter progress output; the jobs print their own summaries.
+    ray.data.DataContext.get_current().enable_progress_bars = bool(int(os.environ.get("RAYTUMOR_PROGRESS", "0")))
+
+
+@dataclass
+class TrainResources:
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    cluster_cpus: float
+    cluster_gpus: float
+
+
+def train_resources(
+    num_workers: int | None = None,
+    use_gpu: str | bool = "auto",
+    cpus_per_worker: float | None = None,
+) -> TrainResources:
+    """Worker count and CPU reservation for a TorchTrainer, leaving CPUs to Ray Data ingest."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
+    gpu = (gpus > 0) if use_gpu == "auto" else bool(use_gpu in (True, "1", "true", "yes"))
+    if gpu and gpus <= 0:
+        raise RuntimeError("--use-gpu requested but the Ray cluster has no GPUs")
+    if num_workers is None:
+        num_workers = int(gpus) if gpu else (2 if cpus >= 2 else 1)
+    if cpus_per_worker is None:
+        # Keep at least half the CPUs (min 1) for decoding/augmentation tasks.
+        budget = cpus - max(1.0, cpus * 0.5)
+        cpus_per_worker = max(0.25, min(8.0, budget / num_workers)) if budget > 0 else 0.25
+    return TrainResources(num_workers, gpu, round(cpus_per_worker, 3), cpus, gpus)
+
+
+def worker_threads(local_world_size: int) -> int:
+    """Torch threads for one training worker: its share of this node's cores, not its fractional Ray CPUs."""
+    return max(1, (os.cpu_count() or 1) // max(1, local_world_size))

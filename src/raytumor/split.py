@@ -1,0 +1,691 @@
+"""Leakage-safe splitting: group exact/near duplicates and same-patient files, then split by group.
+
+Public datasets of brain MRI slices are full of re-saved, resized and re-contrasted copies of the same
+scan (br35h-3000 contains most of navoneel-253; a plain 70/15/15 split of br35h puts a near-duplicate of
+most test images in train). Every file is therefore fingerprinted once at ingest (:func:`fingerprint`),
+files are linked into groups (:func:`find_duplicate_groups`) and whole groups go to one split
+(:func:`split_groups`). :func:`match_reference` applies the same rules across datasets, e.g. to drop
+evaluation files that duplicate a model's training files.
+
+Near-duplicate search is multi-index hashing on the 64-bit dHash: split the bits into ``d + k`` chunks;
+two hashes within Hamming distance ``d`` agree exactly on at least ``k`` chunks (pigeonhole), so exact
+lookups on every combination of ``k`` chunks find all candidates without comparing all pairs. Candidates
+are then checked exactly (popcount) and, by default, confirmed by thumbnail correlation, because on
+small, uniformly framed brain slices dHash alone links unrelated scans (ixi-t1-nichart-42 vs br35h-3000).
+Pure numpy/pandas: runs on the driver over catalogue columns, no pixels needed after ingest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import zlib
+from collections.abc import Iterator, Sequence
+
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+__all__ = [
+    "DEFAULT_MAX_HAMMING",
+    "DEFAULT_MIN_CORR",
+    "SPLIT_NAMES",
+    "THUMB_SIZE",
+    "duplicate_groups_table",
+    "duplicate_report",
+    "find_duplicate_groups",
+    "fingerprint",
+    "hamming",
+    "leakage",
+    "match_reference",
+    "split_groups",
+    "thumb_features",
+]
+
+# Chosen by bench/dup_threshold.py on ../shared/data (navoneel-253 + br35h-3000 + ixi-t1-nichart-42/no_tumor,
+# 3673 images; "true" pair = same md5 or 64x64 fit-to-square Pearson r >= 0.90; ixi vs the two Kaggle sets
+# are different sources, so any link between them is a known false positive):
+# - dHash alone is not enough: at d <= 4 it links 209 ixi<->Kaggle pairs (195 with br35h, as PROVENANCE
+#   says), pair precision 0.65; confirmed by 32x32 thumbnail r >= 0.92 that drops to 0 known-false pairs.
+# - With confirmation, a wider radius pays: d <= 8 reaches pair recall 0.83 (vs 0.63 at d <= 4) at pair
+#   precision 0.92 and 1 known-false ixi<->br35h pair; on br35h-3000 the largest group stays at
+#   <= 74 files. Re-saved/re-contrasted copies in br35h routinely sit at dHash 5..10.
+# See the bench's printed table (quoted in the project notes) for the full sweep.
+DEFAULT_MAX_HAMMING = 8
+DEFAULT_MIN_CORR: float | None = 0.80
+
+THUMB_SIZE = 32  # 32x32 separates ixi from br35h far better than 16x16 (see bench); 1 KiB per file
+SPLIT_NAMES = ("train", "val", "test")
+_MAX_K = 4  # at most C(d+4, 4) chunk combinations per search
+_PAIR_BLOCK = 8192  # row pairs per correlation batch: 2 x 8192 x 1984 float32 gradient features = 130 MB
+CONFIRM_MEASURES = ("gradient", "pixel")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def fingerprint(gray: np.ndarray) -> dict:
+    """Per-file grouping fields for the ingest catalogue, from a decoded (H, W) uint8 image.
+
+    ``dhash``: imagehash's 64-bit difference hash, bits packed row-major (``hex(dhash & (2**64-1))`` equals
+    ``str(imagehash.dhash(img))``) and stored as signed int64 so Arrow keeps it exact. ``thumb``:
+    THUMB_SIZE x THUMB_SIZE uint8 bytes, area-averaged (same aspect-ignoring geometry as the dHash) and
+    min-max stretched, used to confirm dHash candidates by Pearson correlation.
+    """
+    gray = np.asarray(gray)
+    if gray.ndim != 2 or gray.dtype != np.uint8 or gray.size == 0:
+        raise ValueError(f"fingerprint expects a non-empty (H, W) uint8 array, got {gray.dtype} {gray.shape}")
+    img = Image.fromarray(np.ascontiguousarray(gray), mode="L")
+    bits = imagehash.dhash(img).hash  # (8, 8) bool
+    dhash = int(np.packbits(bits.ravel()).view(">i8")[0])
+    # BOX = exact area average: antialiased and the fastest PIL filter for large downscales.
+    t = np.asarray(img.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX), dtype=np.float32)
+    lo, hi = float(t.min()), float(t.max())
+    t = (t - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(t)
+    return {"dhash": dhash, "thumb": np.rint(t).astype(np.uint8).tobytes()}
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise Hamming distance between two arrays of 64-bit hashes (int64 or uint64)."""
+    x = np.bitwise_xor(np.asarray(a).view(np.uint64), np.asarray(b).view(np.uint64))
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x).astype(np.int64)
+    return _POPCOUNT8[x.reshape(-1, 1).view(np.uint8)].sum(axis=1).reshape(x.shape).astype(np.int64)
+
+
+_U64 = (1 << 64) - 1
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Column access
+
+
+def _hash_array(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(valid mask, uint64 hashes) from df['dhash']; missing hashes (decode errors) are invalid."""
+    if "dhash" not in df.columns:
+        return np.zeros(len(df), dtype=bool), np.zeros(len(df), dtype=np.uint64)
+    s = df["dhash"]
+    if pd.api.types.is_float_dtype(s.dtype):
+        # Arrow int64 columns with nulls become float64 in to_pandas(): the low bits are already gone.
+        raise TypeError(
+            "dhash column is float (int64 with nulls converted by to_pandas?); read it as an integer "
+            "column, e.g. to_pandas(types_mapper=pd.ArrowDtype) or integer_object_nulls=True"
+        )
+    valid = s.notna().to_numpy()
+    if pd.api.types.is_integer_dtype(s.dtype) and valid.all():
+        return valid, s.to_numpy(dtype=np.int64).view(np.uint64)
+    out = np.zeros(len(df), dtype=np.uint64)
+    if valid.any():  # object/nullable columns: Python ints, possibly given unsigned
+        out[valid] = np.array([int(v) & _U64 for v in s[valid]], dtype=np.uint64)
+    return valid, out
+
+
+def _thumb_array(df: pd.DataFrame, need: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(usable mask, (N, P) uint8 thumbnails or None). Flat thumbnails are unusable: no content to match."""
+    n = len(df)
+    if "thumb" not in df.columns:
+        if need:
+            raise ValueError(
+                "min_corr is set but df has no 'thumb' column (pass min_corr=None for dHash only)"
+            )
+        return np.ones(n, dtype=bool), None
+    col = df["thumb"].tolist()
+    sizes = [len(t) if isinstance(t, (bytes, bytearray, memoryview)) else 0 for t in col]
+    p = max(sizes, default=0)
+    ok = np.array([s == p and s > 0 for s in sizes], dtype=bool)
+    thumbs = np.zeros((n, max(p, 1)), dtype=np.uint8)
+    if ok.any():
+        thumbs[ok] = np.frombuffer(
+            b"".join(bytes(col[i]) for i in np.flatnonzero(ok)), dtype=np.uint8
+        ).reshape(-1, p)
+    ok &= thumbs.max(axis=1) > thumbs.min(axis=1)
+    return ok, thumbs
+
+
+def _null_strings(s: pd.Series) -> np.ndarray:
+    """Mask of null/empty entries in a string-ish column."""
+    return (s.isna() | (s.astype(str).str.strip() == "")).to_numpy()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multi-index hashing
+
+
+def _chunk_masks(max_hamming: int, n: int) -> list[int]:
+    """64-bit masks, one per combination of k of (max_hamming + k) chunks, with k picked for size n.
+
+    k = 1 is the classic pigeonhole (one chunk equal); larger k gives longer keys (fewer random
+    collisions at large n) at the price of more combinations. Cost model: combos x (n + expected
+    colliding pairs n^2 / 2^bits).
+    """
+    d = max_hamming
+    best: tuple[float, list[int]] | None = None
+    for k in range(1, _MAX_K + 1):
+        m = d + k
+        if m > 64:
+            break
+        edges = [round(64 * i / m) for i in range(m + 1)]
+        chunk = [((1 << (edges[i + 1] - edges[i])) - 1) << edges[i] for i in range(m)]
+        combos = math.comb(m, k)
+        bits = 64 * k / m
+        cost = combos * (n + n * n / 2.0**bits)
+        if best is None or cost < best[0]:
+            masks = [sum(chunk[i] for i in c) for c in itertools.combinations(range(m), k)]
+            best = (cost, masks)
+    assert best is not None
+    return best[1]
+
+
+def _equal_key_pairs(keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """All index pairs (i, j), i != j unordered, with keys[i] == keys[j], in bounded-size blocks.
+
+    Sort once; pass s pairs each sorted position with the one s further on while both are in one run
+    of equal keys. Positions whose run has ended drop out, so total work ~ number of pairs.
+    """
+    order = np.argsort(keys)  # introsort: ~6x faster than stable here; pairs are deduplicated later
+    sk = keys[order]
+    n = len(sk)
+    if n < 2:
+        return
+    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    run_end = np.repeat(np.r_[starts[1:], n], np.diff(np.r_[starts, n]))  # exclusive end per position
+    pos = np.flatnonzero(run_end - np.arange(n) > 1)
+    s = 1
+    while len(pos):
+        yield order[pos], order[pos + s]
+        s += 1
+        pos = pos[run_end[pos] - pos > s]
+
+
+def _near_value_pairs(
+    vals: np.ndarray, max_hamming: int, ref: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of indices into distinct uint64 ``vals`` within ``max_hamming`` (i < j), or with ``ref``
+    given, pairs (i into vals, j into ref) including equal values."""
+    both = vals if ref is None else np.concatenate([vals, ref])
+    nq = len(vals)
+    out_a: list[np.ndarray] = []
+    out_b: list[np.ndarray] = []
+    if len(both) < 2 or (ref is not None and (nq == 0 or len(ref) == 0)):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for mask in _chunk_masks(max_hamming, len(both)):
+        keys = both & np.uint64(mask)
+        for a, b in _equal_key_pairs(keys):
+            if ref is not None:
+                cross = (a < nq) != (b < nq)
+                a, b = a[cross], b[cross]
+                a, b = np.minimum(a, b), np.maximum(a, b)
+            close = hamming(both[a], both[b]) <= max_hamming
+            if close.any():
+                out_a.append(a[close])
+                out_b.append(b[close])
+    if not out_a:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    a, b = np.concatenate(out_a), np.concatenate(out_b)
+    if ref is None:
+        a, b = np.minimum(a, b), np.maximum(a, b)
+    code = np.unique(a.astype(np.int64) * len(both) + b)  # a pair collides on several chunk combos
+    a, b = code // len(both), code % len(both)
+    if ref is not None:
+        b = b - nq
+    return a, b
+
+
+class _ValueIndex:
+    """Rows grouped by distinct hash value: value v owns rows[start[v]:start[v] + count[v]]."""
+
+    def __init__(self, rows: np.ndarray, hashes: np.ndarray) -> None:
+        self.vals, inv, self.count = np.unique(hashes, return_inverse=True, return_counts=True)
+        order = np.argsort(inv, kind="stable")
+        self.rows = rows[order]
+        self.start = np.r_[0, np.cumsum(self.count)[:-1]]
+        self.inv = inv
+
+
+def _expand_row_pairs(
+    ia: _ValueIndex, ib: _ValueIndex, va: np.ndarray, vb: np.ndarray, same_side: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Row pairs for value pairs (va[p] in ia, vb[p] in ib): their rows' cross product, in blocks.
+
+    With ``same_side`` (one index, va == vb allowed) each unordered row pair is produced once.
+    """
+    ca, cb = ia.count[va], ib.count[vb]
+    cnt = ca.astype(np.int64) * cb
+    cum = np.cumsum(cnt)
+    total = int(cum[-1]) if len(cum) else 0
+    for k0 in range(0, total, _PAIR_BLOCK):
+        k = np.arange(k0, min(total, k0 + _PAIR_BLOCK), dtype=np.int64)
+        p = np.searchsorted(cum, k, side="right")
+        local = k - (cum[p] - cnt[p])
+        la, lb = local // cb[p], local % cb[p]
+        ra = ia.rows[ia.start[va[p]] + la]
+        rb = ib.rows[ib.start[vb[p]] + lb]
+        if same_side:
+            keep = (va[p] != vb[p]) | (la < lb)
+            ra, rb = ra[keep], rb[keep]
+        yield ra, rb
+
+
+def _raw_features(t: np.ndarray, side: int | None, dtype: type = np.float32) -> np.ndarray:
+    """(N, P) uint8 thumbnails -> pixels, or with ``side`` their x and y finite differences."""
+    x = t.astype(dtype)
+    if side is None:
+        return x
+    x = x.reshape(len(x), side, side)
+    return np.concatenate([np.diff(x, axis=2).reshape(len(x), -1), np.diff(x, axis=1).reshape(len(x), -1)], 1)
+
+
+def thumb_features(thumbs: np.ndarray, confirm_on: str = "gradient") -> np.ndarray:
+    """Zero-mean, unit-norm confirmation features of (N, P) uint8 thumbnails: the dot product of two rows
+    is the Pearson r that :func:`find_duplicate_groups` compares with ``min_corr`` (for small N: analysis)."""
+    corr = _Corr(np.asarray(thumbs, dtype=np.uint8), confirm_on)
+    f = corr._features(corr.t) - corr.mean[:, None]
+    return f * corr.inv[:, None]
+
+
+class _Corr:
+    """Pearson correlation between thumbnails, computed per pair batch from the uint8 matrix.
+
+    ``gradient`` (default) correlates the thumbnails' horizontal and vertical finite differences rather
+    than the pixels: every axial brain slice is a bright oval on black, which alone gives raw-pixel
+    r ~0.9 between different people (IXI subjects reach 0.96 at 32x32), whereas edges carry the
+    individual anatomy (different IXI subjects <= 0.72; re-saved copies >= 0.95 for 99%).
+    """
+
+    def __init__(self, thumbs: np.ndarray, measure: str = "gradient") -> None:
+        if measure not in CONFIRM_MEASURES:
+            raise ValueError(f"measure must be one of {CONFIRM_MEASURES}, got {measure!r}")
+        self.t = thumbs
+        self.side = math.isqrt(thumbs.shape[1])
+        self.gradient = measure == "gradient"
+        if self.gradient and self.side * self.side != thumbs.shape[1]:
+            raise ValueError(f"gradient confirmation needs square thumbnails, got {thumbs.shape[1]} bytes")
+        n = len(thumbs)
+        self.mean = np.zeros(n, dtype=np.float32)
+        self.inv = np.zeros(n, dtype=np.float32)
+        for i in range(0, n, _PAIR_BLOCK):  # row blocks: features of 1e6 thumbnails at once would be GBs
+            f = self._features(thumbs[i : i + _PAIR_BLOCK], np.float64)  # float64: no cancellation when flat
+            mean = f.mean(axis=1)
+            norm = np.sqrt(np.maximum(np.einsum("ij,ij->i", f, f) - f.shape[1] * mean**2, 0))
+            self.mean[i : i + _PAIR_BLOCK] = mean
+            self.inv[i : i + _PAIR_BLOCK] = np.where(norm > 1e-6, 1.0 / np.maximum(norm, 1e-6), 0)
+
+    def _features(self, t: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+        return _raw_features(t, self.side if self.gradient else None, dtype)
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        xa = self._features(self.t[a]) - self.mean[a, None]
+        xb = self._features(self.t[b]) - self.mean[b, None]
+        return np.einsum("ij,ij->i", xa, xb) * self.inv[a] * self.inv[b]
+
+
+def _near_row_pairs(
+    hashes: np.ndarray,
+    rows: np.ndarray,
+    max_hamming: int,
+    corr: _Corr | None,
+    min_corr: float | None,
+    ref_hashes: np.ndarray | None = None,
+    ref_rows: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Confirmed near-duplicate row pairs; within ``rows`` or, with ``ref_*``, between rows and ref rows."""
+    ia = _ValueIndex(rows, hashes)
+    if ref_hashes is None:
+        ib = ia
+        va, vb = _near_value_pairs(ia.vals, max_hamming)
+        multi = np.flatnonzero(ia.count > 1)  # identical hashes: distance 0 within one value
+        va, vb = np.r_[va, multi], np.r_[vb, multi]
+    else:
+        assert ref_rows is not None
+        ib = _ValueIndex(ref_rows, ref_hashes)
+        va, vb = _near_value_pairs(ia.vals, max_hamming, ib.vals)
+    if min_corr is None:
+        # Unconfirmed: linking one row of each value pair (plus all rows of a value) is enough.
+        if ref_hashes is None:
+            yield rows, ia.rows[ia.start[ia.inv]]
+            yield ia.rows[ia.start[va]], ia.rows[ia.start[vb]]
+        else:
+            for ra, rb in _expand_row_pairs(ia, ib, va, vb, same_side=False):
+                yield ra, rb
+        return
+    assert corr is not None
+    for ra, rb in _expand_row_pairs(ia, ib, va, vb, same_side=ref_hashes is None):
+        ok = corr(ra, rb) >= min_corr
+        yield ra[ok], rb[ok]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Union-find
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components over edges (a[i], b[i]): the smallest row index of each row's component.
+
+    Vectorised hook-and-compress: hook every larger root onto the smallest root it touches, then
+    pointer-jump; roots only ever decrease, so there are no cycles and rounds are few in practice.
+    """
+    parent = np.arange(n, dtype=np.int64)
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    while True:
+        while True:
+            gp = parent[parent]
+            if np.array_equal(gp, parent):
+                break
+            parent = gp
+        pa, pb = parent[a], parent[b]
+        diff = pa != pb
+        if not diff.any():
+            return parent
+        a, b, pa, pb = a[diff], b[diff], pa[diff], pb[diff]
+        np.minimum.at(parent, np.maximum(pa, pb), np.minimum(pa, pb))
+
+
+def _dense_ids(root: np.ndarray) -> np.ndarray:
+    """Group ids 0..G-1 numbered by first row (roots are component minima)."""
+    return np.unique(root, return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
+def _equal_value_edges(s: pd.Series, null: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges linking each non-null row to the first row with the same value."""
+    rows = np.flatnonzero(~null)
+    if len(rows) == 0:
+        return rows, rows
+    codes, _ = pd.factorize(s.iloc[rows].astype(str))
+    first = np.full(codes.max() + 1, len(rows), dtype=np.int64)
+    np.minimum.at(first, codes, np.arange(len(rows)))
+    return rows, rows[first[codes]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API: grouping and matching
+
+
+def _check_params(max_hamming: int, min_corr: float | None, confirm_on: str) -> None:
+    if confirm_on not in CONFIRM_MEASURES:
+        raise ValueError(f"confirm_on must be one of {CONFIRM_MEASURES}, got {confirm_on!r}")
+    if not 0 <= int(max_hamming) <= 32:
+        raise ValueError(f"max_hamming must be in 0..32, got {max_hamming}")
+    if min_corr is not None and not -1.0 <= float(min_corr) <= 1.0:
+        raise ValueError(f"min_corr must be in [-1, 1] or None, got {min_corr}")
+
+
+def find_duplicate_groups(
+    df: pd.DataFrame,
+    max_hamming: int = DEFAULT_MAX_HAMMING,
+    min_corr: float | None = DEFAULT_MIN_CORR,
+    *,
+    confirm_on: str = "gradient",
+) -> np.ndarray:
+    """An int64 group id per row (0..G-1, numbered by first row): connected components of
+
+    (a) identical non-null ``sha256``; (b) ``dhash`` within ``max_hamming`` bits, confirmed by ``thumb``
+    Pearson correlation >= ``min_corr`` (``None``: dHash only) of the thumbnails' gradients
+    (``confirm_on="gradient"``, see :class:`_Corr`) or raw pixels (``"pixel"``); (c) identical non-null
+    ``patient_id``.
+    Rows without a fingerprint (null dhash or thumb, e.g. decode errors) and rows with a flat thumbnail
+    take part only in (a) and (c).
+    """
+    _check_params(max_hamming, min_corr, confirm_on)
+    n = len(df)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    edges_a: list[np.ndarray] = []
+    edges_b: list[np.ndarray] = []
+    for col in ("sha256", "patient_id"):
+        if col in df.columns:
+            a, b = _equal_value_edges(df[col], _null_strings(df[col]))
+            edges_a.append(a)
+            edges_b.append(b)
+    valid, hashes = _hash_array(df)
+    usable, thumbs = _thumb_array(df, need=min_corr is not None)
+    rows = np.flatnonzero(valid & usable)
+    if len(rows):
+        corr = _Corr(thumbs, confirm_on) if (min_corr is not None and thumbs is not None) else None
+        for a, b in _near_row_pairs(hashes[rows], rows, int(max_hamming), corr, min_corr):
+            edges_a.append(a)
+            edges_b.append(b)
+    a = np.concatenate(edges_a) if edges_a else np.zeros(0, np.int64)
+    b = np.concatenate(edges_b) if edges_b else np.zeros(0, np.int64)
+    return _dense_ids(_components(n, a, b))
+
+
+def match_reference(
+    query: pd.DataFrame,
+    reference: pd.DataFrame,
+    max_hamming: int = DEFAULT_MAX_HAMMING,
+    min_corr: float | None = DEFAULT_MIN_CORR,
+    match_patient_id: bool = False,
+    *,
+    confirm_on: str = "gradient",
+) -> np.ndarray:
+    """Boolean per query row: it duplicates some reference row (same sha256, or near-duplicate by the
+    rules of :func:`find_duplicate_groups`; with ``match_patient_id`` also same non-null patient_id).
+
+    Direct matches only (no chaining through other query rows): used to drop evaluation files that
+    duplicate a model's training files. Patient ids are off by default because ids from different
+    datasets are not comparable.
+    """
+    _check_params(max_hamming, min_corr, confirm_on)
+    out = np.zeros(len(query), dtype=bool)
+    if len(query) == 0 or len(reference) == 0:
+        return out
+    cols = ["sha256"] + (["patient_id"] if match_patient_id else [])
+    for col in cols:
+        if col in query.columns and col in reference.columns:
+            ref_vals = set(reference.loc[~_null_strings(reference[col]), col].astype(str))
+            qnull = _null_strings(query[col])
+            out |= ~qnull & query[col].astype(str).isin(ref_vals).to_numpy()
+    qvalid, qh = _hash_array(query)
+    rvalid, rh = _hash_array(reference)
+    need = min_corr is not None
+    qok, qt = _thumb_array(query, need)
+    rok, rt = _thumb_array(reference, need)
+    qrows = np.flatnonzero(qvalid & qok)
+    rrows = np.flatnonzero(rvalid & rok)
+    if len(qrows) == 0 or len(rrows) == 0:
+        return out
+    corr = None
+    if need:
+        assert qt is not None and rt is not None
+        if qt.shape[1] != rt.shape[1]:
+            raise ValueError(
+                f"thumbnail sizes differ: query {qt.shape[1]} bytes, reference {rt.shape[1]} bytes"
+            )
+        corr = _Corr(np.concatenate([qt, rt]), confirm_on)
+    # Reference rows are offset by len(query) so one correlation matrix serves both frames.
+    off = len(query)
+    for a, _ in _near_row_pairs(qh[qrows], qrows, int(max_hamming), corr, min_corr, rh[rrows], rrows + off):
+        out[a] = True
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Splitting
+
+
+def _group_keys(df: pd.DataFrame, gid: np.ndarray) -> np.ndarray:
+    """A content key per group: the min over its rows of sha256 (else path, else index label).
+
+    Sorting groups by it before the seeded shuffle makes the split independent of row order.
+    """
+    key = pd.Series(df.index.astype(str).to_numpy(), dtype=object)
+    for col in ("path", "sha256"):  # later columns take precedence
+        if col in df.columns:
+            ok = ~_null_strings(df[col])
+            key[ok] = df[col].astype(str).to_numpy()[ok]
+    return key.groupby(gid).min().to_numpy()
+
+
+def _water_fill(deficit: np.ndarray, r: int, priority: np.ndarray) -> np.ndarray:
+    """Integer additions (sum r) over the splits with a finite deficit: the outcome of handing r single
+    files one by one to the split furthest below its target (ties: larger fraction first)."""
+    add = np.zeros(len(deficit), dtype=np.int64)
+    act = np.flatnonzero(np.isfinite(deficit))
+    if r <= 0 or len(act) == 0:
+        return add
+    d = deficit[act]
+    lo, hi = float(d.min()) - r - 1, float(d.max())  # water level: sum(max(d - level, 0)) == r
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.maximum(d - mid, 0).sum() > r else (lo, mid)
+    add[act] = np.floor(np.maximum(d - hi, 0)).astype(np.int64)
+    for _ in range(r - int(add.sum())):  # rounding leftovers (fewer than the number of splits)
+        j = max(act, key=lambda s: (deficit[s] - add[s], -priority[s]))
+        add[j] += 1
+    return add
+
+
+def split_groups(
+    df: pd.DataFrame,
+    groups: np.ndarray,
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    label_col: str = "label",
+) -> np.ndarray:
+    """'train'/'val'/'test' per row; every group lands in one split, stratified by class.
+
+    A group's class is its majority label (ties: smallest label). Per class, groups are sorted by a content
+    key (min sha256) and shuffled with a generator seeded by (seed, class), so the result does not depend
+    on row order. Groups larger than one file go first, largest first, each to the split furthest below
+    its target image count; single files then fill the remaining targets. Every split with a non-zero
+    fraction gets at least one group of each class when the class has enough groups.
+    """
+    frac = np.asarray(list(fractions), dtype=np.float64)
+    if frac.shape != (3,) or (frac < 0).any() or frac.sum() <= 0:
+        raise ValueError(f"fractions must be three non-negative numbers (train, val, test), got {fractions}")
+    frac = frac / frac.sum()
+    groups = np.asarray(groups)
+    n = len(df)
+    if groups.shape != (n,):
+        raise ValueError(f"groups has shape {groups.shape}, expected ({n},)")
+    out = np.empty(n, dtype=object)
+    if n == 0:
+        return out.astype(str)
+    gid = pd.factorize(groups)[0]
+    labels = df[label_col].to_numpy()
+    counts = pd.crosstab(gid, pd.Series(labels, dtype=object).astype(str).to_numpy())
+    # labels compared as str: one stable order for ties and mixed types
+    cols = sorted(counts.columns)
+    counts = counts[cols]
+    major = np.array(cols, dtype=object)[counts.to_numpy().argmax(axis=1)]
+    size = counts.to_numpy().sum(axis=1)
+    key = _group_keys(df, gid)
+    active = np.flatnonzero(frac > 0)
+    priority = np.argsort(np.argsort(-frac, kind="stable"), kind="stable")  # 0 = largest fraction
+    assign = np.full(int(gid.max()) + 1, -1, dtype=np.int64)
+    for cls in cols:
+        g = np.flatnonzero(major == cls)
+        g = g[np.argsort(key[g], kind="stable")]
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(cls.encode())])
+        g = g[rng.permutation(len(g))]
+        target = frac * size[g].sum()
+        current = np.zeros(3, dtype=np.float64)
+        # Every active split gets a group when possible: the smaller splits are seeded with the smallest
+        # groups (at least one group is left for the largest split, which the greedy fills first).
+        small = sorted(active, key=lambda s: priority[s])[1:][: max(len(g) - 1, 0)]
+        for s, grp in zip(small, g[np.argsort(size[g], kind="stable")], strict=False):
+            assign[grp] = s
+            current[s] += size[grp]
+        rest = g[assign[g] < 0]
+        rest = rest[np.argsort(-size[rest], kind="stable")]
+        multi = rest[size[rest] > 1]
+        for grp in multi:
+            deficit = np.where(frac > 0, target - current, -np.inf)
+            s = max(active, key=lambda s: (deficit[s], -priority[s]))
+            assign[grp] = s
+            current[s] += size[grp]
+        single = rest[size[rest] == 1]
+        deficit = np.where(frac > 0, target - current, -np.inf)
+        add = _water_fill(deficit, len(single), priority)
+        assign[single] = np.repeat(np.arange(3), add)
+    return np.array(SPLIT_NAMES, dtype=object)[assign[gid]].astype(str)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports
+
+
+def _paths(df: pd.DataFrame) -> pd.Series:
+    return df["path"].astype(str) if "path" in df.columns else pd.Series(df.index.astype(str), index=df.index)
+
+
+def duplicate_groups_table(df: pd.DataFrame, groups: np.ndarray) -> pd.DataFrame:
+    """One row per file in a group with more than one member: group_id, path, label, sha256, reason.
+
+    ``reason`` says why the file is in its group: 'exact' (another member has the same sha256),
+    'patient' (another member has the same patient_id), both joined with '+', else 'near' (linked by a
+    confirmed dHash near-duplicate). Sorted by group size (largest first), then group id and path.
+    """
+    n = len(df)
+    t = pd.DataFrame(
+        {
+            "group_id": np.asarray(groups).astype(np.int64),
+            "path": _paths(df).to_numpy(),
+            "label": df["label"].to_numpy() if "label" in df.columns else np.full(n, None),
+            "sha256": df["sha256"].to_numpy() if "sha256" in df.columns else np.full(n, None),
+        }
+    )
+    reason = np.full(n, "", dtype=object)
+    for col, name in (("sha256", "exact"), ("patient_id", "patient")):
+        if col in df.columns:
+            pair = pd.DataFrame({"g": t["group_id"], "v": df[col].astype(str).to_numpy()})
+            hit = ~_null_strings(df[col]) & pair.duplicated(keep=False).to_numpy()
+            reason = np.where(hit, np.where(reason == "", name, reason + "+" + name), reason)
+    t["reason"] = np.where(reason == "", "near", reason)
+    t["_size"] = t.groupby("group_id")["path"].transform("size")
+    t = t[t["_size"] > 1].sort_values(["_size", "group_id", "path"], ascending=[False, True, True])
+    return t.drop(columns="_size").reset_index(drop=True)
+
+
+def duplicate_report(df: pd.DataFrame, groups: np.ndarray, max_listed: int = 200) -> dict:
+    """Summary of duplicate groups: counts, label conflicts, largest group, and (capped) member paths."""
+    groups = np.asarray(groups)
+    sizes = pd.Series(groups).value_counts()
+    multi = sizes[sizes > 1]
+    conflicts = 0
+    if "label" in df.columns and len(df):
+        nlab = pd.Series(df["label"].astype(str).to_numpy()).groupby(groups).nunique()
+        conflicts = int((nlab > 1).sum())
+    table = duplicate_groups_table(df, groups)
+    listed = [
+        g["path"].tolist() for _, g in itertools.islice(table.groupby("group_id", sort=False), max_listed)
+    ]
+    return {
+        "files": int(len(groups)),
+        "groups": int(len(sizes)),
+        "groups_with_duplicates": int(len(multi)),
+        "redundant_files": int((multi - 1).sum()),
+        "label_conflict_groups": conflicts,
+        "largest_group": int(sizes.max()) if len(sizes) else 0,
+        "listed_groups": listed,
+        "listed_groups_truncated": bool(len(multi) > max_listed),
+    }
+
+
+def leakage(df: pd.DataFrame, splits: np.ndarray, groups: np.ndarray) -> dict:
+    """Groups that straddle splits (0 after :func:`split_groups`) and rows exposed by them.
+
+    ``{val,test}_rows_with_train_duplicate``: rows of that split whose group also has a train row, i.e.
+    evaluation files with a duplicate (or same-patient file) seen in training.
+    """
+    g = pd.factorize(np.asarray(groups))[0]
+    s = np.asarray(splits).astype(str)
+    present = pd.crosstab(g, s) > 0  # group x split
+    for name in SPLIT_NAMES:
+        if name not in present.columns:
+            present[name] = False
+    straddle = present.sum(axis=1) > 1
+    out: dict = {
+        "straddling_groups": int(straddle.sum()),
+        "rows_in_straddling_groups": int(straddle.to_numpy()[g].sum()),
+    }
+    for a, b in itertools.combinations(SPLIT_NAMES, 2):
+        out[f"groups_{a}_{b}"] = int((present[a] & present[b]).sum())
+    in_train = present["train"].to_numpy()[g]
+    for name in ("val", "test"):
+        out[f"{name}_rows_with_train_duplicate"] = int(((s == name) & in_train).sum())
+    return out

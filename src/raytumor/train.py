@@ -1,0 +1,547 @@
+"""Train: leakage-safe split, Ray Data ingest + augmentation, Ray Train DDP fine-tuning, model bundle.
+
+Shape follows torchvision's ``references/classification``: a flat ``get_args_parser()`` → ``main(args)``,
+with ``train_one_epoch`` / ``evaluate_shard`` doing the per-epoch work inside each Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str = "runs"
+    name: str | None = None
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    image_size: int = 160
+    epochs: int = 6
+    batch_size: int = 32  # per worker
+    lr: float = 1e-3  # head
+    backbone_lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.3
+    freeze_epochs: int = 0
+    dropout: float = 0.2
+    label_smoothing: float = 0.0
+    augment_strength: float = 1.0
+    metric: str = "val_roc_auc"
+    patience: int = 3
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    num_workers: int | None = None
+    use_gpu: str = "auto"
+    cpus_per_worker: float | None = None
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    max_hamming: int | None = None
+    test_data: str | None = None
+    class_order: list[str] | None = None
+    limit_per_class: int | None = None
+    storage_path: str | None = None
+    s3_endpoint: str | None = None
+    seed: int = 0
+    # Test hook: os._exit() a worker in this epoch on the first attempt (exercises FailureConfig).
+    fail_at_epoch: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.backbone}-{self.image_size}px-s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out).expanduser().resolve() / self.run_name
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in vars(args).items() if k in known}
+        if isinstance(kw.get("split"), str):
+            kw["split"] = tuple(float(x) for x in kw["split"].split(","))
+        if isinstance(kw.get("class_order"), str):
+            kw["class_order"] = [c for c in kw["class_order"].split(",") if c]
+        return cls(**kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inside each Ray Train worker
+
+
+def _is_min_metric(metric: str) -> bool:
+    return metric.endswith("loss")
+
+
+def _cosine_lambda(total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _autocast(device: torch.device):
+    # bf16 on GPU; fp32 on CPU where bf16 autocast is slower on most CPUs without AMX.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = images.to(device, non_blocking=True)
+    return x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches,
+    device: torch.device,
+    label_smoothing: float = 0.0,
+) -> dict[str, float]:
+    model.train()
+    loss_sum, n, t0 = 0.0, 0, time.perf_counter()
+    for batch in batches:
+        x, y = _to_input(batch["image"], device), batch["label"].to(device)
+        with _autocast(device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += float(loss.detach()) * len(y)
+        n += len(y)
+    return {"loss_sum": loss_sum, "n": n, "seconds": time.perf_counter() - t0}
+
+
+@torch.inference_mode()
+def evaluate_shard(model: torch.nn.Module, iterator, rank: int, world: int, device: torch.device, batch_size: int):
+    """Predict this rank's rows (``idx % world == rank``) of the full validation set: exact, no row lost."""
+    model.eval()
+    idxs, labels, probs = [], [], []
+    dtypes = {"image": torch.uint8, "label": torch.int64, "idx": torch.int64}
+    for batch in iterator.iter_torch_batches(batch_size=batch_size, dtypes=dtypes):
+        keep = (batch["idx"] % world) == rank
+        if not bool(keep.any()):
+            continue
+        with _autocast(device):
+            logits = model(_to_input(batch["image"][keep], device))
+        probs.append(torch.softmax(logits.float(), 1).cpu())
+        labels.append(batch["label"][keep].cpu())
+        idxs.append(batch["idx"][keep].cpu())
+    if not idxs:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0)
+    return torch.cat(idxs), torch.cat(labels), torch.cat(probs)
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _wrap_ddp(model: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from raytumor.evaluate import compute_metrics
+    from raytumor.model import create_model
+    from raytumor.runtime import worker_threads
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.get("torch_threads") or worker_threads(ctx.get_local_world_size()))
+    torch.manual_seed(cfg["seed"])  # identical init on every rank; DDP also broadcasts rank 0's weights
+    device = ray.train.torch.get_device()
+
+    model = create_model(cfg["backbone"], cfg["num_classes"], weights=cfg["weights"], dropout=cfg["dropout"])
+    model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg["lr"], cfg["backbone_lr"], cfg["weight_decay"]))
+    steps_per_epoch = max(1, cfg["n_train"] // (cfg["batch_size"] * world))
+    total = steps_per_epoch * cfg["epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _cosine_lambda(total, int(cfg["warmup_epochs"] * steps_per_epoch))
+    )
+    metric, minimise = cfg["metric"], _is_min_metric(cfg["metric"])
+    state = {"epoch": 0, "best": math.inf if minimise else -math.inf, "bad_epochs": 0, "history": []}
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # worker restart (FailureConfig) or a rerun of the same run name
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location=device, weights_only=True))
+            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        state["epoch"] += 1
+        if rank == 0:
+            print(f"[raytumor] resuming from checkpoint after epoch {state['epoch'] - 1}")
+
+    train_it = ray.train.get_dataset_shard("train")
+    val_it = ray.train.get_dataset_shard("val")
+    ddp, phase = None, None
+    for epoch in range(state["epoch"], cfg["epochs"]):
+        if state["bad_epochs"] >= cfg["patience"]:
+            break  # a resumed run that had already stopped early
+        frozen = epoch < cfg["freeze_epochs"]
+        model.set_backbone_trainable(not frozen)
+        if phase != frozen:  # DDP registers the trainable params at construction: rebuild on phase change
+            ddp, phase = _wrap_ddp(model, world, device), frozen
+        if cfg.get("fail_at_epoch") == epoch and rank == world - 1 and not Path(cfg["fail_marker"]).exists():
+            Path(cfg["fail_marker"]).touch()
+            os._exit(1)  # simulate a lost worker once; FailureConfig restarts from the last checkpoint
+        batches = train_it.iter_torch_batches(
+            batch_size=cfg["batch_size"],
+            dtypes={"image": torch.uint8, "label": torch.int64},
+            drop_last=True,  # a trailing batch of 1 breaks BatchNorm in train mode
+            local_shuffle_buffer_size=cfg["batch_size"] * 8,
+        )
+        tr = train_one_epoch(ddp, optimizer, scheduler, batches, device, cfg["label_smoothing"])
+        idx, labels, probs = evaluate_shard(model, val_it, rank, world, device, cfg["batch_size"] * 2)
+        parts = _gather((idx.numpy(), labels.numpy(), probs.numpy(), tr), world)
+        order = np.argsort(np.concatenate([p[0] for p in parts]))
+        y = np.concatenate([p[1] for p in parts])[order]
+        p = np.concatenate([p[2] for p in parts if len(p[2])])[order]
+        m = compute_metrics(y, p, cfg["classes"], cfg["negative_class"], 0.5)
+        n_seen = sum(q[3]["n"] for q in parts)
+        val_loss = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1)).mean())
+        metrics = {
+            "epoch": epoch,
+            "train_loss": sum(q[3]["loss_sum"] for q in parts) / max(1, n_seen),
+            "train_images": n_seen,
+            "train_images_per_s": n_seen / max(1e-9, max(q[3]["seconds"] for q in parts)),
+            "val_loss": val_loss,
+            "val_n": int(len(y)),
+            "lr_head": optimizer.param_groups[-1]["lr"],
+            "frozen_backbone": frozen,
+        }
+        metrics.update({f"val_{k}": v for k, v in m.items() if isinstance(v, (int, float)) and v is not None})
+        value = metrics.get(metric)
+        if value is None:
+            raise KeyError(f"metric {metric!r} not reported; available: {sorted(metrics)}")
+        improved = value < state["best"] if minimise else value > state["best"]
+        state["best"] = value if improved else state["best"]
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        state["epoch"] = epoch
+        state["history"].append(metrics)
+        metrics["best_" + metric] = state["best"]
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:  # model is the unwrapped module: this is model.module.state_dict() of the DDP wrapper
+                torch.save(model.state_dict(), Path(tmp) / MODEL_FILE)
+                torch.save(
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
+                    Path(tmp) / STATE_FILE,
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if rank == 0:
+            print(
+                f"[raytumor] epoch {epoch}: train_loss {metrics['train_loss']:.4f} "
+                f"val_loss {val_loss:.4f} {metric} {value:.4f} "
+                f"({metrics['train_images_per_s']:.1f} img/s{', backbone frozen' if frozen else ''})"
+            )
+        if state["bad_epochs"] >= cfg["patience"]:
+            if rank == 0:
+                print(f"[raytumor] early stop: {metric} has not improved for {cfg['patience']} epochs")
+            break
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver
+
+
+@dataclass
+class PreparedData:
+    catalogue: Any
+    manifest: pd.DataFrame  # one row per listed file: path, class_name, label, split, group, sha256, error
+    duplicates: dict[str, Any]
+    duplicate_table: pd.DataFrame
+    train_ds: Any
+    val_ds: Any
+    classes: list[str]
+    negative_class: str | None
+
+
+def prepare_data(cfg: TrainConfig) -> PreparedData:
+    """Catalogue, group duplicates, split by group, and build the Ray datasets for training."""
+    from raytumor import split
+    from raytumor.augment import AugmentConfig, augment_batch, store_size
+    from raytumor.ingest import StorageOptions, build_catalogue, decode_dataset
+
+    storage = StorageOptions.from_env(cfg.s3_endpoint)
+    cat = build_catalogue(cfg.data, storage, cfg.class_order)
+    table = cat.table.copy()
+    if cfg.limit_per_class:
+        keep = (
+            table[table["error"].isna()]
+            .groupby("class_name", group_keys=False)
+            .apply(lambda g: g.sample(min(len(g), cfg.limit_per_class), random_state=cfg.seed))
+        )
+        table = table[table["path"].isin(set(keep["path"])) | table["error"].notna()].reset_index(drop=True)
+    ok = table["error"].isna().to_numpy()
+    good = table[ok].reset_index(drop=True)
+    kw = {} if cfg.max_hamming is None else {"max_hamming": cfg.max_hamming}
+    groups = split.find_duplicate_groups(good, **kw)
+    splits = split.split_groups(good, groups, fractions=cfg.split, seed=cfg.seed)
+    dup = split.duplicate_report(good, groups)
+    good["group"], good["split"] = groups, splits
+    manifest = table.merge(good[["path", "group", "split"]], on="path", how="left")
+    manifest["split"] = manifest["split"].fillna("rejected")
+    manifest["group"] = manifest["group"].fillna(-1).astype(np.int64)
+
+    def subset(name: str, shuffle: bool) -> pd.DataFrame:
+        df = good.loc[good["split"] == name, ["path", "label"]]
+        if shuffle:  # mix classes across blocks so block-order randomisation gives mixed batches
+            df = df.sample(frac=1.0, random_state=cfg.seed)
+        df = df.reset_index(drop=True)
+        df["idx"] = np.arange(len(df), dtype=np.int64)
+        return df
+
+    size = cfg.image_size
+    aug = AugmentConfig(strength=cfg.augment_strength)
+    train_base = decode_dataset(subset("train", True), storage=storage, image_size=store_size(size), fingerprints=False)
+    train_base = train_base.filter(lambda r: r["error"] is None).select_columns(["image", "label"]).materialize()
+    train_ds = train_base.randomize_block_order().map_batches(
+        augment_batch, fn_kwargs={"image_size": size, "config": aug.to_dict()}, batch_size=64, batch_format="numpy"
+    )
+    val_ds = decode_dataset(subset("val", False), storage=storage, image_size=size, fingerprints=False)
+    val_ds = val_ds.filter(lambda r: r["error"] is None).select_columns(["image", "label", "idx"]).materialize()
+    dup_table = split.duplicate_groups_table(good, groups)
+    return PreparedData(cat, manifest, dup, dup_table, train_ds, val_ds, cat.classes, cat.negative_class)
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the whole training job; returns a summary with the bundle path and test metrics."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raytumor import bundle as bundle_mod
+    from raytumor.ingest import StorageOptions, summary_to_json
+    from raytumor.model import normalization
+    from raytumor.runtime import init_ray, train_resources
+
+    t0 = time.time()
+    init_ray()
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
+
+    data = prepare_data(cfg)
+    manifest_path = run_dir / "split_manifest.parquet"
+    data.manifest.drop(columns=["thumb"]).to_parquet(manifest_path, index=False)
+    split_sha = bundle_mod.file_sha256(manifest_path)
+    summary_ingest = summary_to_json(data.catalogue.summary())
+    summary_ingest["duplicates"] = {k: v for k, v in data.duplicates.items() if k != "groups"}
+    (run_dir / "ingest_summary.json").write_text(json.dumps(summary_ingest, indent=2) + "\n")
+    data.duplicate_table.to_csv(run_dir / "duplicate_groups.csv", index=False)
+    counts = data.manifest.groupby(["split", "class_name"]).size().unstack(fill_value=0)
+    n_train = int((data.manifest["split"] == "train").sum())
+    print(
+        f"[raytumor] {summary_ingest['files_listed']} files listed, {summary_ingest['files_decoded']} decoded, "
+        f"{summary_ingest['files_rejected']} rejected {summary_ingest['rejected_reasons']}, "
+        f"{summary_ingest['files_ignored']} ignored; duplicate groups "
+        f"{data.duplicates['groups_with_duplicates']} ({data.duplicates['redundant_files']} redundant files)"
+    )
+    print("[raytumor] split (files per class):\n" + counts.to_string())
+
+    res = train_resources(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker)
+    metric = cfg.metric
+    loop_cfg = {
+        **{k: getattr(cfg, k) for k in (
+            "backbone", "weights", "epochs", "batch_size", "lr", "backbone_lr", "weight_decay",
+            "warmup_epochs", "freeze_epochs", "dropout", "label_smoothing", "patience", "seed", "fail_at_epoch",
+        )},
+        "metric": metric,
+        "num_classes": len(data.classes),
+        "classes": data.classes,
+        "negative_class": data.negative_class,
+        "n_train": n_train,
+        "fail_marker": str(run_dir / ".failed_once"),
+    }
+    storage_path = cfg.storage_path or str(run_dir / "checkpoints")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=res.use_gpu,
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order="min" if _is_min_metric(metric) else "max",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": data.train_ds, "val": data.val_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    print(
+        f"[raytumor] training {cfg.backbone} ({cfg.weights}) on {res.num_workers} "
+        f"{'GPU' if res.use_gpu else 'CPU'} worker(s), {res.cpus_per_worker} CPU each"
+    )
+    result = trainer.fit()
+    best = max(
+        result.best_checkpoints,
+        key=lambda cm: (-1 if _is_min_metric(metric) else 1) * cm[1][metric],
+    )
+    best_ckpt, best_metrics = best
+    with result.checkpoint.as_directory() as d:
+        history = pd.DataFrame(torch.load(Path(d) / STATE_FILE, weights_only=False)["state"]["history"])
+    with best_ckpt.as_directory() as d:
+        state_dict = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
+
+    mean, std = normalization(cfg.backbone)
+    good = data.manifest[data.manifest["split"].isin(["train", "val", "test"])]
+    fingerprints = data.catalogue.ok.merge(good[["path", "split"]], on="path")
+    fingerprints = fingerprints.loc[fingerprints["split"].isin(["train", "val"]), ["path", "sha256", "dhash", "thumb"]]
+    meta = bundle_mod.BundleMeta(
+        backbone=cfg.backbone,
+        classes=data.classes,
+        negative_class=data.negative_class,
+        image_size=cfg.image_size,
+        mean=list(mean),
+        std=list(std),
+        metrics={"val": {k: v for k, v in best_metrics.items() if k.startswith("val_")}, "best_epoch": best_metrics["epoch"]},
+        train_config=asdict(cfg),
+        data={
+            "source": cfg.data,
+            "split_manifest_sha256": split_sha,
+            "split_counts": {s: {c: int(v) for c, v in row.items()} for s, row in counts.iterrows()},
+            "duplicate_groups": data.duplicates["groups_with_duplicates"],
+        },
+    )
+    bundle_dir = run_dir / "bundle"
+    bundle_mod.save_bundle(bundle_dir, state_dict, meta, fingerprints.reset_index(drop=True), history)
+
+    # Held-out test split, scored through the same Predictor path that `raytumor score` uses.
+    test_files = data.manifest.loc[data.manifest["split"] == "test", ["path", "label"]]
+    test = _score_and_measure(bundle_dir, test_files, meta, StorageOptions.from_env(cfg.s3_endpoint))
+    meta.metrics["test"] = test
+    if cfg.test_data:
+        from raytumor.evaluate import evaluate_source
+
+        ext = evaluate_source(bundle_dir, cfg.test_data, run_dir / "external_test", s3_endpoint=cfg.s3_endpoint)
+        meta.metrics["external_test"] = {"data": cfg.test_data, **ext["metrics"], "files": ext["files"]}
+    bundle_mod.save_bundle(bundle_dir, state_dict, meta, fingerprints.reset_index(drop=True), history)
+    wall = time.time() - t0
+    summary = {
+        "run_dir": str(run_dir),
+        "bundle": str(bundle_dir),
+        "bundle_id": meta.bundle_id,
+        "best_epoch": int(best_metrics["epoch"]),
+        "epochs_run": int(len(history)),
+        "val": meta.metrics["val"],
+        "test": test,
+        "ingest": {k: summary_ingest[k] for k in ("files_listed", "files_decoded", "files_rejected", "files_ignored")},
+        "workers": res.num_workers,
+        "use_gpu": res.use_gpu,
+        "wall_seconds": round(wall, 1),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _score_and_measure(bundle_dir: Path, files: pd.DataFrame, meta: Any, storage: Any) -> dict[str, Any]:
+    from raytumor.evaluate import bootstrap_ci, compute_metrics, predict_files
+
+    if files.empty:
+        return {"n": 0}
+    preds = predict_files(bundle_dir, files, storage=storage).sort_values("path", ignore_index=True)
+    probs = preds[[f"prob_{c}" for c in meta.classes]].to_numpy(dtype=np.float32)
+    ok = np.isfinite(probs).all(1)
+    labels = preds["label"].to_numpy()[ok]
+    m = compute_metrics(labels, probs[ok], meta.classes, meta.negative_class, meta.threshold)
+    m["ci95"] = bootstrap_ci(labels, probs[ok], meta.classes, meta.negative_class, meta.threshold)
+    return m
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    d = TrainConfig(data="")
+    p = argparse.ArgumentParser(description="Fine-tune a brain-MRI tumour classifier on Ray", add_help=add_help)
+    p.add_argument("--data", required=True, help="labelled tree ROOT/<class>/<files> (local or s3://), or manifest")
+    p.add_argument("--out", default=d.out, help="runs directory; the run writes to OUT/NAME")
+    p.add_argument("--name", default=None, help="run name (default: backbone-size-seed); same name resumes")
+    p.add_argument("--backbone", default=d.backbone, help="see `raytumor backbones`")
+    p.add_argument("--weights", default=d.weights, help="imagenet | none | path to a state dict")
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per worker")
+    p.add_argument("--lr", type=float, default=d.lr, help="head learning rate")
+    p.add_argument("--backbone-lr", type=float, default=d.backbone_lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--freeze-epochs", type=int, default=d.freeze_epochs, help="frozen-backbone warm-up epochs")
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--augment-strength", type=float, default=d.augment_strength)
+    p.add_argument("--metric", default=d.metric, help="val metric for best checkpoint / early stopping")
+    p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--max-failures", type=int, default=d.max_failures)
+    p.add_argument("--num-workers", type=int, default=None, help="default: #GPUs, or 2 on CPU")
+    p.add_argument("--use-gpu", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="default: leave half the CPUs to Ray Data")
+    p.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions")
+    p.add_argument("--max-hamming", type=int, default=None, help="dHash distance for near-duplicates")
+    p.add_argument("--test-data", default=None, help="extra labelled test source (duplicates of training dropped)")
+    p.add_argument("--class-order", default=None, help="comma-separated class order (default: no-tumour first)")
+    p.add_argument("--limit-per-class", type=int, default=None, help="subsample for quick runs")
+    p.add_argument("--storage-path", default=None, help="Ray Train storage (local or s3://) for checkpoints")
+    p.add_argument("--s3-endpoint", default=None, help="endpoint of an S3-compatible store")
+    p.add_argument("--seed", type=int, default=d.seed)
+    return p
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = TrainConfig.from_args(args)
+    summary = run_training(cfg)
+    t = summary["test"]
+
+    def f(k: str) -> str:
+        return "n/a" if t.get(k) is None else f"{t[k]:.4f}"
+
+    print(
+        f"[raytumor] test (n={t.get('n', 0)}): accuracy {f('accuracy')}  ROC-AUC {f('roc_auc')}  "
+        f"sensitivity {f('sensitivity')}  specificity {f('specificity')}  F1 {f('f1')}"
+    )
+    print(f"[raytumor] done in {summary['wall_seconds']:.0f}s; bundle: {summary['bundle']}")
+    print(f"[raytumor] run folder: {summary['run_dir']}")
+    return summary
