@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--truth-size", type=int, default=64)
     ap.add_argument("--truth-corr", type=float, default=0.90)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale-n", type=int, default=200_000, help="random hashes for the search-cost line")
     ap.add_argument("--json", help="also write all numbers here")
     args = ap.parse_args()
     DECODER = args.decoder
@@ -360,6 +361,17 @@ def main() -> None:
         f"redundant_files={rep['redundant_files']}, label_conflict_groups={rep['label_conflict_groups']}, "
         f"largest_group={rep['largest_group']}"
     )
+    # ---- search cost vs radius: the reason for d <= 8 (random hashes; candidates grow with C(d+k, k))
+    rng = np.random.default_rng(args.seed)
+    rand = pd.DataFrame(
+        {"dhash": rng.integers(-(2**63), 2**63 - 1, args.scale_n, dtype=np.int64, endpoint=True)}
+    )
+    cost = []
+    for d in (4, 6, 8, 10, 12):
+        t1 = time.time()
+        split.find_duplicate_groups(rand, max_hamming=d, min_corr=None)
+        cost.append(f"d={d}: {time.time() - t1:.1f}s")
+    print(f"multi-index search, {args.scale_n} random hashes, dHash only: " + ", ".join(cost))
     print(f"total {time.time() - t0:.1f}s")
     if args.json:
         Path(args.json).write_text(json.dumps({"table1": table1, "sweep": sweep}, indent=1, default=str))

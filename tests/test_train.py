@@ -59,6 +59,7 @@ def test_ddp_run_writes_a_loadable_bundle(ddp_run):
 def test_worker_failure_recovered_from_checkpoint(ddp_run):
     cfg, summary = ddp_run
     assert (cfg.run_dir / ".failed_once").exists()  # a worker really died in epoch 1
+    assert summary["resumed_at_epochs"] == [1]  # restarted from epoch 0's checkpoint, not from scratch
     hist = pd.read_csv(Path(summary["bundle"]) / "history.csv")
     assert hist["epoch"].tolist() == [0, 1, 2]  # epoch 0 not redone, nothing skipped
 
@@ -125,6 +126,7 @@ def test_resume_after_interrupted_run(ray_session, tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker death in its own error types
         run_training(TrainConfig(**base, max_failures=0, fail_at_epoch=1))
     summary = run_training(TrainConfig(**base, max_failures=0))
+    assert summary["resumed_at_epochs"] == [1]
     hist = pd.read_csv(Path(summary["bundle"]) / "history.csv")
     assert hist["epoch"].tolist() == [0, 1, 2]
 

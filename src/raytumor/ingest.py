@@ -203,6 +203,15 @@ def _list_manifest(source: str, storage: StorageOptions | None) -> Listing:
 # Decoding inside Ray Data tasks
 
 
+def has_error(value: Any) -> bool:
+    """True if an ``error`` cell holds a reason. Ray Data turns an all-null column into NaN floats."""
+    return isinstance(value, str) and value != ""
+
+
+def ok_mask(errors: Any) -> np.ndarray:
+    return np.array([not has_error(e) for e in errors], dtype=bool)
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     *,

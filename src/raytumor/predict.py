@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from raytumor.bundle import LoadedBundle, load_bundle, tumour_scores
+from raytumor.ingest import ok_mask
 
 
 def forward_probs(
@@ -52,7 +53,7 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")
         n = len(images)
-        ok = np.array([e is None for e in batch["error"]]) if "error" in batch else np.ones(n, dtype=bool)
+        ok = ok_mask(batch["error"]) if "error" in batch else np.ones(n, dtype=bool)
         probs = np.full((n, self.meta.num_classes), np.nan, dtype=np.float32)
         if ok.any():
             probs[ok] = self.predict_probs(images[ok])

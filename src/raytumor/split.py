@@ -10,8 +10,10 @@ evaluation files that duplicate a model's training files.
 Near-duplicate search is multi-index hashing on the 64-bit dHash: split the bits into ``d + k`` chunks;
 two hashes within Hamming distance ``d`` agree exactly on at least ``k`` chunks (pigeonhole), so exact
 lookups on every combination of ``k`` chunks find all candidates without comparing all pairs. Candidates
-are then checked exactly (popcount) and, by default, confirmed by thumbnail correlation, because on
-small, uniformly framed brain slices dHash alone links unrelated scans (ixi-t1-nichart-42 vs br35h-3000).
+are then checked exactly (popcount) and, by default, confirmed by the Pearson correlation of the 32x32
+thumbnails' gradients, because on small, uniformly framed brain slices dHash alone (and even raw-pixel
+correlation) links scans of different people (ixi-t1-nichart-42 vs br35h-3000, IXI subjects among
+themselves); see the comment on the defaults below.
 Pure numpy/pandas: runs on the driver over catalogue columns, no pixels needed after ingest.
 """
 
@@ -28,6 +30,7 @@ import pandas as pd
 from PIL import Image
 
 __all__ = [
+    "CONFIRM_MEASURES",
     "DEFAULT_MAX_HAMMING",
     "DEFAULT_MIN_CORR",
     "SPLIT_NAMES",
@@ -44,18 +47,24 @@ __all__ = [
 ]
 
 # Chosen by bench/dup_threshold.py on ../shared/data (navoneel-253 + br35h-3000 + ixi-t1-nichart-42/no_tumor,
-# 3673 images; "true" pair = same md5 or 64x64 fit-to-square Pearson r >= 0.90; ixi vs the two Kaggle sets
-# are different sources, so any link between them is a known false positive):
-# - dHash alone is not enough: at d <= 4 it links 209 ixi<->Kaggle pairs (195 with br35h, as PROVENANCE
-#   says), pair precision 0.65; confirmed by 32x32 thumbnail r >= 0.92 that drops to 0 known-false pairs.
-# - With confirmation, a wider radius pays: d <= 8 reaches pair recall 0.83 (vs 0.63 at d <= 4) at pair
-#   precision 0.92 and 1 known-false ixi<->br35h pair; on br35h-3000 the largest group stays at
-#   <= 74 files. Re-saved/re-contrasted copies in br35h routinely sit at dHash 5..10.
-# See the bench's printed table (quoted in the project notes) for the full sweep.
+# 3673 images). Scored against: md5 or 64x64 fit-to-square pixel r >= 0.90 ("true", Kaggle sets only);
+# known-false links (IXI vs Kaggle, and two different IXI subjects); 1200 re-saved br35h copies (half size +
+# gamma + JPEG q60, unsharp + JPEG q75) that must link to their source.
+# - dHash alone is not enough: at d <= 4 it links 209 IXI<->Kaggle pairs (PROVENANCE: 195 with br35h) and
+#   2498 known-false pairs in all, merging all 42 IXI subjects into one group.
+# - Raw-pixel thumbnail r cannot fix that: different IXI subjects reach r 0.96 (and 64px r 0.95), every
+#   slice being a bright oval on black. Gradient r of the 32x32 thumbnail tops out at 0.72 for them
+#   (0.51 for IXI<->Kaggle) while 99% of re-saved copies score >= 0.95.
+# - d <= 8 with gradient r >= 0.80: 0 known-false links (42/42 IXI subjects stay apart), Kaggle pair
+#   precision 0.99 / recall 0.81 (0.66 at d <= 4), re-saved copies found 0.997; br35h test images
+#   with a true duplicate in train: 41/450 (plain stratified split: 403/450). The copies left are mostly
+#   re-framed or strongly re-contrasted (dHash 9..15); d = 10 would gain little (39/450) but search cost grows ~5x (C(d+k, k) chunk combinations:
+#   1e6 random hashes take ~15 s at d = 8, 0.7 s at d = 4).
 DEFAULT_MAX_HAMMING = 8
 DEFAULT_MIN_CORR: float | None = 0.80
 
-THUMB_SIZE = 32  # 32x32 separates ixi from br35h far better than 16x16 (see bench); 1 KiB per file
+# 32x32 (1 KiB per file): at 16x16 different IXI subjects already reach gradient r 0.89 (0.72 at 32x32).
+THUMB_SIZE = 32
 SPLIT_NAMES = ("train", "val", "test")
 _MAX_K = 4  # at most C(d+4, 4) chunk combinations per search
 _PAIR_BLOCK = 8192  # row pairs per correlation batch: 2 x 8192 x 1984 float32 gradient features = 130 MB
@@ -132,7 +141,8 @@ def _thumb_array(df: pd.DataFrame, need: bool) -> tuple[np.ndarray, np.ndarray |
                 "min_corr is set but df has no 'thumb' column (pass min_corr=None for dHash only)"
             )
         return np.ones(n, dtype=bool), None
-    col = df["thumb"].tolist()
+    # bytes from the catalogue; uint8 arrays also accepted (some Arrow/pandas round trips produce them)
+    col = [t.astype(np.uint8).tobytes() if isinstance(t, np.ndarray) else t for t in df["thumb"].tolist()]
     sizes = [len(t) if isinstance(t, (bytes, bytearray, memoryview)) else 0 for t in col]
     p = max(sizes, default=0)
     ok = np.array([s == p and s > 0 for s in sizes], dtype=bool)
@@ -269,57 +279,46 @@ def _expand_row_pairs(
         yield ra, rb
 
 
-def _raw_features(t: np.ndarray, side: int | None, dtype: type = np.float32) -> np.ndarray:
-    """(N, P) uint8 thumbnails -> pixels, or with ``side`` their x and y finite differences."""
-    x = t.astype(dtype)
-    if side is None:
-        return x
-    x = x.reshape(len(x), side, side)
-    return np.concatenate([np.diff(x, axis=2).reshape(len(x), -1), np.diff(x, axis=1).reshape(len(x), -1)], 1)
-
-
 def thumb_features(thumbs: np.ndarray, confirm_on: str = "gradient") -> np.ndarray:
     """Zero-mean, unit-norm confirmation features of (N, P) uint8 thumbnails: the dot product of two rows
-    is the Pearson r that :func:`find_duplicate_groups` compares with ``min_corr`` (for small N: analysis)."""
-    corr = _Corr(np.asarray(thumbs, dtype=np.uint8), confirm_on)
-    f = corr._features(corr.t) - corr.mean[:, None]
-    return f * corr.inv[:, None]
+    is the Pearson r that :func:`find_duplicate_groups` compares with ``min_corr`` (for analysis, small N)."""
+    thumbs = np.asarray(thumbs, dtype=np.uint8)
+    return _Corr(thumbs, measure=confirm_on).unit(thumbs)
 
 
 class _Corr:
-    """Pearson correlation between thumbnails, computed per pair batch from the uint8 matrix.
+    """Pearson correlation between thumbnail rows ``ta[a]`` and ``tb[b]``, computed per pair batch.
 
     ``gradient`` (default) correlates the thumbnails' horizontal and vertical finite differences rather
     than the pixels: every axial brain slice is a bright oval on black, which alone gives raw-pixel
-    r ~0.9 between different people (IXI subjects reach 0.96 at 32x32), whereas edges carry the
-    individual anatomy (different IXI subjects <= 0.72; re-saved copies >= 0.95 for 99%).
+    r ~0.9 between different people (different IXI subjects reach 0.96 at 32x32), whereas edges carry the
+    individual anatomy (different IXI subjects <= 0.72; 99% of re-saved copies >= 0.95).
     """
 
-    def __init__(self, thumbs: np.ndarray, measure: str = "gradient") -> None:
+    def __init__(self, ta: np.ndarray, tb: np.ndarray | None = None, measure: str = "gradient") -> None:
         if measure not in CONFIRM_MEASURES:
-            raise ValueError(f"measure must be one of {CONFIRM_MEASURES}, got {measure!r}")
-        self.t = thumbs
-        self.side = math.isqrt(thumbs.shape[1])
-        self.gradient = measure == "gradient"
-        if self.gradient and self.side * self.side != thumbs.shape[1]:
-            raise ValueError(f"gradient confirmation needs square thumbnails, got {thumbs.shape[1]} bytes")
-        n = len(thumbs)
-        self.mean = np.zeros(n, dtype=np.float32)
-        self.inv = np.zeros(n, dtype=np.float32)
-        for i in range(0, n, _PAIR_BLOCK):  # row blocks: features of 1e6 thumbnails at once would be GBs
-            f = self._features(thumbs[i : i + _PAIR_BLOCK], np.float64)  # float64: no cancellation when flat
-            mean = f.mean(axis=1)
-            norm = np.sqrt(np.maximum(np.einsum("ij,ij->i", f, f) - f.shape[1] * mean**2, 0))
-            self.mean[i : i + _PAIR_BLOCK] = mean
-            self.inv[i : i + _PAIR_BLOCK] = np.where(norm > 1e-6, 1.0 / np.maximum(norm, 1e-6), 0)
+            raise ValueError(f"confirm_on must be one of {CONFIRM_MEASURES}, got {measure!r}")
+        self.ta, self.tb = ta, ta if tb is None else tb
+        if self.ta.shape[1] != self.tb.shape[1]:
+            raise ValueError(f"thumbnail sizes differ: {self.ta.shape[1]} vs {self.tb.shape[1]} bytes")
+        self.side = math.isqrt(ta.shape[1]) if measure == "gradient" else None
+        if self.side is not None and self.side**2 != ta.shape[1]:
+            raise ValueError(f"gradient confirmation needs square thumbnails, got {ta.shape[1]} bytes")
 
-    def _features(self, t: np.ndarray, dtype: type = np.float32) -> np.ndarray:
-        return _raw_features(t, self.side if self.gradient else None, dtype)
+    def unit(self, t: np.ndarray) -> np.ndarray:
+        """Features of uint8 thumbnails, centred and scaled to unit norm (flat rows stay zero)."""
+        x = t.astype(np.float32)
+        if self.side is not None:
+            x = x.reshape(len(x), self.side, self.side)
+            x = np.concatenate(
+                [np.diff(x, axis=2).reshape(len(x), -1), np.diff(x, axis=1).reshape(len(x), -1)], 1
+            )
+        x -= x.mean(axis=1, keepdims=True)
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.where(norm > 1e-3, norm, np.inf)
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        xa = self._features(self.t[a]) - self.mean[a, None]
-        xb = self._features(self.t[b]) - self.mean[b, None]
-        return np.einsum("ij,ij->i", xa, xb) * self.inv[a] * self.inv[b]
+        return np.einsum("ij,ij->i", self.unit(self.ta[a]), self.unit(self.tb[b]))
 
 
 def _near_row_pairs(
@@ -444,7 +443,7 @@ def find_duplicate_groups(
     usable, thumbs = _thumb_array(df, need=min_corr is not None)
     rows = np.flatnonzero(valid & usable)
     if len(rows):
-        corr = _Corr(thumbs, confirm_on) if (min_corr is not None and thumbs is not None) else None
+        corr = _Corr(thumbs, measure=confirm_on) if (min_corr is not None and thumbs is not None) else None
         for a, b in _near_row_pairs(hashes[rows], rows, int(max_hamming), corr, min_corr):
             edges_a.append(a)
             edges_b.append(b)
@@ -491,14 +490,8 @@ def match_reference(
     corr = None
     if need:
         assert qt is not None and rt is not None
-        if qt.shape[1] != rt.shape[1]:
-            raise ValueError(
-                f"thumbnail sizes differ: query {qt.shape[1]} bytes, reference {rt.shape[1]} bytes"
-            )
-        corr = _Corr(np.concatenate([qt, rt]), confirm_on)
-    # Reference rows are offset by len(query) so one correlation matrix serves both frames.
-    off = len(query)
-    for a, _ in _near_row_pairs(qh[qrows], qrows, int(max_hamming), corr, min_corr, rh[rrows], rrows + off):
+        corr = _Corr(qt, rt, measure=confirm_on)
+    for a, _ in _near_row_pairs(qh[qrows], qrows, int(max_hamming), corr, min_corr, rh[rrows], rrows):
         out[a] = True
     return out
 
@@ -507,8 +500,8 @@ def match_reference(
 # Splitting
 
 
-def _group_keys(df: pd.DataFrame, gid: np.ndarray) -> np.ndarray:
-    """A content key per group: the min over its rows of sha256 (else path, else index label).
+def _group_keys(df: pd.DataFrame, gid: np.ndarray, ngroups: int) -> np.ndarray:
+    """Per group, the rank of the min over its rows of sha256 (else path, else index label).
 
     Sorting groups by it before the seeded shuffle makes the split independent of row order.
     """
@@ -517,7 +510,10 @@ def _group_keys(df: pd.DataFrame, gid: np.ndarray) -> np.ndarray:
         if col in df.columns:
             ok = ~_null_strings(df[col])
             key[ok] = df[col].astype(str).to_numpy()[ok]
-    return key.groupby(gid).min().to_numpy()
+    rank = pd.factorize(key, sort=True)[0]  # integer ranks: a string groupby-min would run in Python
+    out = np.full(ngroups, len(rank), dtype=np.int64)
+    np.minimum.at(out, gid, rank)
+    return out
 
 
 def _water_fill(deficit: np.ndarray, r: int, priority: np.ndarray) -> np.ndarray:
@@ -566,21 +562,20 @@ def split_groups(
     if n == 0:
         return out.astype(str)
     gid = pd.factorize(groups)[0]
-    labels = df[label_col].to_numpy()
-    counts = pd.crosstab(gid, pd.Series(labels, dtype=object).astype(str).to_numpy())
+    ng = int(gid.max()) + 1
     # labels compared as str: one stable order for ties and mixed types
-    cols = sorted(counts.columns)
-    counts = counts[cols]
-    major = np.array(cols, dtype=object)[counts.to_numpy().argmax(axis=1)]
-    size = counts.to_numpy().sum(axis=1)
-    key = _group_keys(df, gid)
+    lab, cols = pd.factorize(pd.Series(df[label_col].to_numpy(), dtype=object).astype(str), sort=True)
+    counts = np.bincount(gid * len(cols) + lab, minlength=ng * len(cols)).reshape(ng, len(cols))
+    major = counts.argmax(axis=1)  # ties: the smallest label
+    size = counts.sum(axis=1)
+    key = _group_keys(df, gid, ng)
     active = np.flatnonzero(frac > 0)
     priority = np.argsort(np.argsort(-frac, kind="stable"), kind="stable")  # 0 = largest fraction
-    assign = np.full(int(gid.max()) + 1, -1, dtype=np.int64)
-    for cls in cols:
-        g = np.flatnonzero(major == cls)
+    assign = np.full(ng, -1, dtype=np.int64)
+    for c, cls in enumerate(cols):
+        g = np.flatnonzero(major == c)
         g = g[np.argsort(key[g], kind="stable")]
-        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(cls.encode())])
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(str(cls).encode())])
         g = g[rng.permutation(len(g))]
         target = frac * size[g].sum()
         current = np.zeros(3, dtype=np.float64)
@@ -642,7 +637,11 @@ def duplicate_groups_table(df: pd.DataFrame, groups: np.ndarray) -> pd.DataFrame
 
 
 def duplicate_report(df: pd.DataFrame, groups: np.ndarray, max_listed: int = 200) -> dict:
-    """Summary of duplicate groups: counts, label conflicts, largest group, and (capped) member paths."""
+    """Summary of duplicate groups for the ingest summary (JSON-safe).
+
+    ``groups``: member paths of the groups with more than one file, largest first, at most ``max_listed``
+    (``groups_truncated`` says whether more exist; :func:`duplicate_groups_table` has them all).
+    """
     groups = np.asarray(groups)
     sizes = pd.Series(groups).value_counts()
     multi = sizes[sizes > 1]
@@ -656,13 +655,13 @@ def duplicate_report(df: pd.DataFrame, groups: np.ndarray, max_listed: int = 200
     ]
     return {
         "files": int(len(groups)),
-        "groups": int(len(sizes)),
+        "n_groups": int(len(sizes)),
         "groups_with_duplicates": int(len(multi)),
         "redundant_files": int((multi - 1).sum()),
         "label_conflict_groups": conflicts,
         "largest_group": int(sizes.max()) if len(sizes) else 0,
-        "listed_groups": listed,
-        "listed_groups_truncated": bool(len(multi) > max_listed),
+        "groups": listed,
+        "groups_truncated": bool(len(multi) > max_listed),
     }
 
 
@@ -674,18 +673,18 @@ def leakage(df: pd.DataFrame, splits: np.ndarray, groups: np.ndarray) -> dict:
     """
     g = pd.factorize(np.asarray(groups))[0]
     s = np.asarray(splits).astype(str)
-    present = pd.crosstab(g, s) > 0  # group x split
-    for name in SPLIT_NAMES:
-        if name not in present.columns:
-            present[name] = False
+    names = list(SPLIT_NAMES) + sorted(set(s.tolist()) - set(SPLIT_NAMES))
+    code = pd.Categorical(s, categories=names).codes.astype(np.int64)
+    ng = int(g.max()) + 1 if len(g) else 0
+    present = np.bincount(g * len(names) + code, minlength=ng * len(names)).reshape(ng, len(names)) > 0
     straddle = present.sum(axis=1) > 1
     out: dict = {
         "straddling_groups": int(straddle.sum()),
-        "rows_in_straddling_groups": int(straddle.to_numpy()[g].sum()),
+        "rows_in_straddling_groups": int(straddle[g].sum()),
     }
-    for a, b in itertools.combinations(SPLIT_NAMES, 2):
-        out[f"groups_{a}_{b}"] = int((present[a] & present[b]).sum())
-    in_train = present["train"].to_numpy()[g]
+    for (i, a), (j, b) in itertools.combinations(enumerate(SPLIT_NAMES), 2):
+        out[f"groups_{a}_{b}"] = int((present[:, i] & present[:, j]).sum())
+    in_train = present[:, 0][g]
     for name in ("val", "test"):
         out[f"{name}_rows_with_train_duplicate"] = int(((s == name) & in_train).sum())
     return out

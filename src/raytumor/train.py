@@ -153,6 +153,19 @@ def evaluate_shard(model: torch.nn.Module, iterator, rank: int, world: int, devi
     return torch.cat(idxs), torch.cat(labels), torch.cat(probs)
 
 
+def _die_midway(batches, step: int, marker: Path):
+    """Test hook: kill this worker process mid-epoch, once, like a lost node (FailureConfig recovers)."""
+    t0 = time.monotonic()
+    for i, b in enumerate(batches):
+        if i == step:
+            # The controller collects reported checkpoints on its health-check poll (2 s): a crash
+            # within that window of the last report would lose that checkpoint, so die after it.
+            time.sleep(max(0.0, 5.0 - (time.monotonic() - t0)))
+            marker.touch()
+            os._exit(1)
+        yield b
+
+
 def _gather(obj: Any, world: int) -> list[Any]:
     if world == 1:
         return [obj]
@@ -195,7 +208,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer, _cosine_lambda(total, int(cfg["warmup_epochs"] * steps_per_epoch))
     )
     metric, minimise = cfg["metric"], _is_min_metric(cfg["metric"])
-    state = {"epoch": 0, "best": math.inf if minimise else -math.inf, "bad_epochs": 0, "history": []}
+    state = {"epoch": 0, "best": math.inf if minimise else -math.inf, "bad_epochs": 0, "history": [], "resumed_at": []}
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # worker restart (FailureConfig) or a rerun of the same run name
@@ -206,6 +219,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
         state["epoch"] += 1
+        state["resumed_at"].append(state["epoch"])
         if rank == 0:
             print(f"[raytumor] resuming from checkpoint after epoch {state['epoch'] - 1}")
 
@@ -219,15 +233,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         model.set_backbone_trainable(not frozen)
         if phase != frozen:  # DDP registers the trainable params at construction: rebuild on phase change
             ddp, phase = _wrap_ddp(model, world, device), frozen
-        if cfg.get("fail_at_epoch") == epoch and rank == world - 1 and not Path(cfg["fail_marker"]).exists():
-            Path(cfg["fail_marker"]).touch()
-            os._exit(1)  # simulate a lost worker once; FailureConfig restarts from the last checkpoint
         batches = train_it.iter_torch_batches(
             batch_size=cfg["batch_size"],
             dtypes={"image": torch.uint8, "label": torch.int64},
             drop_last=True,  # a trailing batch of 1 breaks BatchNorm in train mode
             local_shuffle_buffer_size=cfg["batch_size"] * 8,
         )
+        if cfg.get("fail_at_epoch") == epoch and rank == world - 1 and not Path(cfg["fail_marker"]).exists():
+            batches = _die_midway(batches, steps_per_epoch // 2, Path(cfg["fail_marker"]))
         tr = train_one_epoch(ddp, optimizer, scheduler, batches, device, cfg["label_smoothing"])
         idx, labels, probs = evaluate_shard(model, val_it, rank, world, device, cfg["batch_size"] * 2)
         parts = _gather((idx.numpy(), labels.numpy(), probs.numpy(), tr), world)
@@ -299,7 +312,7 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     """Catalogue, group duplicates, split by group, and build the Ray datasets for training."""
     from raytumor import split
     from raytumor.augment import AugmentConfig, augment_batch, store_size
-    from raytumor.ingest import StorageOptions, build_catalogue, decode_dataset
+    from raytumor.ingest import StorageOptions, build_catalogue, decode_dataset, has_error
 
     storage = StorageOptions.from_env(cfg.s3_endpoint)
     cat = build_catalogue(cfg.data, storage, cfg.class_order)
@@ -333,12 +346,12 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     size = cfg.image_size
     aug = AugmentConfig(strength=cfg.augment_strength)
     train_base = decode_dataset(subset("train", True), storage=storage, image_size=store_size(size), fingerprints=False)
-    train_base = train_base.filter(lambda r: r["error"] is None).select_columns(["image", "label"]).materialize()
+    train_base = train_base.filter(lambda r: not has_error(r["error"])).select_columns(["image", "label"]).materialize()
     train_ds = train_base.randomize_block_order().map_batches(
         augment_batch, fn_kwargs={"image_size": size, "config": aug.to_dict()}, batch_size=64, batch_format="numpy"
     )
     val_ds = decode_dataset(subset("val", False), storage=storage, image_size=size, fingerprints=False)
-    val_ds = val_ds.filter(lambda r: r["error"] is None).select_columns(["image", "label", "idx"]).materialize()
+    val_ds = val_ds.filter(lambda r: not has_error(r["error"])).select_columns(["image", "label", "idx"]).materialize()
     dup_table = split.duplicate_groups_table(good, groups)
     return PreparedData(cat, manifest, dup, dup_table, train_ds, val_ds, cat.classes, cat.negative_class)
 
@@ -424,7 +437,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     )
     best_ckpt, best_metrics = best
     with result.checkpoint.as_directory() as d:
-        history = pd.DataFrame(torch.load(Path(d) / STATE_FILE, weights_only=False)["state"]["history"])
+        final_state = torch.load(Path(d) / STATE_FILE, weights_only=False)["state"]
+    history = pd.DataFrame(final_state["history"])
     with best_ckpt.as_directory() as d:
         state_dict = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
 
@@ -468,6 +482,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "bundle_id": meta.bundle_id,
         "best_epoch": int(best_metrics["epoch"]),
         "epochs_run": int(len(history)),
+        "resumed_at_epochs": final_state["resumed_at"],
         "val": meta.metrics["val"],
         "test": test,
         "ingest": {k: summary_ingest[k] for k in ("files_listed", "files_decoded", "files_rejected", "files_ignored")},

@@ -1,0 +1,421 @@
+"""Leakage-safe splitting: fingerprints, duplicate grouping (multi-index hashing), group splits, matching."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import time
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from raytumor import split
+from raytumor.split import _components, _near_value_pairs, hamming
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+# ----------------------------------------------------------------------------------------------------
+# synthetic scans
+
+
+def _smooth(rng: np.random.Generator, grid: int, size: int) -> np.ndarray:
+    field = (rng.random((grid, grid)) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(field).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+
+
+def brain_like(seed: int, size: int = 256, layout_seed: int | None = None) -> np.ndarray:
+    """A bright textured oval on black. ``layout_seed`` fixes the coarse intensity layout (what dHash sees)
+    while ``seed`` draws the fine 'anatomy', so two images can share a layout yet be different scans."""
+    coarse = _smooth(np.random.default_rng(seed if layout_seed is None else layout_seed), 6, size)
+    fine = _smooth(np.random.default_rng(10_000 + seed), 40, size)
+    yy, xx = np.mgrid[:size, :size]
+    oval = ((yy - size / 2) / (0.45 * size)) ** 2 + ((xx - size / 2) / (0.38 * size)) ** 2 <= 1
+    return np.where(oval, 0.65 * coarse + 0.35 * fine, 0).astype(np.uint8)
+
+
+def encode(gray: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+
+
+def row(path: str, data: bytes, label: int = 0, patient_id: str | None = None) -> dict:
+    fp = split.fingerprint(decode(data))
+    return {
+        "path": path,
+        "label": label,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "patient_id": patient_id,
+        **fp,
+    }
+
+
+def variants(gray: np.ndarray) -> dict[str, bytes]:
+    """Copies that must group with the original: byte copy, JPEG re-encode, brightness shift, resize."""
+    bright = np.clip(gray.astype(np.int16) + 12, 0, 255).astype(np.uint8)
+    small = np.asarray(Image.fromarray(gray).resize((200, 200), Image.Resampling.BILINEAR))
+    return {
+        "copy": encode(gray),
+        "jpeg": encode(gray, "JPEG", quality=70),
+        "bright": encode(bright, "JPEG", quality=90),
+        "resized": encode(small),
+    }
+
+
+@pytest.fixture(scope="module")
+def scans() -> pd.DataFrame:
+    """4 originals with 4 copies each (5 files per group) + 12 unrelated scans; two classes."""
+    rows = []
+    for k in range(4):
+        g = brain_like(k)
+        rows.append(row(f"orig{k}.png", encode(g), label=k % 2))
+        for name, data in variants(g).items():
+            rows.append(row(f"orig{k}_{name}", data, label=k % 2))
+    for k in range(12):
+        rows.append(row(f"other{k}.png", encode(brain_like(100 + k)), label=k % 2))
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fingerprint
+
+
+def test_fingerprint_matches_imagehash_and_is_fast() -> None:
+    g = brain_like(1)
+    fp = split.fingerprint(g)
+    assert set(fp) == {"dhash", "thumb"}
+    assert isinstance(fp["dhash"], int) and -(2**63) <= fp["dhash"] < 2**63
+    # same bits as imagehash's hex string, packed row-major
+    assert f"{fp['dhash'] & (2**64 - 1):016x}" == str(imagehash.dhash(Image.fromarray(g)))
+    thumb = np.frombuffer(fp["thumb"], np.uint8)
+    assert thumb.size == split.THUMB_SIZE**2 and thumb.min() == 0 and thumb.max() == 255  # min-max stretched
+    assert split.fingerprint(g) == fp  # deterministic
+    assert len(split.fingerprint(np.full((5, 7), 9, np.uint8))["thumb"]) == split.THUMB_SIZE**2  # tiny/flat
+    t0 = time.perf_counter()
+    for _ in range(100):
+        split.fingerprint(g)
+    assert (time.perf_counter() - t0) / 100 < 0.005  # ~0.3 ms here; loose bound for slow CI
+    with pytest.raises(ValueError):
+        split.fingerprint(np.zeros((8, 8, 3), np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# grouping
+
+
+def test_copies_group_and_unrelated_scans_do_not(scans: pd.DataFrame) -> None:
+    groups = split.find_duplicate_groups(scans)
+    assert groups.dtype == np.int64 and groups.min() == 0
+    for k in range(4):
+        members = scans["path"].str.startswith(f"orig{k}")
+        assert members.sum() == 5
+        assert len(set(groups[members])) == 1, f"copies of orig{k} split across groups"
+    assert len(set(groups)) == 4 + 12  # no other merges
+    # sorted by first row: group ids are dense and numbered in row order
+    assert list(pd.unique(groups)) == sorted(set(groups))
+    # an Arrow round trip (how the catalogue arrives) and uint8-array thumbnails give the same groups
+    assert (split.find_duplicate_groups(pa.Table.from_pandas(scans).to_pandas()) == groups).all()
+    as_arrays = scans.assign(thumb=[np.frombuffer(t, np.uint8) for t in scans.thumb])
+    assert (split.find_duplicate_groups(as_arrays) == groups).all()
+
+
+def test_thumbnail_confirmation_rejects_same_layout_different_scan() -> None:
+    """Same coarse layout (close dHash) but different fine anatomy: dHash alone links them, the gradient
+    confirmation does not (the ixi-vs-br35h failure mode), while a real re-encode still links."""
+    a = brain_like(1, layout_seed=7)
+    b = brain_like(2, layout_seed=7)
+    df = pd.DataFrame(
+        [row("a.png", encode(a)), row("b.png", encode(b)), row("a.jpg", encode(a, "JPEG", quality=60))]
+    )
+    assert hamming(np.int64(df.dhash[0]), np.int64(df.dhash[1])) <= split.DEFAULT_MAX_HAMMING
+    assert len(set(split.find_duplicate_groups(df, min_corr=None))) == 1
+    g = split.find_duplicate_groups(df)
+    assert g[0] == g[2] != g[1]
+    # raw-pixel correlation of two ovals is high anyway: why the default confirms on gradients
+    f_pix = split.thumb_features(np.stack([np.frombuffer(t, np.uint8) for t in df.thumb]), "pixel")
+    f_grad = split.thumb_features(np.stack([np.frombuffer(t, np.uint8) for t in df.thumb]), "gradient")
+    assert f_pix[0] @ f_pix[1] > f_grad[0] @ f_grad[1] + 0.2
+    assert f_grad[0] @ f_grad[2] >= split.DEFAULT_MIN_CORR
+
+
+def test_missing_and_flat_fingerprints_are_singletons_unless_exact(scans: pd.DataFrame) -> None:
+    df = scans.iloc[:5].copy()  # orig0 and its four copies
+    df = df.astype({"dhash": object})
+    df.loc[2, ["dhash", "thumb"]] = [None, None]  # decode error: no fingerprint
+    flat = split.fingerprint(np.full((64, 64), 40, np.uint8))
+    flat_rows = pd.DataFrame([{"path": f"flat{i}", "sha256": f"f{i}", "label": 0, **flat} for i in range(2)])
+    df = pd.concat([df, flat_rows], ignore_index=True)
+    g = split.find_duplicate_groups(df)
+    assert g[2] not in set(g[[0, 1, 3, 4]])
+    assert len(set(g[[0, 1, 3, 4]])) == 1
+    assert g[5] != g[6]  # flat images have nothing to compare: not near-duplicates of each other
+    assert len(set(split.find_duplicate_groups(df, min_corr=None)[[5, 6]])) == 2  # even on dHash alone
+    df.loc[2, "sha256"] = df.loc[0, "sha256"]  # ...but an exact byte copy still groups
+    assert split.find_duplicate_groups(df)[2] == g[0]
+    with pytest.raises(TypeError, match="float"):
+        split.find_duplicate_groups(df.assign(dhash=df["dhash"].astype(float)))
+
+
+def test_patient_id_groups_and_nulls_do_not(scans: pd.DataFrame) -> None:
+    df = scans[scans.path.str.startswith("other")].reset_index(drop=True)
+    df["patient_id"] = ["p1", "p1", "p2", None, None, "", "", "p2", "p3", None, "p1", None]
+    g = split.find_duplicate_groups(df)
+    assert g[0] == g[1] == g[10]
+    assert g[2] == g[7] != g[0]
+    nulls = [3, 4, 5, 6, 9, 11]
+    assert len(set(g[nulls])) == len(nulls)
+    table = split.duplicate_groups_table(df, g)
+    assert set(table["reason"]) == {"patient"}
+    assert len(table) == 5
+
+
+def test_exact_sha_groups_without_fingerprints() -> None:
+    df = pd.DataFrame({"path": list("abcde"), "sha256": ["x", "y", "x", None, "y"], "label": 0})
+    g = split.find_duplicate_groups(df, min_corr=None)
+    assert g[0] == g[2] and g[1] == g[4] and len(set(g)) == 3
+
+
+def test_components_match_reference_union_find() -> None:
+    rng = np.random.default_rng(0)
+    n = 3000
+    a, b = rng.integers(0, n, 2500), rng.integers(0, n, 2500)
+    a = np.r_[a, np.arange(100, 400)]  # plus a long chain
+    b = np.r_[b, np.arange(101, 401)]
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for x, y in zip(a.tolist(), b.tolist(), strict=True):
+        parent[find(x)] = find(y)
+    ref = np.array([find(x) for x in range(n)])
+    got = _components(n, a, b)
+    # same partition, and roots are component minima
+    assert (
+        len(set(zip(ref.tolist(), got.tolist(), strict=True)))
+        == len(set(ref.tolist()))
+        == len(set(got.tolist()))
+    )
+    assert all(got[i] <= i for i in range(n))
+
+
+def test_multi_index_search_equals_brute_force_and_is_fast() -> None:
+    rng = np.random.default_rng(0)
+    n, d = 50_000, split.DEFAULT_MAX_HAMMING
+    base = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64, endpoint=True)
+    # plant near pairs at distances 0..d+2 so both sides of the radius are exercised
+    k = 2000
+    src = rng.choice(n, k, replace=False)
+    dist = rng.integers(0, d + 3, k)
+    near = base[src].view(np.uint64).copy()
+    for i, m in enumerate(dist):
+        for bit in rng.choice(64, m, replace=False):
+            near[i] ^= np.uint64(1) << np.uint64(bit)
+    hashes = np.r_[base, near.view(np.int64)]
+    df = pd.DataFrame({"dhash": hashes, "sha256": [f"s{i}" for i in range(len(hashes))]})
+    t0 = time.perf_counter()
+    g = split.find_duplicate_groups(df, max_hamming=d, min_corr=None)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 10, f"{elapsed:.1f}s for {len(df)} hashes"  # ~0.5 s here
+    planted_close = dist <= d
+    assert (g[src[planted_close]] == g[n + np.flatnonzero(planted_close)]).all()
+    # exact equality with brute force on a subset that holds planted pairs and random rows
+    sub = np.unique(np.r_[src[:600], n + np.arange(600), rng.choice(n, 2400, replace=False)])
+    vals = np.unique(hashes[sub].view(np.uint64))
+    for radius in (0, 3, d, 12):
+        a, b = _near_value_pairs(vals, radius)
+        iu = np.triu_indices(len(vals), 1)
+        brute = hamming(vals[iu[0]], vals[iu[1]]) <= radius
+        assert set(zip(a.tolist(), b.tolist(), strict=True)) == set(
+            zip(iu[0][brute].tolist(), iu[1][brute].tolist(), strict=True)
+        )
+        found = set(zip(vals[a].tolist(), vals[b].tolist(), strict=True))
+        planted = [
+            tuple(sorted((int(hashes[src[i]].view(np.uint64)), int(hashes[n + i].view(np.uint64)))))
+            for i in range(600)
+            if 0 < dist[i] <= radius
+        ]
+        assert (len(planted) > 0 or radius == 0) and all(p in found for p in planted)
+
+
+# ----------------------------------------------------------------------------------------------------
+# splitting
+
+
+def _grouped_frame(rng: np.random.Generator, n_groups: int = 900) -> tuple[pd.DataFrame, np.ndarray]:
+    sizes = np.where(rng.random(n_groups) < 0.8, 1, rng.integers(2, 9, n_groups))
+    groups = np.repeat(np.arange(n_groups), sizes)
+    labels = np.repeat(rng.random(n_groups) < 0.35, sizes).astype(np.int64)
+    sha = [hashlib.sha256(f"file{i}".encode()).hexdigest() for i in range(len(groups))]
+    return pd.DataFrame(
+        {"path": [f"f{i}" for i in range(len(groups))], "sha256": sha, "label": labels}
+    ), groups
+
+
+def test_split_groups_stratified_no_straddling_and_deterministic() -> None:
+    rng = np.random.default_rng(3)
+    df, groups = _grouped_frame(rng)
+    s = split.split_groups(df, groups, seed=5)
+    assert set(s) == {"train", "val", "test"}
+    assert split.leakage(df, s, groups)["straddling_groups"] == 0
+    for label in (0, 1):
+        m = df["label"].to_numpy() == label
+        for name, frac in zip(split.SPLIT_NAMES, (0.7, 0.15, 0.15), strict=True):
+            assert abs((s[m] == name).mean() - frac) < 0.01, (label, name)
+    # row order does not matter, group ids may be relabelled; the seed does matter
+    perm = rng.permutation(len(df))
+    relabel = rng.permutation(groups.max() + 1)
+    s2 = split.split_groups(df.iloc[perm].reset_index(drop=True), relabel[groups[perm]], seed=5)
+    assert (s2 == s[perm]).all()
+    assert (split.split_groups(df, groups, seed=5) == s).all()
+    assert (split.split_groups(df, groups, seed=6) != s).any()
+
+
+def test_split_groups_majority_label_and_custom_fractions() -> None:
+    df = pd.DataFrame({"sha256": [f"{i:04d}" for i in range(40)], "label": [0] * 20 + [1] * 20})
+    groups = np.arange(40)
+    groups[[0, 1, 2, 20]] = 0  # three 0s and one 1: a class-0 group
+    s = split.split_groups(df, groups, fractions=(0.5, 0.5, 0.0))
+    assert "test" not in set(s)
+    assert len(set(s[[0, 1, 2, 20]])) == 1
+    assert (s[df.label == 1] == "train").sum() in (9, 10, 11)
+
+
+def test_split_groups_tiny_data_gets_every_split_per_class() -> None:
+    df = pd.DataFrame({"sha256": list("abcdef"), "label": [0, 0, 0, 1, 1, 1]})
+    s = split.split_groups(df, np.arange(6))
+    for label in (0, 1):
+        assert sorted(s[df.label == label]) == ["test", "train", "val"]
+    # two groups: the largest split and one more; one group: train
+    s = split.split_groups(df.iloc[:2], np.arange(2))
+    assert sorted(s) == ["train", "val"]
+    assert list(split.split_groups(df.iloc[:1], np.arange(1))) == ["train"]
+    # a big group never lands in a small split just to fill it
+    big = pd.DataFrame({"sha256": [f"{i:03d}" for i in range(102)], "label": 0})
+    g = np.r_[np.zeros(100, int), 1, 2]
+    s = split.split_groups(big, g)
+    assert (s[:100] == "train").all() and sorted(s[100:]) == ["test", "val"]
+
+
+def test_real_groups_end_to_end_report_and_leakage(scans: pd.DataFrame) -> None:
+    groups = split.find_duplicate_groups(scans)
+    s = split.split_groups(scans, groups, seed=0)
+    leak = split.leakage(scans, s, groups)
+    assert leak["straddling_groups"] == 0 and leak["test_rows_with_train_duplicate"] == 0
+    plain = np.array(["train", "test"] * (len(scans) // 2))  # a split that ignores groups
+    bad = split.leakage(scans, plain, groups)
+    assert bad["straddling_groups"] == 4 and bad["test_rows_with_train_duplicate"] > 0
+    rep = split.duplicate_report(scans, groups)
+    assert rep["groups_with_duplicates"] == 4
+    assert rep["redundant_files"] == 16
+    assert rep["largest_group"] == 5
+    assert rep["label_conflict_groups"] == 0
+    assert sorted(len(g) for g in rep["groups"]) == [5, 5, 5, 5] and not rep["groups_truncated"]
+    assert rep["n_groups"] == 16 and rep["files"] == len(scans)
+    assert json.loads(json.dumps(rep)) == rep
+    assert {"orig0.png", "orig0_jpeg"} <= {p for g in rep["groups"] for p in g}
+    capped = split.duplicate_report(scans, groups, max_listed=2)
+    assert len(capped["groups"]) == 2 and capped["groups_truncated"]
+    table = split.duplicate_groups_table(scans, groups)
+    assert list(table.columns) == ["group_id", "path", "label", "sha256", "reason"]
+    assert len(table) == 20
+    copies = table[table.path.str.endswith(("_copy", ".png")) & table.path.str.startswith("orig")]
+    assert set(copies["reason"]) == {"exact"}  # the byte copy and its original
+    assert set(table.loc[table.path.str.endswith("_jpeg"), "reason"]) == {"near"}
+    conflict = scans.assign(label=np.where(scans.path == "orig0_jpeg", 1, scans.label))
+    assert split.duplicate_report(conflict, groups)["label_conflict_groups"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# cross-dataset matching
+
+
+def test_match_reference(scans: pd.DataFrame) -> None:
+    reference = scans[scans.path.isin(["orig0.png", "orig1.png", "other0.png"])]
+    query = scans[scans.path.isin(["orig0_copy", "orig0_jpeg", "orig1_resized", "orig2.png", "other1.png"])]
+    got = split.match_reference(query, reference)
+    assert got.tolist() == [True, True, True, False, False]
+    # exact-only when the reference carries no fingerprints
+    got = split.match_reference(query, reference[["sha256"]], min_corr=None)
+    assert got.tolist() == [True, False, False, False, False]
+    # patient ids match only when asked (ids from different datasets are not comparable)
+    q = query.assign(patient_id="p9")
+    r = reference.assign(patient_id=["p9", None, None])
+    assert split.match_reference(q, r).tolist() == [True, True, True, False, False]
+    assert split.match_reference(q, r, match_patient_id=True).all()
+    assert split.match_reference(query.iloc[:0], reference).shape == (0,)
+
+
+def test_match_reference_equals_brute_force_on_hashes() -> None:
+    rng = np.random.default_rng(1)
+    ref = rng.integers(-(2**63), 2**63 - 1, 3000, dtype=np.int64, endpoint=True)
+    q = np.r_[
+        ref[:200] ^ np.int64(0b1011), rng.integers(-(2**63), 2**63 - 1, 800, dtype=np.int64, endpoint=True)
+    ]
+    q[5] = ref[7]  # exact hash match counts as distance 0
+    got = split.match_reference(
+        pd.DataFrame({"dhash": q}), pd.DataFrame({"dhash": ref}), max_hamming=4, min_corr=None
+    )
+    brute = (hamming(q[:, None], ref[None, :]) <= 4).any(axis=1)
+    assert (got == brute).all() and got[:200].all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# real data
+
+
+def test_navoneel_exact_groups_found_and_not_split() -> None:
+    root = DATA / "navoneel-253"
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root} (needs ../shared/data/navoneel-253)")
+    rows = []
+    for cls, label in (("yes", 1), ("no", 0)):
+        for p in sorted((root / cls).iterdir()):
+            data = p.read_bytes()
+            rows.append(row(f"{cls}/{p.name}", data, label) | {"md5": hashlib.md5(data).hexdigest()})
+    df = pd.DataFrame(rows)
+    assert len(df) == 253
+    md5_sizes = df.groupby("md5").size()
+    assert (md5_sizes > 1).sum() == 22 and (md5_sizes - 1).sum() == 25  # PROVENANCE.md
+    groups = split.find_duplicate_groups(df)
+    for _, members in df.groupby("md5").groups.items():
+        assert len(set(groups[members])) == 1
+    rep = split.duplicate_report(df, groups)
+    assert rep["redundant_files"] >= 25 and rep["groups_with_duplicates"] >= 22
+    assert rep["label_conflict_groups"] == 0  # PROVENANCE: no md5 under both yes and no
+    table = split.duplicate_groups_table(df, groups)
+    assert table["reason"].str.contains("exact").sum() == 22 + 25
+    s = split.split_groups(df, groups, seed=0)
+    assert split.leakage(df, s, groups)["straddling_groups"] == 0
+    for label in (0, 1):
+        frac = pd.Series(s[df.label == label]).value_counts(normalize=True)
+        assert abs(frac["train"] - 0.7) < 0.05 and frac["val"] > 0.1 and frac["test"] > 0.1
+
+
+def test_parameter_validation() -> None:
+    df = pd.DataFrame({"dhash": [1, 2], "sha256": ["a", "b"], "label": [0, 1]})
+    with pytest.raises(ValueError, match="thumb"):
+        split.find_duplicate_groups(df, min_corr=0.8)
+    with pytest.raises(ValueError, match="max_hamming"):
+        split.find_duplicate_groups(df, max_hamming=-1, min_corr=None)
+    with pytest.raises(ValueError, match="confirm_on"):
+        split.find_duplicate_groups(df, confirm_on="ssim")
+    with pytest.raises(ValueError, match="fractions"):
+        split.split_groups(df, np.arange(2), fractions=(0.5, 0.5))
+    assert split.find_duplicate_groups(df.iloc[:0]).shape == (0,)
+    assert list(itertools.chain(split.split_groups(df.iloc[:0], np.zeros(0, int)))) == []
