@@ -34,7 +34,9 @@ def main() -> None:
     from raytumor.train import _cosine_lambda, train_one_epoch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}")
+    print(
+        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}"
+    )
     rng = np.random.default_rng(0)
     n = args.batch_size * 2
     labels = rng.integers(0, 2, n)
@@ -61,7 +63,9 @@ def main() -> None:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         loss = r["loss_sum"] / r["n"]
-        print(f"{name:<20} {args.image_size}px batch {args.batch_size}: {r['n'] / dt:8.1f} train img/s  (loss {loss:.3f})")
+        print(
+            f"{name:<20} {args.image_size}px batch {args.batch_size}: {r['n'] / dt:8.1f} train img/s  (loss {loss:.3f})"
+        )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ def plain_loop(files: list[str], labels: np.ndarray, args, threads: int) -> list
         order = rng.permutation(len(images))
         for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
             idx = order[i : i + args.batch_size]
-            b = augment_batch({"image": images[idx], "label": labels[idx]}, image_size=args.image_size, config=aug)
+            b = augment_batch(
+                {"image": images[idx], "label": labels[idx]}, image_size=args.image_size, config=aug
+            )
             yield {"image": torch.from_numpy(b["image"]), "label": torch.from_numpy(b["label"])}
 
     rates = []
@@ -103,7 +105,11 @@ def main() -> None:
     for w in [int(x) for x in args.workers.split(",")]:
         t0 = time.time()
         rates, manifest = ray_run(args, w, Path(args.out))
-        results[f"ray_{w}w"] = {"img_s": float(np.mean(rates[1:] or rates)), "epochs": rates, "wall_s": time.time() - t0}
+        results[f"ray_{w}w"] = {
+            "img_s": float(np.mean(rates[1:] or rates)),
+            "epochs": rates,
+            "wall_s": time.time() - t0,
+        }
     import ray
 
     ray.shutdown()  # the baseline gets the machine to itself
@@ -111,8 +117,10 @@ def main() -> None:
     plain = plain_loop(train["path"].tolist(), train["label"].to_numpy(np.int64), args, cores)
     base = float(np.mean(plain[1:] or plain))
     results["plain"] = {"img_s": base, "epochs": plain, "threads": cores}
-    print(f"\n{args.backbone} {args.weights} {args.image_size}px, global batch {args.batch_size}, "
-          f"{len(train)} training images, {cores} cores")
+    print(
+        f"\n{args.backbone} {args.weights} {args.image_size}px, global batch {args.batch_size}, "
+        f"{len(train)} training images, {cores} cores"
+    )
     print(f"{'setup':<14}{'img/s':>9}{'ratio':>8}")
     print(f"{'plain 1 proc':<14}{base:>9.1f}{1.0:>8.2f}")
     for k, v in results.items():

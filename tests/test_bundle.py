@@ -81,4 +81,4 @@ def test_not_a_bundle(tmp_path):
 def test_tumour_score_with_negative_first_or_last():
     p = torch.tensor([[0.2, 0.8], [0.9, 0.1]])
     assert torch.allclose(tumour_scores(p, _meta()), torch.tensor([0.8, 0.1]))
-    assert torch.allclose(tumour_scores(p, _meta(classes=["yes", "no"])), torch.tensor([0.1, 0.9]))
+    assert torch.allclose(tumour_scores(p, _meta(classes=["yes", "no"])), torch.tensor([0.2, 0.9]))

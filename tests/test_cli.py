@@ -24,7 +24,9 @@ def test_subcommand_help(stage, capsys):
 def test_backbones_listed(capsys):
     main(["backbones"])
     names = capsys.readouterr().out.split()
-    assert {"efficientnet_lite0", "resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large"} <= set(names)
+    assert {"efficientnet_lite0", "resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large"} <= set(
+        names
+    )
     assert {"densenet121", "convnext_tiny"} <= set(names)
 
 
@@ -35,7 +37,9 @@ def test_train_flags_match_job_script():
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_job_scripts_run(stage):
-    r = subprocess.run([sys.executable, str(REPO / "jobs" / f"{stage}.py"), "--help"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / f"{stage}.py"), "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert "usage:" in r.stdout
 

@@ -20,6 +20,7 @@ from raytumor import split
 from raytumor.split import _components, _near_value_pairs, hamming
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FP_COLS = ["dhash", "thumb", "dhash_crop", "thumb_crop"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,6 +75,16 @@ def variants(gray: np.ndarray) -> dict[str, bytes]:
     }
 
 
+def reframe(gray: np.ndarray) -> np.ndarray:
+    """Cut 8% off the left and right (background of brain_like's oval) and pad differently: 40 px black
+    on top, 10 on the bottom and left, as re-framed copies in scraped datasets are."""
+    w = gray.shape[1]
+    cut = gray[:, int(0.08 * w) : w - int(0.08 * w)]
+    out = np.zeros((cut.shape[0] + 50, cut.shape[1] + 10), np.uint8)
+    out[40 : 40 + cut.shape[0], 10:] = cut
+    return out
+
+
 @pytest.fixture(scope="module")
 def scans() -> pd.DataFrame:
     """4 originals with 4 copies each (5 files per group) + 12 unrelated scans; two classes."""
@@ -95,13 +106,14 @@ def scans() -> pd.DataFrame:
 def test_fingerprint_matches_imagehash_and_is_fast() -> None:
     g = brain_like(1)
     fp = split.fingerprint(g)
-    assert set(fp) == {"dhash", "thumb"}
+    assert set(fp) == {"dhash", "thumb", "dhash_crop", "thumb_crop"}
     assert isinstance(fp["dhash"], int) and -(2**63) <= fp["dhash"] < 2**63
     # same bits as imagehash's hex string, packed row-major
     assert f"{fp['dhash'] & (2**64 - 1):016x}" == str(imagehash.dhash(Image.fromarray(g)))
     thumb = np.frombuffer(fp["thumb"], np.uint8)
     assert thumb.size == split.THUMB_SIZE**2 and thumb.min() == 0 and thumb.max() == 255  # min-max stretched
     assert split.fingerprint(g) == fp  # deterministic
+    assert len(fp["thumb_crop"]) == split.THUMB_SIZE**2 and isinstance(fp["dhash_crop"], int)
     assert len(split.fingerprint(np.full((5, 7), 9, np.uint8))["thumb"]) == split.THUMB_SIZE**2  # tiny/flat
     t0 = time.perf_counter()
     for _ in range(100):
@@ -152,8 +164,8 @@ def test_thumbnail_confirmation_rejects_same_layout_different_scan() -> None:
 
 def test_missing_and_flat_fingerprints_are_singletons_unless_exact(scans: pd.DataFrame) -> None:
     df = scans.iloc[:5].copy()  # orig0 and its four copies
-    df = df.astype({"dhash": object})
-    df.loc[2, ["dhash", "thumb"]] = [None, None]  # decode error: no fingerprint
+    df = df.astype({"dhash": object, "dhash_crop": object})
+    df.loc[2, FP_COLS] = [None] * len(FP_COLS)  # decode error: no fingerprint
     flat = split.fingerprint(np.full((64, 64), 40, np.uint8))
     flat_rows = pd.DataFrame([{"path": f"flat{i}", "sha256": f"f{i}", "label": 0, **flat} for i in range(2)])
     df = pd.concat([df, flat_rows], ignore_index=True)
@@ -251,6 +263,95 @@ def test_multi_index_search_equals_brute_force_and_is_fast() -> None:
             if 0 < dist[i] <= radius
         ]
         assert (len(planted) > 0 or radius == 0) and all(p in found for p in planted)
+
+
+# ----------------------------------------------------------------------------------------------------
+# views: head crop and mirror images
+
+
+def _whole_only(df: pd.DataFrame) -> np.ndarray:
+    return split.find_duplicate_groups(df, mirror=False, crop_min_corr=None)
+
+
+def test_reframed_copy_groups_via_head_view_and_different_scans_do_not() -> None:
+    a = brain_like(3)
+    copy = encode(reframe(a), "JPEG", quality=80)  # cropped + re-padded + re-saved
+    df = pd.DataFrame(
+        [
+            row("a.png", encode(a)),
+            row("a_reframed.jpg", copy),
+            row("b.png", encode(brain_like(4))),
+            # same coarse layout as c: close whole-image dHash, different anatomy
+            row("c.png", encode(brain_like(1, layout_seed=7))),
+            row("d.png", encode(brain_like(2, layout_seed=7))),
+        ]
+    )
+    # the whole-image view cannot see it: padding moves a dozen dHash bits and misaligns the thumbnail
+    assert hamming(np.int64(df.dhash[0]), np.int64(df.dhash[1])) > split.DEFAULT_MAX_HAMMING
+    assert len(set(_whole_only(df))) == 5
+    # the head view: same box, same square
+    assert hamming(np.int64(df.dhash_crop[0]), np.int64(df.dhash_crop[1])) <= 2
+    g = split.find_duplicate_groups(df)
+    assert g[0] == g[1] and len(set(g)) == 4
+    # match_reference uses the same views
+    assert split.match_reference(df.iloc[[1, 2, 4]], df.iloc[[0, 3]]).tolist() == [True, False, False]
+    # catalogues/bundles written before the head view existed: whole view only, no error
+    old = df.drop(columns=["dhash_crop", "thumb_crop"])
+    assert (split.find_duplicate_groups(old) == _whole_only(df)).all()
+    assert not split.match_reference(df.iloc[[1]], old.iloc[[0]]).any()
+    assert not split.match_reference(old.iloc[[1]], df.iloc[[0]]).any()
+    assert split.match_reference(df.iloc[[1]], df.iloc[[0]], crop_min_corr=None).tolist() == [False]
+
+
+def test_mirrored_copy_groups_and_mirror_hashes_are_exact() -> None:
+    a = brain_like(5)
+    mirrored = np.ascontiguousarray(a[:, ::-1])
+    df = pd.DataFrame(
+        [
+            row("a.png", encode(a)),
+            row("a_mirror.jpg", encode(mirrored, "JPEG", quality=85)),
+            row("b.png", encode(brain_like(6))),
+            row("b_mirror_of_other.png", encode(np.ascontiguousarray(brain_like(7)[:, ::-1]))),
+        ]
+    )
+    assert len(set(split.find_duplicate_groups(df, mirror=False))) == 4
+    g = split.find_duplicate_groups(df)
+    assert g[0] == g[1] and len(set(g)) == 3
+    assert split.match_reference(df.iloc[[1, 3]], df.iloc[[0, 2]]).tolist() == [True, False]
+    assert split.match_reference(df.iloc[[1, 3]], df.iloc[[0, 2]], mirror=False).tolist() == [False, False]
+    # the stored fields give the mirror image's: exactly for the head view (outward-compared bits), up to
+    # tied (flat background) bits for imagehash's dHash (5 of them here)
+    fa, fm = split.fingerprint(a), split.fingerprint(mirrored)
+    for view, tol in ((split._CROP, 0), (split._FULL, split.DEFAULT_MAX_HAMMING)):
+        h = np.array([fa[view.hash_col]], np.int64).view(np.uint64)
+        got = split._mirror_hashes(h, view.mirror_inverts).view(np.int64)[0]
+        assert hamming(got, np.int64(fm[view.hash_col])) <= tol, view
+        assert (
+            split._mirror_hashes(split._mirror_hashes(h, view.mirror_inverts), view.mirror_inverts) == h
+        ).all()
+    t = np.frombuffer(fa["thumb"], np.uint8).reshape(split.THUMB_SIZE, -1)
+    assert (t[:, ::-1].tobytes()) == fm["thumb"]
+
+
+def test_head_square_ignores_padding_specks_and_flat_images() -> None:
+    a = brain_like(8, size=200)
+    base = split._head_square(Image.fromarray(a))
+    padded = np.zeros((250, 230), np.uint8)  # at most _CROP_WORK: same scale
+    padded[45:245, 5:205] = a
+    padded[3, 225] = 255  # a hot pixel in the background must not stretch the box
+    padded[246:248, 100:102] = 120  # nor a small speck
+    got = split._head_square(Image.fromarray(padded))
+    assert got.shape == base.shape
+    f = split.thumb_features(
+        np.stack([np.frombuffer(split._thumb(Image.fromarray(x)), np.uint8) for x in (base, got)])
+    )
+    assert f[0] @ f[1] > 0.97
+    # larger inputs are worked on at _CROP_WORK pixels; flat and tiny images are kept whole
+    assert (
+        split._head_square(Image.fromarray(np.kron(a, np.ones((3, 3), np.uint8)))).shape[0]
+        <= split._CROP_WORK
+    )
+    assert split._head_square(Image.fromarray(np.full((5, 7), 9, np.uint8))).shape == (7, 7)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,11 +469,15 @@ def test_match_reference_equals_brute_force_on_hashes() -> None:
         ref[:200] ^ np.int64(0b1011), rng.integers(-(2**63), 2**63 - 1, 800, dtype=np.int64, endpoint=True)
     ]
     q[5] = ref[7]  # exact hash match counts as distance 0
-    got = split.match_reference(
-        pd.DataFrame({"dhash": q}), pd.DataFrame({"dhash": ref}), max_hamming=4, min_corr=None
-    )
+    mirror_ref = split._mirror_hashes(ref.view(np.uint64), True).view(np.int64)
+    q[300:320] = mirror_ref[1000:1020] ^ np.int64(0b110)  # mirrored copies
+    qd, rd = pd.DataFrame({"dhash": q}), pd.DataFrame({"dhash": ref})
+    got = split.match_reference(qd, rd, max_hamming=4, min_corr=None, mirror=False)
     brute = (hamming(q[:, None], ref[None, :]) <= 4).any(axis=1)
-    assert (got == brute).all() and got[:200].all()
+    assert (got == brute).all() and got[:200].all() and not got[300:320].any()
+    got = split.match_reference(qd, rd, max_hamming=4, min_corr=None)
+    brute |= (hamming(q[:, None], mirror_ref[None, :]) <= 4).any(axis=1)
+    assert (got == brute).all() and got[300:320].all()
 
 
 # ----------------------------------------------------------------------------------------------------

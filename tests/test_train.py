@@ -105,11 +105,19 @@ def test_evaluate_cli_excludes_training_duplicates(ddp_run, navoneel, tmp_path):
     assert len(preds) == files["evaluated"] and np.isfinite(preds["score"]).all()
 
 
-def test_resume_after_interrupted_run(ray_session, tmp_path):
-    """A run that dies (no retries left) resumes from its last checkpoint when rerun with the same name."""
+def test_resume_after_interrupted_run_three_classes(ray_session, tmp_path):
+    """A run that dies (no retries left) resumes from its last checkpoint when rerun with the same name.
+
+    Three classes (no-tumour + two tumour folders) exercise the multi-class path at the same time.
+    """
     from raytumor.phantoms import write_phantom_dataset
 
-    write_phantom_dataset(tmp_path / "data", n_per_class=40, size=96, seed=3)
+    write_phantom_dataset(
+        tmp_path / "data", n_per_class=40, size=96, seed=3, class_names=("notumor", "glioma")
+    )
+    (tmp_path / "data" / "meningioma").mkdir()
+    for f in sorted((tmp_path / "data" / "glioma").iterdir())[::2]:
+        f.rename(tmp_path / "data" / "meningioma" / f.name)
     base = dict(
         data=str(tmp_path / "data"),
         out=str(tmp_path / "runs"),
@@ -129,6 +137,10 @@ def test_resume_after_interrupted_run(ray_session, tmp_path):
     assert summary["resumed_at_epochs"] == [1]
     hist = pd.read_csv(Path(summary["bundle"]) / "history.csv")
     assert hist["epoch"].tolist() == [0, 1, 2]
+    meta = read_meta(summary["bundle"])
+    assert meta.classes == ["glioma", "meningioma", "notumor"] and meta.negative_class == "notumor"
+    assert meta.metrics["selection_metric"] == "val_roc_auc"
+    assert len(meta.metrics["test"]["mc_confusion_matrix"]) == 3 and "mc_f1_macro" in meta.metrics["test"]
 
 
 def test_args_parser_round_trip():

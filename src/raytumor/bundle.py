@@ -130,7 +130,9 @@ def read_meta(path: str | os.PathLike) -> BundleMeta:
         raise FileNotFoundError(f"{path} is not a model bundle (no {META_FILE})")
     raw = json.loads((path / META_FILE).read_text())
     if raw.get("format", 0) > BUNDLE_FORMAT:
-        raise ValueError(f"bundle format {raw['format']} is newer than this raytumor understands ({BUNDLE_FORMAT})")
+        raise ValueError(
+            f"bundle format {raw['format']} is newer than this raytumor understands ({BUNDLE_FORMAT})"
+        )
     known = set(BundleMeta.__dataclass_fields__)
     return BundleMeta(**{k: v for k, v in raw.items() if k in known})
 

@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in STAGES.items():
         mod = import_module(module)
-        sp = sub.add_parser(name, help=help_, parents=[mod.get_args_parser(add_help=False)], description=help_)
+        sp = sub.add_parser(
+            name, help=help_, parents=[mod.get_args_parser(add_help=False)], description=help_
+        )
         sp.set_defaults(func=mod.main)
     sp = sub.add_parser("backbones", help="list the backbones the model factory builds")
     sp.set_defaults(func=_backbones)

@@ -19,12 +19,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         add_help=add_help,
     )
     p.add_argument("--out", default="demo_out", help="output folder")
-    p.add_argument("--n-per-class", type=int, default=160, help="phantoms per class")
-    p.add_argument("--n-corrupt", type=int, default=3, help="broken files mixed in, to show bad-input handling")
+    p.add_argument("--n-per-class", type=int, default=300, help="phantoms per class")
+    p.add_argument(
+        "--n-corrupt", type=int, default=3, help="broken files mixed in, to show bad-input handling"
+    )
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -54,6 +56,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         epochs=args.epochs,
         num_workers=args.num_workers,
         batch_size=32,
+        lr=3e-3,  # phantoms are far from ImageNet: a higher LR than the real-data default
+        backbone_lr=1e-3,
         patience=args.epochs,
         seed=args.seed,
     )

@@ -57,7 +57,9 @@ def compute_metrics(
         p, t = torch.from_numpy(probs), torch.from_numpy(labels)
         c = len(classes)
         out["mc_accuracy"] = float(tmf.accuracy(p, t, task="multiclass", num_classes=c, average="micro"))
-        out["mc_balanced_accuracy"] = float(tmf.recall(p, t, task="multiclass", num_classes=c, average="macro"))
+        out["mc_balanced_accuracy"] = float(
+            tmf.recall(p, t, task="multiclass", num_classes=c, average="macro")
+        )
         out["mc_f1_macro"] = float(tmf.f1_score(p, t, task="multiclass", num_classes=c, average="macro"))
         out["mc_roc_auc_macro"] = _safe(
             lambda: float(tmf.auroc(p, t, task="multiclass", num_classes=c, average="macro"))
@@ -84,7 +86,11 @@ def _binary_point(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, A
     tp, tn = int((pred & (y == 1)).sum()), int((~pred & (y == 0)).sum())
     fp, fn = int((pred & (y == 0)).sum()), int((~pred & (y == 1)).sum())
     both = 0 < y.sum() < len(y)
-    auc = float(tmf.auroc(torch.from_numpy(s.astype(np.float32)), torch.from_numpy(y), task="binary")) if both else None
+    auc = (
+        float(tmf.auroc(torch.from_numpy(s.astype(np.float32)), torch.from_numpy(y), task="binary"))
+        if both
+        else None
+    )
     return {
         **{k: (None if np.isnan(x) else x) for k, x in v.items()},
         "roc_auc": auc,
@@ -94,7 +100,9 @@ def _binary_point(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, A
     }
 
 
-def _binary_vectorised(y: np.ndarray, s: np.ndarray, threshold: float, with_auc: bool = True) -> dict[str, np.ndarray]:
+def _binary_vectorised(
+    y: np.ndarray, s: np.ndarray, threshold: float, with_auc: bool = True
+) -> dict[str, np.ndarray]:
     """Binary metrics for many resamples at once: y, s are (R, N)."""
     pred = s >= threshold
     pos = y == 1
@@ -161,7 +169,11 @@ def bootstrap_ci(
     for k in chunks[0]:
         v = np.concatenate([c[k] for c in chunks])
         v = v[np.isfinite(v)]
-        out[k] = [float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))] if len(v) else [None, None]
+        out[k] = (
+            [float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))]
+            if len(v)
+            else [None, None]
+        )
     return out
 
 
@@ -229,7 +241,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="do not exclude files that duplicate the bundle's training/validation files",
     )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
-    p.add_argument("--s3-endpoint", default=None, help="endpoint of an S3-compatible store (or AWS_ENDPOINT_URL)")
+    p.add_argument(
+        "--s3-endpoint", default=None, help="endpoint of an S3-compatible store (or AWS_ENDPOINT_URL)"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -287,7 +301,7 @@ def evaluate_source(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        preds.drop(columns=[c for c in ("thumb",) if c in preds.columns]).to_parquet(
+        preds.drop(columns=[c for c in ("thumb", "thumb_crop") if c in preds.columns]).to_parquet(
             out / "predictions.parquet", index=False
         )
     return result

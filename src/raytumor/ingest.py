@@ -22,7 +22,19 @@ import pyarrow.fs as pafs
 
 # Folder names that mean "no tumour"; compared after lower-casing and dropping non-alphanumerics.
 NEGATIVE_NAMES = frozenset(
-    {"no", "notumor", "notumour", "nontumor", "nontumour", "normal", "negative", "healthy", "absent", "0", "false"}
+    {
+        "no",
+        "notumor",
+        "notumour",
+        "nontumor",
+        "nontumour",
+        "normal",
+        "negative",
+        "healthy",
+        "absent",
+        "0",
+        "false",
+    }
 )
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 # Files next to the data that are documentation, not scans; skipped (and counted) when listing a tree.
@@ -75,7 +87,9 @@ def get_filesystem(uri: str, storage: StorageOptions | None = None) -> tuple[paf
         elif scheme in ("gs", "gcs"):
             _FS_CACHE[key] = pafs.GcsFileSystem(anonymous=storage.anonymous)
         else:
-            raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r}: use a local path, s3:// or gs://")
+            raise ValueError(
+                f"unsupported URI scheme {scheme!r} in {uri!r}: use a local path, s3:// or gs://"
+            )
     return _FS_CACHE[key], path
 
 
@@ -168,7 +182,9 @@ def list_labelled(source: str, storage: StorageOptions | None = None) -> Listing
             ignored.append((uri, "hidden file"))
         elif len(parts) < 2:
             ignored.append((uri, "not inside a class folder"))
-        elif parts[-1].lower().endswith(DOC_SUFFIXES) or parts[-1].upper().startswith(("README", "PROVENANCE")):
+        elif parts[-1].lower().endswith(DOC_SUFFIXES) or parts[-1].upper().startswith(
+            ("README", "PROVENANCE")
+        ):
             ignored.append((uri, "documentation file"))
         else:
             rows.append((uri, parts[0]))
@@ -237,6 +253,8 @@ def decode_batch(
     height = np.zeros(n, dtype=np.int32)
     dhash = np.zeros(n, dtype=np.int64)
     thumb = np.empty(n, dtype=object)
+    dhash_crop = np.zeros(n, dtype=np.int64)
+    thumb_crop = np.empty(n, dtype=object)
     images = np.zeros((n, image_size, image_size), dtype=np.uint8) if image_size else None
     for i, path in enumerate(paths):
         try:
@@ -258,11 +276,12 @@ def decode_batch(
         if fingerprints:
             fp = split.fingerprint(dec.pixels)
             dhash[i], thumb[i] = fp["dhash"], fp["thumb"]
+            dhash_crop[i], thumb_crop[i] = fp["dhash_crop"], fp["thumb_crop"]
         if images is not None:
             images[i] = formats.fit_square(dec.pixels, image_size)
     out.update(sha256=sha, error=err, format=fmt, mode=mode, width=width, height=height)
     if fingerprints:
-        out.update(dhash=dhash, thumb=thumb)
+        out.update(dhash=dhash, thumb=thumb, dhash_crop=dhash_crop, thumb_crop=thumb_crop)
     if images is not None:
         out["image"] = images
     return out
@@ -326,7 +345,9 @@ class Catalogue:
             ],
             "classes": self.classes,
             "negative_class": self.negative_class,
-            "per_class": {c: int(v) for c, v in t.loc[t["error"].isna(), "class_name"].value_counts().items()},
+            "per_class": {
+                c: int(v) for c, v in t.loc[t["error"].isna(), "class_name"].value_counts().items()
+            },
             "formats": {str(k): int(v) for k, v in t["format"].value_counts().items()},
             "modes": {str(k): int(v) for k, v in t["mode"].value_counts().items()},
         }

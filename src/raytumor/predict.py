@@ -29,7 +29,10 @@ def forward_probs(
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
     x = x.to(device).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+    ):
         logits = model(x)
     return torch.softmax(logits.float() / temperature, dim=1).cpu()
 
@@ -37,7 +40,9 @@ def forward_probs(
 class Predictor:
     """Callable over Ray Data numpy batches with an ``image`` column; adds ``prob_<class>``, ``score``, ``pred``."""
 
-    def __init__(self, bundle_dir: str | os.PathLike, device: str | None = None, num_threads: int | None = None):
+    def __init__(
+        self, bundle_dir: str | os.PathLike, device: str | None = None, num_threads: int | None = None
+    ):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.bundle: LoadedBundle = load_bundle(bundle_dir, device=device)

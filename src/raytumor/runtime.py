@@ -22,13 +22,17 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         return
     # Ray Train V2 is the default in 2.5x; keep it explicit so workers and drivers agree.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Train's print patch echoes each worker print twice on a local cluster (logger + stdout).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs.setdefault("log_to_driver", True)
     if not address:
         kwargs.setdefault("include_dashboard", False)
     ray.init(address=address, **kwargs)
     # Quieter progress output; the jobs print their own summaries.
-    ray.data.DataContext.get_current().enable_progress_bars = bool(int(os.environ.get("RAYTUMOR_PROGRESS", "0")))
+    ray.data.DataContext.get_current().enable_progress_bars = bool(
+        int(os.environ.get("RAYTUMOR_PROGRESS", "0"))
+    )
 
 
 @dataclass

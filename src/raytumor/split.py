@@ -7,13 +7,17 @@ files are linked into groups (:func:`find_duplicate_groups`) and whole groups go
 (:func:`split_groups`). :func:`match_reference` applies the same rules across datasets, e.g. to drop
 evaluation files that duplicate a model's training files.
 
-Near-duplicate search is multi-index hashing on the 64-bit dHash: split the bits into ``d + k`` chunks;
+Near-duplicate search is multi-index hashing on 64-bit dHashes: split the bits into ``d + k`` chunks;
 two hashes within Hamming distance ``d`` agree exactly on at least ``k`` chunks (pigeonhole), so exact
 lookups on every combination of ``k`` chunks find all candidates without comparing all pairs. Candidates
 are then checked exactly (popcount) and, by default, confirmed by the Pearson correlation of the 32x32
 thumbnails' gradients, because on small, uniformly framed brain slices dHash alone (and even raw-pixel
 correlation) links scans of different people (ixi-t1-nichart-42 vs br35h-3000, IXI subjects among
 themselves); see the comment on the defaults below.
+
+Each file is matched in up to four ways ("views"): its whole image (``dhash``/``thumb``), the square around
+its head (``dhash_crop``/``thumb_crop``: re-framed, cropped and re-padded copies), and the horizontal mirror
+of each (derived from the stored fields at search time: br35h-3000 holds thousands of mirrored copies).
 Pure numpy/pandas: runs on the driver over catalogue columns, no pixels needed after ingest.
 """
 
@@ -23,14 +27,16 @@ import itertools
 import math
 import zlib
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import imagehash
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageFilter
 
 __all__ = [
     "CONFIRM_MEASURES",
+    "DEFAULT_CROP_MIN_CORR",
     "DEFAULT_MAX_HAMMING",
     "DEFAULT_MIN_CORR",
     "SPLIT_NAMES",
@@ -48,24 +54,41 @@ __all__ = [
 
 # Chosen by bench/dup_threshold.py on ../shared/data (navoneel-253 + br35h-3000 + ixi-t1-nichart-42/no_tumor,
 # 3673 images). Scored against: md5 or 64x64 fit-to-square pixel r >= 0.90 ("true", Kaggle sets only);
-# known-false links (IXI vs Kaggle, and two different IXI subjects); 1200 re-saved br35h copies (half size +
-# gamma + JPEG q60, unsharp + JPEG q75) that must link to their source.
+# "true+" = the same check also against the other image's mirror and between foreground crops (the pixel
+# check cannot see mirrored or re-framed copies); known-false links (IXI vs Kaggle, two different IXI
+# subjects, and Kaggle yes<->no files); 1200 re-saved br35h copies (half size + gamma + JPEG q60, unsharp +
+# JPEG q75) plus 600 each mirrored, re-framed and 3%-cut copies that must link to their source.
 # - dHash alone is not enough: at d <= 4 it links 209 IXI<->Kaggle pairs (PROVENANCE: 195 with br35h) and
 #   2498 known-false pairs in all, merging all 42 IXI subjects into one group.
 # - Raw-pixel thumbnail r cannot fix that: different IXI subjects reach r 0.96 (and 64px r 0.95), every
 #   slice being a bright oval on black. Gradient r of the 32x32 thumbnail tops out at 0.72 for them
 #   (0.51 for IXI<->Kaggle) while 99% of re-saved copies score >= 0.95.
-# - d <= 8 with gradient r >= 0.80: 0 known-false links (42/42 IXI subjects stay apart), Kaggle pair
-#   precision 0.99 / recall 0.81 (0.66 at d <= 4), re-saved copies found 0.997; br35h test images
-#   with a true duplicate in train: 41/450 (plain stratified split: 403/450). The copies left are mostly
-#   re-framed or strongly re-contrasted (dHash 9..15); d = 10 would gain little (39/450) but search cost grows ~5x (C(d+k, k) chunk combinations:
-#   1e6 random hashes take ~15 s at d = 8, 0.7 s at d = 4).
+# - Whole image, d <= 8, gradient r >= 0.80 (Table 2): 0 known-false links, Kaggle pair precision 0.99 /
+#   recall 0.81, re-saved copies found 0.997. But br35h-3000 is full of mirrored and re-framed copies:
+#   after split_groups 43/450 br35h test images (mean of 40 seeds; 38 at seed 0) keep a true duplicate in
+#   train and 207/450 a true+ one (plain stratified split: 403 / 429 at seed 0).
+# - Adding the mirror views (Table 3; each view also against the other file's mirror image) and the head
+#   view (dhash_crop/thumb_crop, confirmed at r >= 0.85): still 0 known-false, IXI<->Kaggle or yes<->no
+#   links, 42/42 IXI subjects apart, Kaggle precision vs true+ 0.985 (0.56 vs plain true: mirror copies
+#   count as false there), true+ recall 0.46 -> 0.93; mirrored copies found 1.000, re-framed 0.93, 3% cut
+#   0.49 (the cut often reaches the skull of these tightly framed scans); br35h leakage 43 -> 11.2 true
+#   (14 at seed 0) and 207 -> 12.9 true+. Head view at 0.80 links some different scans (checked by
+#   eye at r 0.81-0.84; one yes<->no link, true+ precision 0.983), 0.90 loses re-framed copies (0.89)
+#   and leaks more (13.5).
+# - What is left is mostly two clusters of heavily sharpened / re-contrasted copies whose thumbnail
+#   gradient r tops out at 0.59-0.67 (below the 0.72 of different IXI subjects: no threshold separates
+#   them) and edge-enhanced copies at dHash 11..23. d = 10 gains little (9.5/450) while the search cost
+#   grows ~5x (C(d+k, k) chunk combinations: 2e5 random hashes take 0.8 s per view at d = 8, 4 s at d = 10;
+#   the four views of the default rule 7.2 s at d = 8).
 DEFAULT_MAX_HAMMING = 8
 DEFAULT_MIN_CORR: float | None = 0.80
+DEFAULT_CROP_MIN_CORR: float | None = 0.85  # stricter: cropped to the head, different scans align better
 
 # 32x32 (1 KiB per file): at 16x16 different IXI subjects already reach gradient r 0.89 (0.72 at 32x32).
 THUMB_SIZE = 32
 SPLIT_NAMES = ("train", "val", "test")
+_CROP_WORK = 256  # head view from an area-downscaled copy: its hash and thumbnail are 9x8 and 32x32 anyway
+_CROP_DETECT = 96  # foreground threshold taken at this size
 _MAX_K = 4  # at most C(d+4, 4) chunk combinations per search
 _PAIR_BLOCK = 8192  # row pairs per correlation batch: 2 x 8192 x 1984 float32 gradient features = 130 MB
 CONFIRM_MEASURES = ("gradient", "pixel")
@@ -82,18 +105,99 @@ def fingerprint(gray: np.ndarray) -> dict:
     ``str(imagehash.dhash(img))``) and stored as signed int64 so Arrow keeps it exact. ``thumb``:
     THUMB_SIZE x THUMB_SIZE uint8 bytes, area-averaged (same aspect-ignoring geometry as the dHash) and
     min-max stretched, used to confirm dHash candidates by Pearson correlation.
+    ``dhash_crop`` / ``thumb_crop``: the same two fields of the head region (:func:`_head_square`: the
+    foreground box, zero-padded to a square), which do not change when a copy is cropped or re-padded. Its
+    dHash compares pixels outward from the vertical midline, so a mirrored copy's hash is exactly the
+    stored one with each row's bits reversed (the plain dHash's mirror also flips the tied bits of flat
+    background; see :func:`_mirror_hashes`).
     """
     gray = np.asarray(gray)
     if gray.ndim != 2 or gray.dtype != np.uint8 or gray.size == 0:
         raise ValueError(f"fingerprint expects a non-empty (H, W) uint8 array, got {gray.dtype} {gray.shape}")
     img = Image.fromarray(np.ascontiguousarray(gray), mode="L")
     bits = imagehash.dhash(img).hash  # (8, 8) bool
-    dhash = int(np.packbits(bits.ravel()).view(">i8")[0])
+    head = Image.fromarray(_head_square(img), mode="L")
+    return {
+        "dhash": _pack_bits(bits),
+        "thumb": _thumb(img),
+        "dhash_crop": _pack_bits(_outward_dhash_bits(head)),
+        "thumb_crop": _thumb(head),
+    }
+
+
+def _pack_bits(bits: np.ndarray) -> int:
+    """(8, 8) bool, row-major, first bit most significant -> signed int64 value as a Python int."""
+    return int(np.packbits(np.asarray(bits, dtype=bool).ravel()).view(">i8")[0])
+
+
+def _thumb(img: Image.Image) -> bytes:
     # BOX = exact area average: antialiased and the fastest PIL filter for large downscales.
     t = np.asarray(img.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX), dtype=np.float32)
     lo, hi = float(t.min()), float(t.max())
     t = (t - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(t)
-    return {"dhash": dhash, "thumb": np.rint(t).astype(np.uint8).tobytes()}
+    return np.rint(t).astype(np.uint8).tobytes()
+
+
+def _outward_dhash_bits(img: Image.Image) -> np.ndarray:
+    """dHash bits (imagehash's 9x8 Lanczos grid) with the left half compared right-to-left: every bit
+    says "brighter towards the image edge", so mirroring the image only reverses each row's bits (ties
+    stay 0 on both sides)."""
+    p = np.asarray(img.resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    inc = p[:, 1:] > p[:, :-1]
+    dec = p[:, :-1] > p[:, 1:]
+    return np.concatenate([dec[:, :4], inc[:, 4:]], axis=1)
+
+
+def _fit_within(img: Image.Image, side: int) -> Image.Image:
+    """Area-downscale so that the longer side is at most ``side`` (aspect kept)."""
+    w, h = img.size
+    if max(w, h) <= side:
+        return img
+    s = side / max(w, h)
+    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BOX)
+
+
+def _otsu(x: np.ndarray) -> int | None:
+    """Otsu's threshold of a uint8 array (value t splits x <= t from x > t); None when x is flat."""
+    hist = np.bincount(x.ravel(), minlength=256).astype(np.float64)
+    p = hist / hist.sum()
+    w = np.cumsum(p)
+    mu = np.cumsum(p * np.arange(256))
+    between = w * (1 - w)
+    ok = between > 1e-12
+    if not ok.any():
+        return None
+    score = np.zeros(256)
+    score[ok] = (mu[-1] * w[ok] - mu[ok]) ** 2 / between[ok]
+    return int(score.argmax())
+
+
+def _head_square(img: Image.Image) -> np.ndarray:
+    """The foreground box of an image, zero-padded (centred) to a square, at most _CROP_WORK pixels.
+
+    Foreground = brighter than half of Otsu's threshold (taken on a _CROP_DETECT-pixel area average, where
+    noise has averaged out): half of Otsu keeps dark tissue and the skull inside the box while a black or
+    noisy background stays out. The box is found at the working resolution (a box snapped to a coarse
+    grid misaligns copies of different sizes by a thumbnail pixel, which the gradient confirmation
+    punishes), on a 3x3-blurred copy, over the rows/columns holding at least 1.5% as many foreground pixels
+    as the widest one, so that JPEG specks and isolated noise pixels do not stretch it. Padding with the aspect kept (rather than stretching) makes
+    a crop that cuts into the head change the view only locally.
+    """
+    work = _fit_within(img, _CROP_WORK)
+    pix = np.asarray(work)
+    t = _otsu(np.asarray(_fit_within(work, _CROP_DETECT)))
+    if t is not None:
+        fg = np.asarray(work.filter(ImageFilter.BoxBlur(1))) > t // 2
+        across, down = fg.sum(axis=1), fg.sum(axis=0)  # relative to the head's extent, not the padding's
+        rows = np.flatnonzero(across >= max(1.0, 0.015 * across.max()))
+        cols = np.flatnonzero(down >= max(1.0, 0.015 * down.max()))
+        if len(rows) and len(cols):
+            pix = pix[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    h, w = pix.shape
+    side = max(h, w)
+    out = np.zeros((side, side), dtype=np.uint8)
+    out[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = pix
+    return out
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -112,15 +216,15 @@ _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 # Column access
 
 
-def _hash_array(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(valid mask, uint64 hashes) from df['dhash']; missing hashes (decode errors) are invalid."""
-    if "dhash" not in df.columns:
+def _hash_array(df: pd.DataFrame, col: str = "dhash") -> tuple[np.ndarray, np.ndarray]:
+    """(valid mask, uint64 hashes) from df[col]; missing hashes (decode errors) are invalid."""
+    if col not in df.columns:
         return np.zeros(len(df), dtype=bool), np.zeros(len(df), dtype=np.uint64)
-    s = df["dhash"]
+    s = df[col]
     if pd.api.types.is_float_dtype(s.dtype):
         # Arrow int64 columns with nulls become float64 in to_pandas(): the low bits are already gone.
         raise TypeError(
-            "dhash column is float (int64 with nulls converted by to_pandas?); read it as an integer "
+            f"{col} column is float (int64 with nulls converted by to_pandas?); read it as an integer "
             "column, e.g. to_pandas(types_mapper=pd.ArrowDtype) or integer_object_nulls=True"
         )
     valid = s.notna().to_numpy()
@@ -132,17 +236,19 @@ def _hash_array(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return valid, out
 
 
-def _thumb_array(df: pd.DataFrame, need: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _thumb_array(
+    df: pd.DataFrame, need: bool, col_name: str = "thumb"
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(usable mask, (N, P) uint8 thumbnails or None). Flat thumbnails are unusable: no content to match."""
     n = len(df)
-    if "thumb" not in df.columns:
+    if col_name not in df.columns:
         if need:
             raise ValueError(
-                "min_corr is set but df has no 'thumb' column (pass min_corr=None for dHash only)"
+                f"min_corr is set but df has no {col_name!r} column (pass min_corr=None for dHash only)"
             )
         return np.ones(n, dtype=bool), None
     # bytes from the catalogue; uint8 arrays also accepted (some Arrow/pandas round trips produce them)
-    col = [t.astype(np.uint8).tobytes() if isinstance(t, np.ndarray) else t for t in df["thumb"].tolist()]
+    col = [t.astype(np.uint8).tobytes() if isinstance(t, np.ndarray) else t for t in df[col_name].tolist()]
     sizes = [len(t) if isinstance(t, (bytes, bytearray, memoryview)) else 0 for t in col]
     p = max(sizes, default=0)
     ok = np.array([s == p and s > 0 for s in sizes], dtype=bool)
@@ -158,6 +264,36 @@ def _thumb_array(df: pd.DataFrame, need: bool) -> tuple[np.ndarray, np.ndarray |
 def _null_strings(s: pd.Series) -> np.ndarray:
     """Mask of null/empty entries in a string-ish column."""
     return (s.isna() | (s.astype(str).str.strip() == "")).to_numpy()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Views
+
+
+class _View(NamedTuple):
+    """A fingerprint pair and how its hash maps under a horizontal mirror."""
+
+    hash_col: str
+    thumb_col: str
+    mirror_inverts: bool  # plain dHash: mirrored bits also flip (p[c+1] > p[c] becomes p[c] > p[c+1])
+
+
+_FULL = _View("dhash", "thumb", True)
+_CROP = _View("dhash_crop", "thumb_crop", False)
+_REVERSE8 = np.array([int(f"{i:08b}"[::-1], 2) for i in range(256)], dtype=np.uint8)
+
+
+def _mirror_hashes(h: np.ndarray, invert: bool) -> np.ndarray:
+    """Hashes of the horizontally mirrored images: one byte per hash row, so reverse the bits of every
+    byte (and invert them for the plain dHash, whose flat-background ties then come out 1 instead of 0:
+    a few bits of extra distance, median 2 on the shared data)."""
+    b = _REVERSE8[np.ascontiguousarray(h, dtype=np.uint64).view(np.uint8)]
+    out = b.view(np.uint64).reshape(h.shape)
+    return ~out if invert else out
+
+
+def _present(df: pd.DataFrame, view: _View, need_thumb: bool) -> bool:
+    return view.hash_col in df.columns and (view.thumb_col in df.columns or not need_thumb)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -295,20 +431,26 @@ class _Corr:
     individual anatomy (different IXI subjects <= 0.72; 99% of re-saved copies >= 0.95).
     """
 
-    def __init__(self, ta: np.ndarray, tb: np.ndarray | None = None, measure: str = "gradient") -> None:
+    def __init__(
+        self, ta: np.ndarray, tb: np.ndarray | None = None, measure: str = "gradient", mirror_b: bool = False
+    ) -> None:
         if measure not in CONFIRM_MEASURES:
             raise ValueError(f"confirm_on must be one of {CONFIRM_MEASURES}, got {measure!r}")
         self.ta, self.tb = ta, ta if tb is None else tb
+        self.mirror_b = mirror_b  # compare ta rows with horizontally mirrored tb rows
+        self.gradient = measure == "gradient"
         if self.ta.shape[1] != self.tb.shape[1]:
             raise ValueError(f"thumbnail sizes differ: {self.ta.shape[1]} vs {self.tb.shape[1]} bytes")
-        self.side = math.isqrt(ta.shape[1]) if measure == "gradient" else None
-        if self.side is not None and self.side**2 != ta.shape[1]:
-            raise ValueError(f"gradient confirmation needs square thumbnails, got {ta.shape[1]} bytes")
+        self.side = math.isqrt(ta.shape[1])
+        if (self.gradient or mirror_b) and self.side**2 != ta.shape[1]:
+            raise ValueError(
+                f"gradient or mirror confirmation needs square thumbnails, got {ta.shape[1]} bytes"
+            )
 
     def unit(self, t: np.ndarray) -> np.ndarray:
         """Features of uint8 thumbnails, centred and scaled to unit norm (flat rows stay zero)."""
         x = t.astype(np.float32)
-        if self.side is not None:
+        if self.gradient:
             x = x.reshape(len(x), self.side, self.side)
             x = np.concatenate(
                 [np.diff(x, axis=2).reshape(len(x), -1), np.diff(x, axis=1).reshape(len(x), -1)], 1
@@ -318,7 +460,14 @@ class _Corr:
         return x / np.where(norm > 1e-3, norm, np.inf)
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.einsum("ij,ij->i", self.unit(self.ta[a]), self.unit(self.tb[b]))
+        # Features once per distinct row of the batch: duplicate clusters repeat rows many times.
+        ua, ia = np.unique(a, return_inverse=True)
+        ub, ib = np.unique(b, return_inverse=True)
+        tb = self.tb[ub]
+        if self.mirror_b:
+            tb = tb.reshape(len(tb), self.side, self.side)[:, :, ::-1].reshape(len(tb), -1)
+        fa, fb = self.unit(self.ta[ua]), self.unit(tb)
+        return np.einsum("ij,ij->i", fa[ia.reshape(-1)], fb[ib.reshape(-1)])
 
 
 def _near_row_pairs(
@@ -329,8 +478,14 @@ def _near_row_pairs(
     min_corr: float | None,
     ref_hashes: np.ndarray | None = None,
     ref_rows: np.ndarray | None = None,
+    ordered: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Confirmed near-duplicate row pairs; within ``rows`` or, with ``ref_*``, between rows and ref rows."""
+    """Confirmed near-duplicate row pairs; within ``rows`` or, with ``ref_*``, between rows and ref rows.
+
+    ``ordered``: keep only pairs with row < ref row, for a search of rows against their own mirror images
+    (each unordered pair is found in both orders, with the same correlation; a row against itself is
+    just a symmetric image).
+    """
     ia = _ValueIndex(rows, hashes)
     if ref_hashes is None:
         ib = ia
@@ -348,10 +503,14 @@ def _near_row_pairs(
             yield ia.rows[ia.start[va]], ia.rows[ia.start[vb]]
         else:
             for ra, rb in _expand_row_pairs(ia, ib, va, vb, same_side=False):
-                yield ra, rb
+                keep = ra < rb if ordered else slice(None)
+                yield ra[keep], rb[keep]
         return
     assert corr is not None
     for ra, rb in _expand_row_pairs(ia, ib, va, vb, same_side=ref_hashes is None):
+        if ordered:
+            keep = ra < rb
+            ra, rb = ra[keep], rb[keep]
         ok = corr(ra, rb) >= min_corr
         yield ra[ok], rb[ok]
 
@@ -403,13 +562,29 @@ def _equal_value_edges(s: pd.Series, null: np.ndarray) -> tuple[np.ndarray, np.n
 # Public API: grouping and matching
 
 
-def _check_params(max_hamming: int, min_corr: float | None, confirm_on: str) -> None:
+def _check_params(
+    max_hamming: int, min_corr: float | None, confirm_on: str, crop_min_corr: float | None = None
+) -> None:
     if confirm_on not in CONFIRM_MEASURES:
         raise ValueError(f"confirm_on must be one of {CONFIRM_MEASURES}, got {confirm_on!r}")
     if not 0 <= int(max_hamming) <= 32:
         raise ValueError(f"max_hamming must be in 0..32, got {max_hamming}")
-    if min_corr is not None and not -1.0 <= float(min_corr) <= 1.0:
-        raise ValueError(f"min_corr must be in [-1, 1] or None, got {min_corr}")
+    for name, c in (("min_corr", min_corr), ("crop_min_corr", crop_min_corr)):
+        if c is not None and not -1.0 <= float(c) <= 1.0:
+            raise ValueError(f"{name} must be in [-1, 1] or None, got {c}")
+
+
+def _views(
+    frames: Sequence[pd.DataFrame], min_corr: float | None, crop_min_corr: float | None
+) -> list[tuple[_View, float | None]]:
+    """(view, confirmation threshold) for the views every frame has. The head view needs its columns
+    (catalogues and bundles written before it existed have only the whole-image view) and is confirmed
+    at ``crop_min_corr`` (None: off) unless everything is unconfirmed (``min_corr=None``)."""
+    out: list[tuple[_View, float | None]] = [(_FULL, min_corr)]
+    c = None if min_corr is None else crop_min_corr
+    if crop_min_corr is not None and all(_present(f, _CROP, c is not None) for f in frames):
+        out.append((_CROP, c))
+    return out
 
 
 def find_duplicate_groups(
@@ -418,17 +593,21 @@ def find_duplicate_groups(
     min_corr: float | None = DEFAULT_MIN_CORR,
     *,
     confirm_on: str = "gradient",
+    mirror: bool = True,
+    crop_min_corr: float | None = DEFAULT_CROP_MIN_CORR,
 ) -> np.ndarray:
     """An int64 group id per row (0..G-1, numbered by first row): connected components of
 
-    (a) identical non-null ``sha256``; (b) ``dhash`` within ``max_hamming`` bits, confirmed by ``thumb``
-    Pearson correlation >= ``min_corr`` (``None``: dHash only) of the thumbnails' gradients
-    (``confirm_on="gradient"``, see :class:`_Corr`) or raw pixels (``"pixel"``); (c) identical non-null
+    (a) identical non-null ``sha256``; (b) near-duplicates: ``dhash`` within ``max_hamming`` bits, confirmed
+    by ``thumb`` Pearson correlation >= ``min_corr`` (``None``: dHash only) of the thumbnails' gradients
+    (``confirm_on="gradient"``, see :class:`_Corr`) or raw pixels (``"pixel"``); likewise the head view
+    ``dhash_crop``/``thumb_crop`` at ``crop_min_corr`` (used when the columns exist; ``None``: off); with
+    ``mirror`` also each view against the horizontal mirror of the other file's; (c) identical non-null
     ``patient_id``.
     Rows without a fingerprint (null dhash or thumb, e.g. decode errors) and rows with a flat thumbnail
-    take part only in (a) and (c).
+    take part only in (a) and (c) (per view: a flat head thumbnail only drops the head view).
     """
-    _check_params(max_hamming, min_corr, confirm_on)
+    _check_params(max_hamming, min_corr, confirm_on, crop_min_corr)
     n = len(df)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -439,14 +618,26 @@ def find_duplicate_groups(
             a, b = _equal_value_edges(df[col], _null_strings(df[col]))
             edges_a.append(a)
             edges_b.append(b)
-    valid, hashes = _hash_array(df)
-    usable, thumbs = _thumb_array(df, need=min_corr is not None)
-    rows = np.flatnonzero(valid & usable)
-    if len(rows):
-        corr = _Corr(thumbs, measure=confirm_on) if (min_corr is not None and thumbs is not None) else None
-        for a, b in _near_row_pairs(hashes[rows], rows, int(max_hamming), corr, min_corr):
-            edges_a.append(a)
-            edges_b.append(b)
+    for view, c in _views([df], min_corr, crop_min_corr):
+        valid, hashes = _hash_array(df, view.hash_col)
+        usable, thumbs = _thumb_array(df, c is not None, view.thumb_col)
+        rows = np.flatnonzero(valid & usable)
+        if len(rows) == 0:
+            continue
+        confirm = c is not None and thumbs is not None
+        h = hashes[rows]
+        searches = [(_Corr(thumbs, measure=confirm_on) if confirm else None, None)]
+        if mirror:
+            mcorr = _Corr(thumbs, measure=confirm_on, mirror_b=True) if confirm else None
+            searches.append((mcorr, _mirror_hashes(h, view.mirror_inverts)))
+        for corr, ref_h in searches:
+            mirrored = ref_h is not None
+            ref_rows = rows if mirrored else None
+            for a, b in _near_row_pairs(
+                h, rows, int(max_hamming), corr, c, ref_h, ref_rows, ordered=mirrored
+            ):
+                edges_a.append(a)
+                edges_b.append(b)
     a = np.concatenate(edges_a) if edges_a else np.zeros(0, np.int64)
     b = np.concatenate(edges_b) if edges_b else np.zeros(0, np.int64)
     return _dense_ids(_components(n, a, b))
@@ -460,15 +651,17 @@ def match_reference(
     match_patient_id: bool = False,
     *,
     confirm_on: str = "gradient",
+    mirror: bool = True,
+    crop_min_corr: float | None = DEFAULT_CROP_MIN_CORR,
 ) -> np.ndarray:
     """Boolean per query row: it duplicates some reference row (same sha256, or near-duplicate by the
     rules of :func:`find_duplicate_groups`; with ``match_patient_id`` also same non-null patient_id).
 
     Direct matches only (no chaining through other query rows): used to drop evaluation files that
     duplicate a model's training files. Patient ids are off by default because ids from different
-    datasets are not comparable.
+    datasets are not comparable. The head view is used only when both frames carry its columns.
     """
-    _check_params(max_hamming, min_corr, confirm_on)
+    _check_params(max_hamming, min_corr, confirm_on, crop_min_corr)
     out = np.zeros(len(query), dtype=bool)
     if len(query) == 0 or len(reference) == 0:
         return out
@@ -478,21 +671,24 @@ def match_reference(
             ref_vals = set(reference.loc[~_null_strings(reference[col]), col].astype(str))
             qnull = _null_strings(query[col])
             out |= ~qnull & query[col].astype(str).isin(ref_vals).to_numpy()
-    qvalid, qh = _hash_array(query)
-    rvalid, rh = _hash_array(reference)
-    need = min_corr is not None
-    qok, qt = _thumb_array(query, need)
-    rok, rt = _thumb_array(reference, need)
-    qrows = np.flatnonzero(qvalid & qok)
-    rrows = np.flatnonzero(rvalid & rok)
-    if len(qrows) == 0 or len(rrows) == 0:
-        return out
-    corr = None
-    if need:
-        assert qt is not None and rt is not None
-        corr = _Corr(qt, rt, measure=confirm_on)
-    for a, _ in _near_row_pairs(qh[qrows], qrows, int(max_hamming), corr, min_corr, rh[rrows], rrows):
-        out[a] = True
+    for view, c in _views([query, reference], min_corr, crop_min_corr):
+        need = c is not None
+        qvalid, qh = _hash_array(query, view.hash_col)
+        rvalid, rh = _hash_array(reference, view.hash_col)
+        qok, qt = _thumb_array(query, need, view.thumb_col)
+        rok, rt = _thumb_array(reference, need, view.thumb_col)
+        qrows = np.flatnonzero(qvalid & qok)
+        rrows = np.flatnonzero(rvalid & rok)
+        if len(qrows) == 0 or len(rrows) == 0:
+            continue
+        for flip in (False, True) if mirror else (False,):
+            corr = None
+            if need:
+                assert qt is not None and rt is not None
+                corr = _Corr(qt, rt, measure=confirm_on, mirror_b=flip)
+            ref_h = _mirror_hashes(rh[rrows], view.mirror_inverts) if flip else rh[rrows]
+            for a, _ in _near_row_pairs(qh[qrows], qrows, int(max_hamming), corr, c, ref_h, rrows):
+                out[a] = True
     return out
 
 

@@ -33,17 +33,17 @@ class TrainConfig:
     backbone: str = "efficientnet_lite0"
     weights: str = "imagenet"
     image_size: int = 160
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 32  # per worker
-    lr: float = 1e-3  # head
-    backbone_lr: float = 3e-4
-    weight_decay: float = 1e-4
+    lr: float = 2e-3  # head
+    backbone_lr: float = 1e-3
+    weight_decay: float = 0.05
     warmup_epochs: float = 0.3
     freeze_epochs: int = 0
     dropout: float = 0.2
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     augment_strength: float = 1.0
-    metric: str = "val_roc_auc"
+    metric: str = "auto"  # val_roc_auc when there is a tumour-vs-none view, else val_mc_f1_macro
     patience: int = 3
     keep_checkpoints: int = 2
     max_failures: int = 1
@@ -83,6 +83,12 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------------------------
 # Inside each Ray Train worker
+
+
+def resolve_metric(metric: str, classes: list[str], negative_class: str | None) -> str:
+    if metric != "auto":
+        return metric
+    return "val_roc_auc" if (negative_class is not None or len(classes) == 2) else "val_mc_f1_macro"
 
 
 def _is_min_metric(metric: str) -> bool:
@@ -134,7 +140,9 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate_shard(model: torch.nn.Module, iterator, rank: int, world: int, device: torch.device, batch_size: int):
+def evaluate_shard(
+    model: torch.nn.Module, iterator, rank: int, world: int, device: torch.device, batch_size: int
+):
     """Predict this rank's rows (``idx % world == rank``) of the full validation set: exact, no row lost."""
     model.eval()
     idxs, labels, probs = [], [], []
@@ -208,7 +216,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer, _cosine_lambda(total, int(cfg["warmup_epochs"] * steps_per_epoch))
     )
     metric, minimise = cfg["metric"], _is_min_metric(cfg["metric"])
-    state = {"epoch": 0, "best": math.inf if minimise else -math.inf, "bad_epochs": 0, "history": [], "resumed_at": []}
+    state = {
+        "epoch": 0,
+        "best": math.inf if minimise else -math.inf,
+        "bad_epochs": 0,
+        "history": [],
+        "resumed_at": [],
+    }
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # worker restart (FailureConfig) or a rerun of the same run name
@@ -272,10 +286,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         metrics["best_" + metric] = state["best"]
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if rank == 0:  # model is the unwrapped module: this is model.module.state_dict() of the DDP wrapper
+            if (
+                rank == 0
+            ):  # model is the unwrapped module: this is model.module.state_dict() of the DDP wrapper
                 torch.save(model.state_dict(), Path(tmp) / MODEL_FILE)
                 torch.save(
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
+                    {
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "state": state,
+                    },
                     Path(tmp) / STATE_FILE,
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -320,8 +340,9 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     if cfg.limit_per_class:
         keep = (
             table[table["error"].isna()]
-            .groupby("class_name", group_keys=False)
-            .apply(lambda g: g.sample(min(len(g), cfg.limit_per_class), random_state=cfg.seed))
+            .sample(frac=1.0, random_state=cfg.seed)
+            .groupby("class_name")
+            .head(cfg.limit_per_class)
         )
         table = table[table["path"].isin(set(keep["path"])) | table["error"].notna()].reset_index(drop=True)
     ok = table["error"].isna().to_numpy()
@@ -345,13 +366,26 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
 
     size = cfg.image_size
     aug = AugmentConfig(strength=cfg.augment_strength)
-    train_base = decode_dataset(subset("train", True), storage=storage, image_size=store_size(size), fingerprints=False)
-    train_base = train_base.filter(lambda r: not has_error(r["error"])).select_columns(["image", "label"]).materialize()
+    train_base = decode_dataset(
+        subset("train", True), storage=storage, image_size=store_size(size), fingerprints=False
+    )
+    train_base = (
+        train_base.filter(lambda r: not has_error(r["error"]))
+        .select_columns(["image", "label"])
+        .materialize()
+    )
     train_ds = train_base.randomize_block_order().map_batches(
-        augment_batch, fn_kwargs={"image_size": size, "config": aug.to_dict()}, batch_size=64, batch_format="numpy"
+        augment_batch,
+        fn_kwargs={"image_size": size, "config": aug.to_dict()},
+        batch_size=64,
+        batch_format="numpy",
     )
     val_ds = decode_dataset(subset("val", False), storage=storage, image_size=size, fingerprints=False)
-    val_ds = val_ds.filter(lambda r: not has_error(r["error"])).select_columns(["image", "label", "idx"]).materialize()
+    val_ds = (
+        val_ds.filter(lambda r: not has_error(r["error"]))
+        .select_columns(["image", "label", "idx"])
+        .materialize()
+    )
     dup_table = split.duplicate_groups_table(good, groups)
     return PreparedData(cat, manifest, dup, dup_table, train_ds, val_ds, cat.classes, cat.negative_class)
 
@@ -374,7 +408,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     data = prepare_data(cfg)
     manifest_path = run_dir / "split_manifest.parquet"
-    data.manifest.drop(columns=["thumb"]).to_parquet(manifest_path, index=False)
+    data.manifest.drop(columns=[c for c in ("thumb", "thumb_crop") if c in data.manifest.columns]).to_parquet(
+        manifest_path, index=False
+    )
     split_sha = bundle_mod.file_sha256(manifest_path)
     summary_ingest = summary_to_json(data.catalogue.summary())
     summary_ingest["duplicates"] = {k: v for k, v in data.duplicates.items() if k != "groups"}
@@ -391,12 +427,27 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     print("[raytumor] split (files per class):\n" + counts.to_string())
 
     res = train_resources(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker)
-    metric = cfg.metric
+    metric = resolve_metric(cfg.metric, data.classes, data.negative_class)
     loop_cfg = {
-        **{k: getattr(cfg, k) for k in (
-            "backbone", "weights", "epochs", "batch_size", "lr", "backbone_lr", "weight_decay",
-            "warmup_epochs", "freeze_epochs", "dropout", "label_smoothing", "patience", "seed", "fail_at_epoch",
-        )},
+        **{
+            k: getattr(cfg, k)
+            for k in (
+                "backbone",
+                "weights",
+                "epochs",
+                "batch_size",
+                "lr",
+                "backbone_lr",
+                "weight_decay",
+                "warmup_epochs",
+                "freeze_epochs",
+                "dropout",
+                "label_smoothing",
+                "patience",
+                "seed",
+                "fail_at_epoch",
+            )
+        },
         "metric": metric,
         "num_classes": len(data.classes),
         "classes": data.classes,
@@ -445,7 +496,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     mean, std = normalization(cfg.backbone)
     good = data.manifest[data.manifest["split"].isin(["train", "val", "test"])]
     fingerprints = data.catalogue.ok.merge(good[["path", "split"]], on="path")
-    fingerprints = fingerprints.loc[fingerprints["split"].isin(["train", "val"]), ["path", "sha256", "dhash", "thumb"]]
+    fingerprints = fingerprints.loc[
+        fingerprints["split"].isin(["train", "val"]),
+        ["path", "sha256", "dhash", "thumb", "dhash_crop", "thumb_crop"],
+    ]
     meta = bundle_mod.BundleMeta(
         backbone=cfg.backbone,
         classes=data.classes,
@@ -453,7 +507,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         image_size=cfg.image_size,
         mean=list(mean),
         std=list(std),
-        metrics={"val": {k: v for k, v in best_metrics.items() if k.startswith("val_")}, "best_epoch": best_metrics["epoch"]},
+        metrics={
+            "val": {k: v for k, v in best_metrics.items() if k.startswith("val_")},
+            "best_epoch": best_metrics["epoch"],
+            "selection_metric": metric,
+        },
         train_config=asdict(cfg),
         data={
             "source": cfg.data,
@@ -472,7 +530,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.test_data:
         from raytumor.evaluate import evaluate_source
 
-        ext = evaluate_source(bundle_dir, cfg.test_data, run_dir / "external_test", s3_endpoint=cfg.s3_endpoint)
+        ext = evaluate_source(
+            bundle_dir, cfg.test_data, run_dir / "external_test", s3_endpoint=cfg.s3_endpoint
+        )
         meta.metrics["external_test"] = {"data": cfg.test_data, **ext["metrics"], "files": ext["files"]}
     bundle_mod.save_bundle(bundle_dir, state_dict, meta, fingerprints.reset_index(drop=True), history)
     wall = time.time() - t0
@@ -485,7 +545,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "resumed_at_epochs": final_state["resumed_at"],
         "val": meta.metrics["val"],
         "test": test,
-        "ingest": {k: summary_ingest[k] for k in ("files_listed", "files_decoded", "files_rejected", "files_ignored")},
+        "ingest": {
+            k: summary_ingest[k] for k in ("files_listed", "files_decoded", "files_rejected", "files_ignored")
+        },
         "workers": res.num_workers,
         "use_gpu": res.use_gpu,
         "wall_seconds": round(wall, 1),
@@ -510,8 +572,12 @@ def _score_and_measure(bundle_dir: Path, files: pd.DataFrame, meta: Any, storage
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d = TrainConfig(data="")
-    p = argparse.ArgumentParser(description="Fine-tune a brain-MRI tumour classifier on Ray", add_help=add_help)
-    p.add_argument("--data", required=True, help="labelled tree ROOT/<class>/<files> (local or s3://), or manifest")
+    p = argparse.ArgumentParser(
+        description="Fine-tune a brain-MRI tumour classifier on Ray", add_help=add_help
+    )
+    p.add_argument(
+        "--data", required=True, help="labelled tree ROOT/<class>/<files> (local or s3://), or manifest"
+    )
     p.add_argument("--out", default=d.out, help="runs directory; the run writes to OUT/NAME")
     p.add_argument("--name", default=None, help="run name (default: backbone-size-seed); same name resumes")
     p.add_argument("--backbone", default=d.backbone, help="see `raytumor backbones`")
@@ -523,21 +589,33 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--backbone-lr", type=float, default=d.backbone_lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--freeze-epochs", type=int, default=d.freeze_epochs, help="frozen-backbone warm-up epochs")
+    p.add_argument(
+        "--freeze-epochs", type=int, default=d.freeze_epochs, help="frozen-backbone warm-up epochs"
+    )
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--augment-strength", type=float, default=d.augment_strength)
-    p.add_argument("--metric", default=d.metric, help="val metric for best checkpoint / early stopping")
+    p.add_argument(
+        "--metric",
+        default=d.metric,
+        help="val metric for best checkpoint / early stopping (e.g. val_roc_auc, val_loss)",
+    )
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--max-failures", type=int, default=d.max_failures)
     p.add_argument("--num-workers", type=int, default=None, help="default: #GPUs, or 2 on CPU")
     p.add_argument("--use-gpu", default="auto", choices=["auto", "true", "false"])
-    p.add_argument("--cpus-per-worker", type=float, default=None, help="default: leave half the CPUs to Ray Data")
+    p.add_argument(
+        "--cpus-per-worker", type=float, default=None, help="default: leave half the CPUs to Ray Data"
+    )
     p.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions")
     p.add_argument("--max-hamming", type=int, default=None, help="dHash distance for near-duplicates")
-    p.add_argument("--test-data", default=None, help="extra labelled test source (duplicates of training dropped)")
-    p.add_argument("--class-order", default=None, help="comma-separated class order (default: no-tumour first)")
+    p.add_argument(
+        "--test-data", default=None, help="extra labelled test source (duplicates of training dropped)"
+    )
+    p.add_argument(
+        "--class-order", default=None, help="comma-separated class order (default: no-tumour first)"
+    )
     p.add_argument("--limit-per-class", type=int, default=None, help="subsample for quick runs")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (local or s3://) for checkpoints")
     p.add_argument("--s3-endpoint", default=None, help="endpoint of an S3-compatible store")
