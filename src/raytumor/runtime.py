@@ -27,7 +27,9 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs.setdefault("log_to_driver", True)
     if not address:
-        kwargs.setdefault("include_dashboard", False)
+        # The dashboard serves the State API, which Train V2's placement-group cleaner polls to free a
+        # killed trial's resources (Tune/ASHA stops); without it the cleaner only logs warnings.
+        kwargs.setdefault("include_dashboard", os.environ.get("RAYTUMOR_DASHBOARD", "1") != "0")
     ray.init(address=address, **kwargs)
     # Quieter progress output; the jobs print their own summaries.
     ray.data.DataContext.get_current().enable_progress_bars = bool(

@@ -35,13 +35,13 @@ class TrainConfig:
     image_size: int = 160
     epochs: int = 8
     batch_size: int = 32  # per worker
-    lr: float = 2e-3  # head
-    backbone_lr: float = 1e-3
-    weight_decay: float = 0.05
+    lr: float = 1e-3  # head
+    backbone_lr: float = 3e-4
+    weight_decay: float = 1e-4
     warmup_epochs: float = 0.3
     freeze_epochs: int = 0
     dropout: float = 0.2
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.0
     augment_strength: float = 1.0
     metric: str = "auto"  # val_roc_auc when there is a tumour-vs-none view, else val_mc_f1_macro
     patience: int = 3
@@ -50,6 +50,7 @@ class TrainConfig:
     num_workers: int | None = None
     use_gpu: str = "auto"
     cpus_per_worker: float | None = None
+    placement_strategy: str = "PACK"  # SPREAD puts workers on different nodes
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     max_hamming: int | None = None
     test_data: str | None = None
@@ -237,6 +238,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[raytumor] resuming from checkpoint after epoch {state['epoch'] - 1}")
 
+    # Which nodes this attempt's workers run on (recorded per attempt: a recovery may land elsewhere).
+    nodes = sorted(set(_gather(ray.get_runtime_context().get_node_id(), world)))
+    state.setdefault("worker_nodes", []).append(nodes)
+    if rank == 0:
+        print(f"[raytumor] {world} worker(s) on {len(nodes)} node(s)")
+
     train_it = ray.train.get_dataset_shard("train")
     val_it = ray.train.get_dataset_shard("val")
     ddp, phase = None, None
@@ -266,6 +273,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         val_loss = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1)).mean())
         metrics = {
             "epoch": epoch,
+            "epochs_done": epoch + 1,  # Tune's ASHA time attribute
             "train_loss": sum(q[3]["loss_sum"] for q in parts) / max(1, n_seen),
             "train_images": n_seen,
             "train_images_per_s": n_seen / max(1e-9, max(q[3]["seconds"] for q in parts)),
@@ -317,22 +325,40 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
 
 @dataclass
-class PreparedData:
+class SplitData:
+    """The catalogued, de-duplicated and split data: computed once, shared by a run or a whole search."""
+
     catalogue: Any
     manifest: pd.DataFrame  # one row per listed file: path, class_name, label, split, group, sha256, error
     duplicates: dict[str, Any]
     duplicate_table: pd.DataFrame
-    train_ds: Any
-    val_ds: Any
     classes: list[str]
     negative_class: str | None
 
+    def files(self, split_name: str) -> pd.DataFrame:
+        return self.manifest.loc[self.manifest["split"] == split_name, ["path", "label"]].reset_index(
+            drop=True
+        )
 
-def prepare_data(cfg: TrainConfig) -> PreparedData:
-    """Catalogue, group duplicates, split by group, and build the Ray datasets for training."""
+    @property
+    def n_train(self) -> int:
+        return int((self.manifest["split"] == "train").sum())
+
+    def counts(self) -> pd.DataFrame:
+        return self.manifest.groupby(["split", "class_name"]).size().unstack(fill_value=0)
+
+    def fingerprints(self) -> pd.DataFrame:
+        """Fingerprints of the train+val files: the bundle carries them so evaluation can drop duplicates."""
+        good = self.manifest[self.manifest["split"].isin(["train", "val"])]
+        fp = self.catalogue.ok.merge(good[["path"]], on="path")
+        cols = ["path", "sha256", "dhash", "thumb", "dhash_crop", "thumb_crop"]
+        return fp[[c for c in cols if c in fp.columns]].reset_index(drop=True)
+
+
+def prepare_split(cfg: TrainConfig) -> SplitData:
+    """Catalogue (decode + fingerprint every file), group duplicates, split by group."""
     from raytumor import split
-    from raytumor.augment import AugmentConfig, augment_batch, store_size
-    from raytumor.ingest import StorageOptions, build_catalogue, decode_dataset, has_error
+    from raytumor.ingest import StorageOptions, build_catalogue
 
     storage = StorageOptions.from_env(cfg.s3_endpoint)
     cat = build_catalogue(cfg.data, storage, cfg.class_order)
@@ -355,19 +381,35 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     manifest = table.merge(good[["path", "group", "split"]], on="path", how="left")
     manifest["split"] = manifest["split"].fillna("rejected")
     manifest["group"] = manifest["group"].fillna(-1).astype(np.int64)
+    dup_table = split.duplicate_groups_table(good, groups)
+    return SplitData(cat, manifest, dup, dup_table, cat.classes, cat.negative_class)
 
-    def subset(name: str, shuffle: bool) -> pd.DataFrame:
-        df = good.loc[good["split"] == name, ["path", "label"]]
+
+def build_datasets(
+    train_files: pd.DataFrame,
+    val_files: pd.DataFrame,
+    image_size: int,
+    augment_strength: float,
+    seed: int,
+    s3_endpoint: str | None = None,
+) -> tuple[Any, Any]:
+    """Ray datasets for one training run: decoded once at store size, augmented afresh each epoch."""
+    from raytumor.augment import AugmentConfig, augment_batch, store_size
+    from raytumor.ingest import StorageOptions, decode_dataset, has_error
+
+    storage = StorageOptions.from_env(s3_endpoint)
+
+    def indexed(df: pd.DataFrame, shuffle: bool) -> pd.DataFrame:
+        df = df[["path", "label"]]
         if shuffle:  # mix classes across blocks so block-order randomisation gives mixed batches
-            df = df.sample(frac=1.0, random_state=cfg.seed)
+            df = df.sample(frac=1.0, random_state=seed)
         df = df.reset_index(drop=True)
         df["idx"] = np.arange(len(df), dtype=np.int64)
         return df
 
-    size = cfg.image_size
-    aug = AugmentConfig(strength=cfg.augment_strength)
+    aug = AugmentConfig(strength=augment_strength)
     train_base = decode_dataset(
-        subset("train", True), storage=storage, image_size=store_size(size), fingerprints=False
+        indexed(train_files, True), storage=storage, image_size=store_size(image_size), fingerprints=False
     )
     train_base = (
         train_base.filter(lambda r: not has_error(r["error"]))
@@ -376,86 +418,69 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     )
     train_ds = train_base.randomize_block_order().map_batches(
         augment_batch,
-        fn_kwargs={"image_size": size, "config": aug.to_dict()},
+        fn_kwargs={"image_size": image_size, "config": aug.to_dict()},
         batch_size=64,
         batch_format="numpy",
     )
-    val_ds = decode_dataset(subset("val", False), storage=storage, image_size=size, fingerprints=False)
+    val_ds = decode_dataset(
+        indexed(val_files, False), storage=storage, image_size=image_size, fingerprints=False
+    )
     val_ds = (
         val_ds.filter(lambda r: not has_error(r["error"]))
         .select_columns(["image", "label", "idx"])
         .materialize()
     )
-    dup_table = split.duplicate_groups_table(good, groups)
-    return PreparedData(cat, manifest, dup, dup_table, train_ds, val_ds, cat.classes, cat.negative_class)
+    return train_ds, val_ds
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the whole training job; returns a summary with the bundle path and test metrics."""
+LOOP_KEYS = (
+    "backbone",
+    "weights",
+    "epochs",
+    "batch_size",
+    "lr",
+    "backbone_lr",
+    "weight_decay",
+    "warmup_epochs",
+    "freeze_epochs",
+    "dropout",
+    "label_smoothing",
+    "patience",
+    "seed",
+    "fail_at_epoch",
+)
+
+
+def make_trainer(
+    cfg: TrainConfig,
+    classes: list[str],
+    negative_class: str | None,
+    n_train: int,
+    datasets: dict[str, Any],
+    *,
+    name: str,
+    storage_path: str,
+    storage_filesystem: Any = None,
+    callbacks: list[Any] | None = None,
+    fail_marker: str = "",
+) -> tuple[Any, str]:
+    """A TorchTrainer for one run (or one Tune trial); returns it with the resolved selection metric."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raytumor import bundle as bundle_mod
-    from raytumor.ingest import StorageOptions, summary_to_json
-    from raytumor.model import normalization
-    from raytumor.runtime import init_ray, train_resources
-
-    t0 = time.time()
-    init_ray()
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
-
-    data = prepare_data(cfg)
-    manifest_path = run_dir / "split_manifest.parquet"
-    data.manifest.drop(columns=[c for c in ("thumb", "thumb_crop") if c in data.manifest.columns]).to_parquet(
-        manifest_path, index=False
-    )
-    split_sha = bundle_mod.file_sha256(manifest_path)
-    summary_ingest = summary_to_json(data.catalogue.summary())
-    summary_ingest["duplicates"] = {k: v for k, v in data.duplicates.items() if k != "groups"}
-    (run_dir / "ingest_summary.json").write_text(json.dumps(summary_ingest, indent=2) + "\n")
-    data.duplicate_table.to_csv(run_dir / "duplicate_groups.csv", index=False)
-    counts = data.manifest.groupby(["split", "class_name"]).size().unstack(fill_value=0)
-    n_train = int((data.manifest["split"] == "train").sum())
-    print(
-        f"[raytumor] {summary_ingest['files_listed']} files listed, {summary_ingest['files_decoded']} decoded, "
-        f"{summary_ingest['files_rejected']} rejected {summary_ingest['rejected_reasons']}, "
-        f"{summary_ingest['files_ignored']} ignored; duplicate groups "
-        f"{data.duplicates['groups_with_duplicates']} ({data.duplicates['redundant_files']} redundant files)"
-    )
-    print("[raytumor] split (files per class):\n" + counts.to_string())
+    from raytumor.runtime import train_resources
 
     res = train_resources(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker)
-    metric = resolve_metric(cfg.metric, data.classes, data.negative_class)
+    metric = resolve_metric(cfg.metric, classes, negative_class)
     loop_cfg = {
-        **{
-            k: getattr(cfg, k)
-            for k in (
-                "backbone",
-                "weights",
-                "epochs",
-                "batch_size",
-                "lr",
-                "backbone_lr",
-                "weight_decay",
-                "warmup_epochs",
-                "freeze_epochs",
-                "dropout",
-                "label_smoothing",
-                "patience",
-                "seed",
-                "fail_at_epoch",
-            )
-        },
+        **{k: getattr(cfg, k) for k in LOOP_KEYS},
         "metric": metric,
-        "num_classes": len(data.classes),
-        "classes": data.classes,
-        "negative_class": data.negative_class,
+        "num_classes": len(classes),
+        "classes": classes,
+        "negative_class": negative_class,
         "n_train": n_train,
-        "fail_marker": str(run_dir / ".failed_once"),
+        "fail_marker": fail_marker,
     }
-    storage_path = cfg.storage_path or str(run_dir / "checkpoints")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
@@ -463,10 +488,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             num_workers=res.num_workers,
             use_gpu=res.use_gpu,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})},
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=RunConfig(
-            name=cfg.run_name,
+            name=name,
             storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute=metric,
@@ -474,32 +502,42 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
-        datasets={"train": data.train_ds, "val": data.val_ds},
+        datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     print(
         f"[raytumor] training {cfg.backbone} ({cfg.weights}) on {res.num_workers} "
         f"{'GPU' if res.use_gpu else 'CPU'} worker(s), {res.cpus_per_worker} CPU each"
     )
-    result = trainer.fit()
-    best = max(
-        result.best_checkpoints,
-        key=lambda cm: (-1 if _is_min_metric(metric) else 1) * cm[1][metric],
-    )
-    best_ckpt, best_metrics = best
-    with result.checkpoint.as_directory() as d:
-        final_state = torch.load(Path(d) / STATE_FILE, weights_only=False)["state"]
-    history = pd.DataFrame(final_state["history"])
-    with best_ckpt.as_directory() as d:
+    return trainer, metric
+
+
+def load_checkpoint_files(checkpoint: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state dict, training state) from a ``ray.train.Checkpoint`` on local or remote storage."""
+    with checkpoint.as_directory() as d:
         state_dict = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)["state"]
+    return state_dict, state
+
+
+def export_bundle(
+    cfg: TrainConfig,
+    data: SplitData,
+    state_dict: dict[str, torch.Tensor],
+    best_metrics: dict[str, Any],
+    history: pd.DataFrame,
+    metric: str,
+    split_sha: str,
+    bundle_dir: Path,
+    extra_meta: dict[str, Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Write the bundle, score the held-out test split through the inference path, record it in the bundle."""
+    from raytumor import bundle as bundle_mod
+    from raytumor.ingest import StorageOptions
+    from raytumor.model import normalization
 
     mean, std = normalization(cfg.backbone)
-    good = data.manifest[data.manifest["split"].isin(["train", "val", "test"])]
-    fingerprints = data.catalogue.ok.merge(good[["path", "split"]], on="path")
-    fingerprints = fingerprints.loc[
-        fingerprints["split"].isin(["train", "val"]),
-        ["path", "sha256", "dhash", "thumb", "dhash_crop", "thumb_crop"],
-    ]
+    counts = data.counts()
     meta = bundle_mod.BundleMeta(
         backbone=cfg.backbone,
         classes=data.classes,
@@ -511,6 +549,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             "val": {k: v for k, v in best_metrics.items() if k.startswith("val_")},
             "best_epoch": best_metrics["epoch"],
             "selection_metric": metric,
+            **(extra_meta or {}),
         },
         train_config=asdict(cfg),
         data={
@@ -520,29 +559,93 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             "duplicate_groups": data.duplicates["groups_with_duplicates"],
         },
     )
-    bundle_dir = run_dir / "bundle"
-    bundle_mod.save_bundle(bundle_dir, state_dict, meta, fingerprints.reset_index(drop=True), history)
-
+    fingerprints = data.fingerprints()
+    bundle_mod.save_bundle(bundle_dir, state_dict, meta, fingerprints, history)
     # Held-out test split, scored through the same Predictor path that `raytumor score` uses.
-    test_files = data.manifest.loc[data.manifest["split"] == "test", ["path", "label"]]
-    test = _score_and_measure(bundle_dir, test_files, meta, StorageOptions.from_env(cfg.s3_endpoint))
+    test = _score_and_measure(bundle_dir, data.files("test"), meta, StorageOptions.from_env(cfg.s3_endpoint))
     meta.metrics["test"] = test
     if cfg.test_data:
         from raytumor.evaluate import evaluate_source
 
         ext = evaluate_source(
-            bundle_dir, cfg.test_data, run_dir / "external_test", s3_endpoint=cfg.s3_endpoint
+            bundle_dir, cfg.test_data, bundle_dir.parent / "external_test", s3_endpoint=cfg.s3_endpoint
         )
         meta.metrics["external_test"] = {"data": cfg.test_data, **ext["metrics"], "files": ext["files"]}
-    bundle_mod.save_bundle(bundle_dir, state_dict, meta, fingerprints.reset_index(drop=True), history)
+    bundle_mod.save_bundle(bundle_dir, state_dict, meta, fingerprints, history)
+    return meta, test
+
+
+def write_split(data: SplitData, run_dir: Path) -> tuple[str, dict[str, Any]]:
+    """Write the split manifest, ingest summary and duplicate groups next to the run; print the summary."""
+    from raytumor import bundle as bundle_mod
+    from raytumor.ingest import summary_to_json
+
+    manifest_path = run_dir / "split_manifest.parquet"
+    drop = [c for c in ("thumb", "thumb_crop") if c in data.manifest.columns]
+    data.manifest.drop(columns=drop).to_parquet(manifest_path, index=False)
+    summary_ingest = summary_to_json(data.catalogue.summary())
+    summary_ingest["duplicates"] = {k: v for k, v in data.duplicates.items() if k != "groups"}
+    (run_dir / "ingest_summary.json").write_text(json.dumps(summary_ingest, indent=2) + "\n")
+    data.duplicate_table.to_csv(run_dir / "duplicate_groups.csv", index=False)
+    print(
+        f"[raytumor] {summary_ingest['files_listed']} files listed, {summary_ingest['files_decoded']} decoded, "
+        f"{summary_ingest['files_rejected']} rejected {summary_ingest['rejected_reasons']}, "
+        f"{summary_ingest['files_ignored']} ignored; duplicate groups "
+        f"{data.duplicates['groups_with_duplicates']} ({data.duplicates['redundant_files']} redundant files)"
+    )
+    print("[raytumor] split (files per class):\n" + data.counts().to_string())
+    return bundle_mod.file_sha256(manifest_path), summary_ingest
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the whole training job; returns a summary with the bundle path and test metrics."""
+    from raytumor.runtime import init_ray, train_resources
+
+    t0 = time.time()
+    init_ray()
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
+
+    data = prepare_split(cfg)
+    split_sha, summary_ingest = write_split(data, run_dir)
+    train_ds, val_ds = build_datasets(
+        data.files("train"),
+        data.files("val"),
+        cfg.image_size,
+        cfg.augment_strength,
+        cfg.seed,
+        cfg.s3_endpoint,
+    )
+    trainer, metric = make_trainer(
+        cfg,
+        data.classes,
+        data.negative_class,
+        data.n_train,
+        {"train": train_ds, "val": val_ds},
+        name=cfg.run_name,
+        storage_path=cfg.storage_path or str(run_dir / "checkpoints"),
+        fail_marker=str(run_dir / ".failed_once"),
+    )
+    result = trainer.fit()
+    sign = -1 if _is_min_metric(metric) else 1
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: sign * cm[1][metric])
+    _, final_state = load_checkpoint_files(result.checkpoint)
+    history = pd.DataFrame(final_state["history"])
+    state_dict, _ = load_checkpoint_files(best_ckpt)
+    meta, test = export_bundle(
+        cfg, data, state_dict, best_metrics, history, metric, split_sha, run_dir / "bundle"
+    )
+    res = train_resources(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker)
     wall = time.time() - t0
     summary = {
         "run_dir": str(run_dir),
-        "bundle": str(bundle_dir),
+        "bundle": str(run_dir / "bundle"),
         "bundle_id": meta.bundle_id,
         "best_epoch": int(best_metrics["epoch"]),
         "epochs_run": int(len(history)),
         "resumed_at_epochs": final_state["resumed_at"],
+        "worker_nodes_per_attempt": final_state.get("worker_nodes", []),
         "val": meta.metrics["val"],
         "test": test,
         "ingest": {
@@ -607,6 +710,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", default="auto", choices=["auto", "true", "false"])
     p.add_argument(
         "--cpus-per-worker", type=float, default=None, help="default: leave half the CPUs to Ray Data"
+    )
+    p.add_argument(
+        "--placement-strategy",
+        default=d.placement_strategy,
+        choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+        help="how Ray places training workers across nodes",
     )
     p.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions")
     p.add_argument("--max-hamming", type=int, default=None, help="dHash distance for near-duplicates")
