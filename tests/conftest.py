@@ -48,7 +48,16 @@ def ray_session():
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True, object_store_memory=2 * 1024**3)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=True,
+            log_to_driver=True,
+            object_store_memory=2 * 1024**3,
+        )
+        from ray._private.utils import write_ray_address
+
+        write_ray_address(ray.get_runtime_context().gcs_address)  # see raytumor.runtime.init_ray
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -237,9 +237,17 @@ def test_killed_search_resumes_with_the_same_command(tmp_path, phantoms):
     finished = sorted(p.parent.name for p in state.glob("*/result.json") if '"done": true' in p.read_text())
     before = {n: (state / n / "result.json").read_text() for n in finished}
 
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=800)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "resuming search" in r.stdout
+    log2 = open(tmp_path / "second.log", "w")  # noqa: SIM115
+    second = subprocess.Popen(
+        cmd, cwd=REPO, stdout=log2, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+    )
+    try:
+        rc = second.wait(timeout=600)
+    finally:
+        RayNodes.stop(second)
+    text = (tmp_path / "second.log").read_text()
+    assert rc == 0, text[-6000:]
+    assert "resuming search" in text
     board = json.loads((out / "killed" / "summary.json").read_text())
     assert board["trials"] == 3
     for n, text in before.items():  # finished trials were not trained again

@@ -24,13 +24,22 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Train's print patch echoes each worker print twice on a local cluster (logger + stdout).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
+    # No address: a fresh in-process Ray ("local"), never a stale cluster left in /tmp/ray by `ray start`.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs.setdefault("log_to_driver", True)
-    if not address:
+    if address == "local":
         # The dashboard serves the State API, which Train V2's placement-group cleaner polls to free a
         # killed trial's resources (Tune/ASHA stops); without it the cleaner only logs warnings.
         kwargs.setdefault("include_dashboard", os.environ.get("RAYTUMOR_DASHBOARD", "1") != "0")
     ray.init(address=address, **kwargs)
+    if address == "local":
+        # Ray's State API (used by Train V2's placement-group cleaner inside workers) finds "the" local
+        # cluster through /tmp/ray/ray_current_cluster, which only `ray start` writes. A stale entry
+        # from a dead cluster sends it to a dead GCS: a stopped trial's workers then keep their CPUs
+        # and the next trial's Ray Data waits forever. Point it at this session, as cluster_utils does.
+        from ray._private.utils import write_ray_address
+
+        write_ray_address(ray.get_runtime_context().gcs_address)
     # Quieter progress output; the jobs print their own summaries.
     ray.data.DataContext.get_current().enable_progress_bars = bool(
         int(os.environ.get("RAYTUMOR_PROGRESS", "0"))

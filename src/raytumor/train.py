@@ -211,7 +211,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     model = create_model(cfg["backbone"], cfg["num_classes"], weights=cfg["weights"], dropout=cfg["dropout"])
     model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.param_groups(cfg["lr"], cfg["backbone_lr"], cfg["weight_decay"]))
-    steps_per_epoch = max(1, cfg["n_train"] // (cfg["batch_size"] * world))
+    # A batch larger than a worker's shard would give zero steps per epoch (drop_last): cap it.
+    batch_size = max(2, min(cfg["batch_size"], cfg["n_train"] // world))
+    if batch_size != cfg["batch_size"] and rank == 0:
+        print(
+            f"[raytumor] batch size {cfg['batch_size']} > {cfg['n_train'] // world} images per worker: using {batch_size}"
+        )
+    steps_per_epoch = max(1, cfg["n_train"] // (batch_size * world))
     total = steps_per_epoch * cfg["epochs"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _cosine_lambda(total, int(cfg["warmup_epochs"] * steps_per_epoch))
@@ -255,15 +261,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if phase != frozen:  # DDP registers the trainable params at construction: rebuild on phase change
             ddp, phase = _wrap_ddp(model, world, device), frozen
         batches = train_it.iter_torch_batches(
-            batch_size=cfg["batch_size"],
+            batch_size=batch_size,
             dtypes={"image": torch.uint8, "label": torch.int64},
             drop_last=True,  # a trailing batch of 1 breaks BatchNorm in train mode
-            local_shuffle_buffer_size=cfg["batch_size"] * 8,
+            local_shuffle_buffer_size=batch_size * 8,
         )
         if cfg.get("fail_at_epoch") == epoch and rank == world - 1 and not Path(cfg["fail_marker"]).exists():
             batches = _die_midway(batches, steps_per_epoch // 2, Path(cfg["fail_marker"]))
         tr = train_one_epoch(ddp, optimizer, scheduler, batches, device, cfg["label_smoothing"])
-        idx, labels, probs = evaluate_shard(model, val_it, rank, world, device, cfg["batch_size"] * 2)
+        idx, labels, probs = evaluate_shard(model, val_it, rank, world, device, batch_size * 2)
         parts = _gather((idx.numpy(), labels.numpy(), probs.numpy(), tr), world)
         order = np.argsort(np.concatenate([p[0] for p in parts]))
         y = np.concatenate([p[1] for p in parts])[order]

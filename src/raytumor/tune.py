@@ -517,6 +517,8 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         fixed[key] = yaml.safe_load(value)
     kw["fixed"] = fixed
+    # A fixed option wins over the space: `--set image_size=64` must not be re-sampled per trial.
+    kw["space"] = {k: v for k, v in space.items() if k not in fixed}
     return SearchConfig(**kw)
 
 
