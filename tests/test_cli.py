@@ -21,6 +21,14 @@ def test_subcommand_help(stage, capsys):
     assert "--" in capsys.readouterr().out
 
 
+def test_top_level_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(stage in out for stage in STAGES)
+
+
 def test_backbones_listed(capsys):
     main(["backbones"])
     names = capsys.readouterr().out.split()

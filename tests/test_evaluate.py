@@ -75,6 +75,25 @@ def test_bootstrap_ci_brackets_and_shrinks():
     )
 
 
+def test_cluster_bootstrap_counts_duplicate_groups_once():
+    """100 scans each copied 10x: resampling scans would claim 1000 independent cases; resampling the
+    duplicate groups gives the interval of the 100 distinct scans."""
+    rng = np.random.default_rng(2)
+    y0 = rng.integers(0, 2, 100)
+    s0 = np.clip(y0 * 0.35 + rng.normal(0.35, 0.2, 100), 0, 1)
+    y, s, groups = np.repeat(y0, 10), np.repeat(s0, 10), np.repeat(np.arange(100), 10)
+    naive = bootstrap_ci(y, _probs(s), CLASSES, "no", n_boot=400, seed=0)
+    grouped = bootstrap_ci(y, _probs(s), CLASSES, "no", n_boot=400, seed=0, groups=groups)
+    distinct = bootstrap_ci(y0, _probs(s0), CLASSES, "no", n_boot=400, seed=0)
+    m = compute_metrics(y, _probs(s), CLASSES, "no")
+    for k in ("accuracy", "roc_auc", "sensitivity", "specificity"):
+        w_naive, w_grouped = np.diff(naive[k])[0], np.diff(grouped[k])[0]
+        w_distinct = np.diff(distinct[k])[0]
+        assert w_grouped > 2 * w_naive
+        assert w_grouped == pytest.approx(w_distinct, rel=0.35)
+        assert grouped[k][0] <= m[k] <= grouped[k][1]
+
+
 def test_multiclass_metrics():
     classes = ["glioma", "meningioma", "notumor"]
     y = np.array([0, 1, 2, 2, 1, 0])

@@ -11,7 +11,7 @@ from importlib import import_module
 STAGES: dict[str, tuple[str, str]] = {
     "train": ("raytumor.train", "fine-tune a classifier on a labelled folder/bucket/manifest"),
     "tune": ("raytumor.tune", "search backbones and hyperparameters with Ray Tune (ASHA)"),
-    "evaluate": ("raytumor.evaluate", "metrics of a bundle on labelled data, with 95% CIs"),
+    "evaluate": ("raytumor.evaluate", "metrics of a bundle on labelled data, with 95%% CIs"),
     "demo": ("raytumor.demo", "synthetic phantoms -> train -> evaluate, on a fresh machine"),
 }
 

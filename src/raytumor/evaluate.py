@@ -155,19 +155,31 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    groups: np.ndarray | None = None,
 ) -> dict[str, list[float | None]]:
-    """Percentile bootstrap (resampling scans with replacement) 1-alpha intervals for the binary metrics."""
+    """Percentile bootstrap 1-alpha intervals for the binary metrics.
+
+    Resamples scans with replacement, or with ``groups`` whole duplicate groups (a cluster bootstrap):
+    near-duplicates are not independent evidence, and counting them as such narrows the interval.
+    """
     y, s = tumour_binary(labels, probs, classes, negative_class)
     if y is None or len(y) == 0:
         return {}
     rng = np.random.default_rng(seed)
-    out: dict[str, list[float | None]] = {}
     chunks = []
-    for start in range(0, n_boot, 200):  # bounded memory for large test sets
-        idx = rng.integers(0, len(y), size=(min(200, n_boot - start), len(y)))
-        chunks.append(_binary_vectorised(y[idx], s[idx], threshold))
+    if groups is not None and len(np.unique(groups)) < len(y):
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+        for _ in range(n_boot):  # replicates differ in size: one at a time
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+            chunks.append(_binary_vectorised(y[idx][None], s[idx][None], threshold))
+    else:
+        for start in range(0, n_boot, 200):  # bounded memory for large test sets
+            idx = rng.integers(0, len(y), size=(min(200, n_boot - start), len(y)))
+            chunks.append(_binary_vectorised(y[idx], s[idx], threshold))
+    out: dict[str, list[float | None]] = {}
     for k in chunks[0]:
-        v = np.concatenate([c[k] for c in chunks])
+        v = np.concatenate([np.atleast_1d(c[k]) for c in chunks])
         v = v[np.isfinite(v)]
         out[k] = (
             [float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))]

@@ -568,7 +568,8 @@ def export_bundle(
     fingerprints = data.fingerprints()
     bundle_mod.save_bundle(bundle_dir, state_dict, meta, fingerprints, history)
     # Held-out test split, scored through the same Predictor path that `raytumor score` uses.
-    test = _score_and_measure(bundle_dir, data.files("test"), meta, StorageOptions.from_env(cfg.s3_endpoint))
+    test_files = data.manifest.loc[data.manifest["split"] == "test", ["path", "label", "group"]]
+    test = _score_and_measure(bundle_dir, test_files, meta, StorageOptions.from_env(cfg.s3_endpoint))
     meta.metrics["test"] = test
     if cfg.test_data:
         from raytumor.evaluate import evaluate_source
@@ -675,7 +676,15 @@ def _score_and_measure(bundle_dir: Path, files: pd.DataFrame, meta: Any, storage
     ok = np.isfinite(probs).all(1)
     labels = preds["label"].to_numpy()[ok]
     m = compute_metrics(labels, probs[ok], meta.classes, meta.negative_class, meta.threshold)
-    m["ci95"] = bootstrap_ci(labels, probs[ok], meta.classes, meta.negative_class, meta.threshold)
+    groups = None
+    if "group" in files.columns:  # cluster bootstrap over duplicate groups
+        groups = (
+            preds[["path"]].merge(files[["path", "group"]], on="path", how="left")["group"].to_numpy()[ok]
+        )
+    m["ci95"] = bootstrap_ci(
+        labels, probs[ok], meta.classes, meta.negative_class, meta.threshold, groups=groups
+    )
+    m["ci95_resampling"] = "duplicate groups" if groups is not None else "scans"
     return m
 
 
