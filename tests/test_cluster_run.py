@@ -94,7 +94,10 @@ class RayNodes:
                 str(BIN / "python"),
                 "-c",
                 "import ray; ray.init(address='auto', logging_level='ERROR'); "
-                "print(sum(n['Alive'] for n in ray.nodes()))",
+                # a node counts once the scheduler sees its CPUs free (SPREAD is best-effort: a node
+                # that is alive but not yet in the resource view gets no worker)
+                "import time; time.sleep(1); r = ray.available_resources(); "
+                "print(sum(n['Alive'] for n in ray.nodes()) if r.get('CPU', 0) >= 3 else 0)",
             ],
             capture_output=True,
             text=True,
