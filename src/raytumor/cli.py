@@ -11,6 +11,7 @@ from importlib import import_module
 STAGES: dict[str, tuple[str, str]] = {
     "train": ("raytumor.train", "fine-tune a classifier on a labelled folder/bucket/manifest"),
     "tune": ("raytumor.tune", "search backbones and hyperparameters with Ray Tune (ASHA)"),
+    "score": ("raytumor.score", "batch-score a folder/bucket/archive of scans: one row per file, resumable"),
     "evaluate": ("raytumor.evaluate", "metrics of a bundle on labelled data, with 95%% CIs"),
     "demo": ("raytumor.demo", "synthetic phantoms -> train -> evaluate, on a fresh machine"),
 }

@@ -27,8 +27,10 @@ __all__ = [
     "RESAMPLE",
     "DecodeError",
     "DecodedImage",
+    "DecodedScan",
     "content_sha256",
     "decode_image",
+    "decode_scan",
     "fit_square",
     "sniff_format",
     "to_gray_uint8",
@@ -60,6 +62,28 @@ class DecodedImage:
     mode: str
     width: int
     height: int
+
+
+@dataclass
+class DecodedScan:
+    """A decoded scan as a stack of slices (rasters and single-frame DICOM: one slice).
+
+    ``slices`` is (K, H, W) uint8, K >= 1. ``mode``: the PIL mode for rasters, e.g. 'MONOCHROME2/16'
+    (photometric interpretation / bits allocated) for DICOM, the stored dtype ('int16') for NIfTI.
+    ``width``/``height`` are those of one source slice/frame. ``kind`` is 'image' (2-D source) or
+    'volume' (3-D NIfTI, multi-frame DICOM). ``slice_index`` (K,) int64 is each kept slice's index in
+    the source (NIfTI: canonical RAS z; DICOM: frame number) and ``num_slices`` the source's count
+    before slice selection.
+    """
+
+    slices: np.ndarray
+    format: str
+    mode: str
+    width: int
+    height: int
+    kind: str
+    slice_index: np.ndarray
+    num_slices: int
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -97,6 +121,57 @@ def _gunzip_head(data: bytes, n: int) -> bytes:
     return out[:n]
 
 
+# DICOM without the 128-byte preamble + "DICM" (raw data sets, e.g. pydicom's ExplVR_LitEndNoMeta.dcm):
+# recognised by two consecutive plausible data elements starting in group 0002 (meta) or 0008.
+_DICOM_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+_DICOM_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # 2 reserved + 4-byte length
+_DICOM_MAX_SKIP = 4  # stray leading bytes tolerated (pydicom's no_meta.dcm starts with one)
+
+
+def _dicom_element(head: bytes, pos: int, endian: str) -> tuple[int, int] | None:
+    """(tag, position of the next element) of a plausible defined-length element at ``pos``."""
+    if pos + 8 > len(head):
+        return None
+    group, elem = struct.unpack_from(endian + "HH", head, pos)
+    vr = head[pos + 4 : pos + 6]
+    if vr in _DICOM_VRS:
+        if vr in _DICOM_LONG_VRS:
+            if head[pos + 6 : pos + 8] != b"\x00\x00" or pos + 12 > len(head):
+                return None
+            length, hdr = struct.unpack_from(endian + "I", head, pos + 8)[0], 12
+        else:
+            length, hdr = struct.unpack_from(endian + "H", head, pos + 6)[0], 8
+    elif endian == "<":  # implicit VR exists in little endian only
+        length, hdr = struct.unpack_from("<I", head, pos + 4)[0], 8
+    else:
+        return None
+    if length == 0xFFFFFFFF or length % 2:  # undefined or odd lengths: too weak / invalid to chain on
+        return None
+    return (group << 16) | elem, pos + hdr + length
+
+
+def _dicom_start(data: bytes) -> int:
+    """Offset where pydicom should start reading: 0 with a preamble, else after any stray bytes.
+
+    Returns -1 when the bytes do not look like DICOM.
+    """
+    head = bytes(data[:_NIFTI_PEEK])
+    if head[128:132] == b"DICM":
+        return 0
+    for skip in range(_DICOM_MAX_SKIP):
+        for endian in "<>":
+            first = _dicom_element(head, skip, endian)
+            if first is None or first[0] >> 16 not in (0x0002, 0x0008):
+                continue
+            second = _dicom_element(head, first[1], endian)
+            # Tags ascend; the second element is still in the meta/identifying groups.
+            if second is not None and first[0] < second[0] and (second[0] >> 16) in (0x0002, 0x0008):
+                return skip
+    return -1
+
+
 def sniff_format(data: bytes) -> str:
     """Detect the real format from magic bytes.
 
@@ -130,6 +205,8 @@ def sniff_format(data: bytes) -> str:
         return "nifti" if _is_nifti_header(_gunzip_head(data, _NIFTI_PEEK)) else "gzip"
     if _is_nifti_header(head):
         return "nifti"
+    if _dicom_start(head) >= 0:  # no-preamble DICOM last: a heuristic, never overrides a real magic
+        return "dicom"
     return "unknown"
 
 
@@ -304,16 +381,45 @@ def _decode_raster(data: bytes, fmt: str, max_pixels: int, draft_size: int | Non
     return DecodedImage(pixels=pixels, format=fmt, mode=mode, width=width, height=height)
 
 
-def _not_supported_yet(data: bytes, fmt: str, max_pixels: int, draft_size: int | None) -> DecodedImage:
-    raise DecodeError(f"{fmt} not supported by this decoder yet")
+def _decode_medical(
+    data: bytes,
+    fmt: str,
+    max_pixels: int,
+    max_voxels: int,
+    min_foreground: float = 0.05,
+    require_2d: bool = False,
+) -> DecodedScan:
+    # Lazy: pydicom/nibabel are heavy and most Ray tasks that import formats only see rasters.
+    from raytumor import medical
+
+    if fmt == "dicom":
+        return medical.decode_dicom(data, max_pixels=max_pixels, max_voxels=max_voxels, require_2d=require_2d)
+    return medical.decode_nifti(
+        data,
+        max_pixels=max_pixels,
+        max_voxels=max_voxels,
+        min_foreground=min_foreground,
+        require_2d=require_2d,
+    )
+
+
+def _decode_medical_image(data: bytes, fmt: str, max_pixels: int, draft_size: int | None) -> DecodedImage:
+    """2-D medical input for decode_image; volumes are refused (callers wanting them use decode_scan)."""
+    # A 2-D image has one slice, so max_pixels also bounds its voxels.
+    scan = _decode_medical(data, fmt, max_pixels, max_pixels, require_2d=True)
+    if scan.num_slices != 1:  # defensive: require_2d already refused volumes from the header
+        raise DecodeError(f"3-D volume ({fmt}): not a 2-D image")
+    return DecodedImage(
+        pixels=scan.slices[0].copy(), format=fmt, mode=scan.mode, width=scan.width, height=scan.height
+    )
 
 
 Decoder = Callable[[bytes, str, int, int | None], DecodedImage]
 
-# Dispatch point by sniffed format: medical formats are added here by replacing the placeholders.
+# Dispatch point by sniffed format for decode_image (2-D only).
 DECODERS: dict[str, Decoder] = {fmt: _decode_raster for fmt in RASTER_FORMATS}
-DECODERS["dicom"] = _not_supported_yet
-DECODERS["nifti"] = _not_supported_yet
+DECODERS["dicom"] = _decode_medical_image
+DECODERS["nifti"] = _decode_medical_image
 
 _NOT_IMAGES = {"pdf", "zip", "gzip"}
 
@@ -334,6 +440,39 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000, draft_size: int |
             raise DecodeError(f"not an image ({fmt})")
         raise DecodeError("unknown format")
     return decoder(bytes(data), fmt, max_pixels, draft_size)
+
+
+def decode_scan(
+    data: bytes,
+    *,
+    max_pixels: int = 50_000_000,
+    max_voxels: int = 400_000_000,
+    draft_size: int | None = None,
+    min_foreground: float = 0.05,
+) -> DecodedScan:
+    """Decode any supported scan (raster, DICOM, NIfTI) to a :class:`DecodedScan` slice stack.
+
+    Rasters go through :func:`decode_image` (K = 1). DICOM: every frame. NIfTI: RAS-canonical axial
+    slices, anterior up, with one intensity window per volume; slices whose head foreground covers
+    less than ``min_foreground`` of the slice are dropped (the middle one is kept if none qualifies).
+    ``max_pixels`` bounds one slice, ``max_voxels`` the whole volume; errors are :class:`DecodeError`.
+    """
+    if len(data) == 0:
+        raise DecodeError("empty file")
+    fmt = sniff_format(data)
+    if fmt in ("dicom", "nifti"):
+        return _decode_medical(bytes(data), fmt, max_pixels, max_voxels, min_foreground)
+    img = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
+    return DecodedScan(
+        slices=img.pixels[None],
+        format=img.format,
+        mode=img.mode,
+        width=img.width,
+        height=img.height,
+        kind="image",
+        slice_index=np.zeros(1, dtype=np.int64),
+        num_slices=1,
+    )
 
 
 def content_sha256(data: bytes) -> str:

@@ -1,0 +1,219 @@
+"""Batch-scoring throughput and memory, measured in one run on the same files.
+
+1. ``raytumor score`` (Ray Data: decode on CPU tasks, model on an actor pool, Parquet out) images/s
+   ÷ a plain PyTorch loop (decode with PIL, same preprocessing, same model and batch size,
+   ``torch.set_num_threads(cores)``)                                              target ≥ 1.0
+   ÷ model-only forward on preloaded tensors (the ceiling)                        target ≥ 0.8
+2. Peak memory (PSS summed over the driver and every Ray process) scoring 1× and 10× the files
+   (a small model and small images so the 10× run stays short)                    target ≤ 1.2× growth
+
+Weights do not change speed, so the bundle is a randomly initialised model made here.
+
+    python bench/score_throughput.py                          # all of ../shared/data/br35h-3000, ResNet-18 224 px
+    python bench/score_throughput.py --limit 600 --skip-rss   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "br35h-3000"
+
+
+def make_bundle(out: Path, backbone: str, image_size: int) -> Path:
+    from raytumor.bundle import BundleMeta, save_bundle
+    from raytumor.model import create_model, normalization
+
+    torch.manual_seed(0)
+    model = create_model(backbone, 2, weights="none")
+    mean, std = normalization(backbone)
+    meta = BundleMeta(backbone, ["no", "yes"], "no", image_size, list(mean), list(std))
+    return save_bundle(out, model.state_dict(), meta)
+
+
+def list_images(data: Path, limit: int | None) -> list[Path]:
+    files = sorted(
+        p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    )
+    return files[:limit] if limit else files
+
+
+def plain_loop(bundle: Path, files: list[Path], batch_size: int, threads: int) -> float:
+    """Images/s of decode + preprocess + forward in one process, batch by batch."""
+    from raytumor.bundle import load_bundle
+    from raytumor.formats import decode_image, fit_square
+    from raytumor.predict import forward_probs
+
+    torch.set_num_threads(threads)
+    b = load_bundle(bundle, device="cpu")
+    size = b.meta.image_size
+    forward_probs(b.model, np.zeros((batch_size, size, size), np.uint8), b.device)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(files), batch_size):
+        x = np.stack(
+            [
+                fit_square(decode_image(p.read_bytes(), draft_size=size).pixels, size)
+                for p in files[i : i + batch_size]
+            ]
+        )
+        forward_probs(b.model, x, b.device)
+    return len(files) / (time.perf_counter() - t0)
+
+
+def model_only(bundle: Path, files: list[Path], batch_size: int, threads: int) -> float:
+    """Images/s of the forward pass alone on tensors decoded beforehand."""
+    from raytumor.bundle import load_bundle
+    from raytumor.formats import decode_image, fit_square
+    from raytumor.predict import forward_probs
+
+    torch.set_num_threads(threads)
+    b = load_bundle(bundle, device="cpu")
+    size = b.meta.image_size
+    x = np.stack([fit_square(decode_image(p.read_bytes(), draft_size=size).pixels, size) for p in files])
+    forward_probs(b.model, x[:batch_size], b.device)
+    t0 = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        forward_probs(b.model, x[i : i + batch_size], b.device)
+    return len(x) / (time.perf_counter() - t0)
+
+
+class PeakMemory:
+    """Samples PSS of this process and all its descendants (raylet, GCS, workers, actors)."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import psutil
+
+        self.psutil, self.interval = psutil, interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> int:
+        me = self.psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_full_info().pss
+            except (self.psutil.Error, AttributeError):
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self.baseline = self.sample()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def ray_score(bundle: Path, input_dir: Path, out: Path, batch_size: int) -> dict:
+    from raytumor.score import ScoreConfig, score
+
+    return score(
+        ScoreConfig(bundle=str(bundle), input=str(input_dir), output=str(out), batch_size=batch_size)
+    )
+
+
+def link_copies(files: list[Path], dest: Path, copies: int) -> Path:
+    """``copies`` × the files as symlinks with distinct names: distinct units, the same bytes."""
+    dest.mkdir(parents=True)
+    for c in range(copies):
+        d = dest / f"c{c:02d}"
+        d.mkdir()
+        for i, p in enumerate(files):
+            (d / f"{i:05d}{p.suffix}").symlink_to(p.resolve())
+    return dest
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--limit", type=int, default=None, help="first N files only")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rss-backbone", default="mobilenet_v3_large")
+    p.add_argument("--rss-image-size", type=int, default=64)
+    p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"{args.data} not found: pass --data (e.g. ../shared/data/br35h-3000)")
+
+    from raytumor.runtime import init_ray
+
+    threads = os.cpu_count() or 1
+    files = list_images(args.data, args.limit)
+    res: dict = {
+        "files": len(files),
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "threads": threads,
+    }
+    print(
+        f"{len(files)} files from {args.data}; {args.backbone} {args.image_size}px batch {args.batch_size}; {threads} threads"
+    )
+    with tempfile.TemporaryDirectory(prefix="score-bench-") as tmp:
+        tmp = Path(tmp)
+        bundle = make_bundle(tmp / "bundle", args.backbone, args.image_size)
+        inp = link_copies(files, tmp / "in", 1)
+        res["model_only"] = model_only(bundle, files, args.batch_size, threads)
+        print(f"model only (preloaded tensors): {res['model_only']:8.1f} img/s", flush=True)
+        res["plain"] = plain_loop(bundle, files, args.batch_size, threads)
+        print(f"plain PyTorch loop (PIL decode): {res['plain']:8.1f} img/s", flush=True)
+        init_ray(num_cpus=threads)
+        s = ray_score(bundle, inp, tmp / "out", args.batch_size)
+        assert s["rows"] == len(files) and s["errors"] == 0, s
+        res["ray"] = len(files) / s["seconds"]
+        res["ray_listing_s"] = s["listing_seconds"]
+        print(
+            f"raytumor score (Ray Data):      {res['ray']:8.1f} img/s  ({s['seconds']} s incl. listing and actor start)"
+        )
+        res["ray_vs_plain"] = res["ray"] / res["plain"]
+        res["ray_vs_model_only"] = res["ray"] / res["model_only"]
+        print(f"ratio Ray / plain loop:  {res['ray_vs_plain']:.3f}   (target >= 1.0)")
+        print(f"ratio Ray / model only:  {res['ray_vs_model_only']:.3f}   (target >= 0.8)")
+
+        if not args.skip_rss:
+            small = make_bundle(tmp / "small", args.rss_backbone, args.rss_image_size)
+            peaks = {}
+            for copies in (1, 10):
+                src = link_copies(files, tmp / f"rss{copies}", copies)
+                with PeakMemory() as m:
+                    s = ray_score(small, src, tmp / f"rss_out{copies}", 256)
+                assert s["rows"] == copies * len(files) and s["missing_rows"] == 0, s
+                peaks[copies] = m.peak
+                print(
+                    f"{copies:>2}x files ({copies * len(files)}): peak PSS {m.peak / 2**20:8.0f} MiB "
+                    f"(before {m.baseline / 2**20:.0f} MiB), {s['units_per_s']} units/s",
+                    flush=True,
+                )
+            res["peak_pss_1x_mib"] = peaks[1] / 2**20
+            res["peak_pss_10x_mib"] = peaks[10] / 2**20
+            res["rss_growth_10x"] = peaks[10] / peaks[1]
+            print(f"peak memory 10x / 1x: {res['rss_growth_10x']:.3f}   (target <= 1.2)")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""DICOM and NIfTI decoding from in-memory bytes into stacks of uint8 slices.
+
+Imported lazily by :mod:`raytumor.formats` (pydicom/nibabel are heavy and most Ray tasks only see
+rasters). Everything works on bytes: no temp files. Outputs never carry DICOM tags (PHI): only
+pixels plus a photometric/bit-depth mode string, and error reasons never quote tag values.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zlib
+
+import numpy as np
+
+from raytumor.formats import DecodedScan, DecodeError, _dicom_start, _rescale_robust
+
+__all__ = ["decode_dicom", "decode_nifti"]
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luminance (what Pillow's convert('L') uses for rasters), float."""
+    rgb = rgb.astype(np.float32, copy=False)
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def _scale_range(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Linear map [lo, hi] -> [0, 255], clipped; NaN -> 0."""
+    if not hi > lo:
+        return np.zeros(a.shape, dtype=np.uint8)
+    out = (a.astype(np.float32, copy=False) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    return np.clip(np.rint(np.nan_to_num(out, nan=0.0)), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DICOM
+
+
+def _dicom_ts_error(ts) -> DecodeError:
+    """A reason that names the transfer syntax and, when known, what to install."""
+    from pydicom.pixels import get_decoder
+
+    name = getattr(ts, "name", str(ts))
+    try:
+        dec = get_decoder(ts)
+    except NotImplementedError:
+        return DecodeError(f"DICOM transfer syntax {name} not supported")
+    missing = "; ".join(dec.missing_dependencies)
+    if not dec.is_available:
+        return DecodeError(f"DICOM transfer syntax {name} not decodable: install {missing}")
+    plugins = ", ".join(dec.available_plugins)
+    hint = f" (or corrupt); try installing {missing}" if missing else " (or corrupt)"
+    return DecodeError(f"DICOM transfer syntax {name} not decodable by {plugins}{hint}")
+
+
+def _voi_range(ds) -> tuple[float, float]:
+    """Output range of pydicom's apply_voi_lut for this dataset (LUT bit depth, or window y-range)."""
+    from pydicom.pixels import apply_voi_lut
+
+    if ds.get("VOILUTSequence"):  # apply_voi_lut prefers a (non-empty) LUT over a window
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return 0.0, float(2**bits - 1)
+    # Windowing maps below/above the window to pydicom's y_min/y_max: probe with extremes rather than
+    # re-deriving its rules (BitsStored, PixelRepresentation, rescale, modality LUT depth).
+    lo, hi = apply_voi_lut(np.array([-1e300, 1e300]), ds, index=0)
+    return float(lo), float(hi)
+
+
+def _has_voi(ds) -> bool:
+    return ("WindowCenter" in ds and "WindowWidth" in ds) or bool(ds.get("VOILUTSequence"))
+
+
+def decode_dicom(data: bytes, *, max_pixels: int, max_voxels: int, require_2d: bool = False) -> DecodedScan:
+    """Decode DICOM bytes (with or without preamble/meta) to a (frames, H, W) uint8 stack.
+
+    Monochrome: modality LUT, then the file's VOI LUT/window (else a 0.5-99.5 % window over all
+    frames), MONOCHROME1 inverted. Colour (RGB/YBR/palette): luminance. One window per file so frames
+    of a volume stay comparable.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data[max(0, _dicom_start(data)) :]), force=True)
+        has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    except EOFError as e:
+        raise DecodeError("truncated DICOM") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # pydicom raises many types on garbage; type only (messages may quote values)
+        raise DecodeError(f"corrupt DICOM: {type(e).__name__}") from e
+    if not has_pixels:
+        raise DecodeError("DICOM without pixel data")
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        # No meta header (raw data set): pixel decoding needs a syntax, take the one the parser found.
+        implicit, little = ds.original_encoding
+        meta = meta if meta is not None else FileMetaDataset()
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+        ds.file_meta = meta
+    ts = meta.TransferSyntaxUID
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        pi = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
+        bits = int(ds.get("BitsAllocated") or 0)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise DecodeError("corrupt DICOM: bad image pixel module") from e
+    if rows < 1 or cols < 1 or frames < 1 or samples not in (1, 3):
+        raise DecodeError(f"corrupt DICOM: invalid size {cols}x{rows}x{frames}x{samples}")
+    # Bomb guards from the header, before any pixel buffer exists.
+    if rows * cols > max_pixels:
+        raise DecodeError(f"decompression bomb: {rows * cols} pixels > limit {max_pixels}")
+    if rows * cols * frames > max_voxels:
+        raise DecodeError(f"decompression bomb: {rows * cols * frames} voxels > limit {max_voxels}")
+    if require_2d and frames > 1:
+        raise DecodeError(f"3-D volume (dicom, {frames} frames): not a 2-D image")
+
+    try:
+        arr = ds.pixel_array  # YBR is converted to RGB by pydicom (as_rgb default)
+    except MemoryError:
+        raise
+    except ValueError as e:
+        if "less than expected" in str(e):
+            raise DecodeError("truncated DICOM") from e
+        raise DecodeError(f"corrupt DICOM: {type(e).__name__}") from e
+    except (RuntimeError, NotImplementedError) as e:  # no plugin, or every plugin failed
+        raise _dicom_ts_error(ts) from e
+    except Exception as e:
+        raise DecodeError(f"corrupt DICOM: {type(e).__name__}") from e
+
+    try:
+        if pi == "PALETTE COLOR":
+            rgb = apply_color_lut(arr, ds)
+            # LUT entries are 8 or 16 bit; scale by the full entry range, not the content.
+            u8 = _scale_range(_luma(rgb), 0, 255 if rgb.dtype.itemsize == 1 else 65535)
+        elif samples == 3:
+            lum = _luma(arr)
+            u8 = _scale_range(lum, 0, 255) if arr.dtype.itemsize == 1 else _rescale_robust(lum)
+        else:
+            arr = apply_modality_lut(arr, ds)  # RescaleSlope/Intercept or Modality LUT Sequence
+            u8 = None
+            if _has_voi(ds):
+                try:
+                    lo, hi = _voi_range(ds)
+                    u8 = _scale_range(apply_voi_lut(arr, ds, index=0), lo, hi)
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                    u8 = None  # invalid window (e.g. width < 1): fall back to the robust window
+            if u8 is None:
+                u8 = _rescale_robust(arr)
+            if pi == "MONOCHROME1":  # low values are white
+                u8 = 255 - u8
+    except MemoryError:
+        raise
+    except DecodeError:
+        raise
+    except Exception as e:
+        raise DecodeError(f"corrupt DICOM: {type(e).__name__} in pixel transform") from e
+
+    slices = np.ascontiguousarray(u8.reshape(frames, rows, cols))
+    return DecodedScan(
+        slices=slices,
+        format="dicom",
+        mode=f"{pi}/{bits}",
+        width=cols,
+        height=rows,
+        kind="volume" if frames > 1 else "image",
+        slice_index=np.arange(frames, dtype=np.int64),
+        num_slices=frames,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# NIfTI
+
+_GZIP = b"\x1f\x8b"
+# Bytes allowed beyond header + declared voxels when inflating: extensions (vox_offset may be 0).
+_EXT_SLACK = 1 << 20
+_FOREGROUND_LEVEL = round(0.05 * 255)  # uint8 level above which a voxel counts as head
+
+
+def _gunzip_limited(data: bytes, limit: int) -> tuple[bytes, bool]:
+    """Inflate at most ``limit`` bytes; returns (payload, reached end of stream or limit)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, limit)
+    except zlib.error as e:
+        raise DecodeError("corrupt NIfTI gzip stream") from e
+    return out, d.eof or len(out) >= limit
+
+
+def _volume_window(vol: np.ndarray) -> tuple[float, float]:
+    """0.5-99.5 % of finite non-zero voxels (zero is padding/background in most NIfTI volumes)."""
+    v = vol[np.isfinite(vol) & (vol != 0)]
+    if v.size == 0:
+        return 0.0, 0.0
+    if v.size > 4_000_000:  # percentiles of a strided sample: same window, far less time
+        v = v[:: v.size // 4_000_000]
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    if not hi > lo:
+        lo, hi = float(v.min()), float(v.max())
+    if not hi > lo:  # constant non-zero volume: show it as white, background black
+        lo = min(0.0, float(lo) - 1.0)
+    return float(lo), float(hi)
+
+
+def decode_nifti(
+    data: bytes,
+    *,
+    max_pixels: int,
+    max_voxels: int,
+    min_foreground: float = 0.05,
+    require_2d: bool = False,
+) -> DecodedScan:
+    """Decode .nii / .nii.gz (NIfTI-1 or -2) bytes to RAS-canonical axial uint8 slices, anterior up.
+
+    One intensity window for the whole volume; slices whose head foreground covers less than
+    ``min_foreground`` of the slice are dropped (at least the middle slice is kept) and
+    ``slice_index`` records the canonical z of each kept slice.
+    """
+    import nibabel as nib
+
+    gz = data[:2] == _GZIP
+    head = _gunzip_limited(data, 540)[0] if gz else bytes(data[:540])
+    if len(head) < 348:
+        raise DecodeError("truncated NIfTI header")
+    n2 = int.from_bytes(head[:4], "little") == 540 or int.from_bytes(head[:4], "big") == 540
+    hdr_cls, img_cls = (nib.Nifti2Header, nib.Nifti2Image) if n2 else (nib.Nifti1Header, nib.Nifti1Image)
+    size = 540 if n2 else 348
+    if len(head) < size:
+        raise DecodeError("truncated NIfTI header")
+    try:
+        hdr = hdr_cls(binaryblock=head[:size], check=False)  # endianness guessed from sizeof_hdr
+        shape = [int(s) for s in hdr.get_data_shape()]
+        itemsize = hdr.get_data_dtype().itemsize
+        dtype_name = hdr.get_data_dtype().newbyteorder("=").name
+        vox_offset = int(hdr["vox_offset"])
+        magic = bytes(hdr["magic"])
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise DecodeError(f"corrupt NIfTI header: {type(e).__name__}") from e
+    if magic.startswith((b"ni1", b"ni2")):
+        raise DecodeError("NIfTI .hdr/.img pair: single-file .nii needed")
+    if not shape or min(shape) < 1:
+        raise DecodeError(f"corrupt NIfTI header: shape {tuple(shape)}")
+    while len(shape) > 3 and shape[-1] == 1:  # trailing singleton dims carry no data
+        shape.pop()
+    if len(shape) > 3:
+        raise DecodeError(f"4-D NIfTI ({math.prod(shape[3:])} volumes): score 3-D structural volumes")
+    shape += [1] * (3 - len(shape))  # 2-D NIfTI -> one slice
+    nvox = math.prod(shape)
+    if nvox > max_voxels:
+        raise DecodeError(f"decompression bomb: {nvox} voxels > limit {max_voxels}")
+    two = sorted(shape)[1:]  # largest possible slice, whatever axis ends up axial
+    if two[0] * two[1] > max_pixels:
+        raise DecodeError(f"decompression bomb: {two[0] * two[1]} pixels > limit {max_pixels}")
+    if require_2d and sum(s > 1 for s in shape) > 2:
+        raise DecodeError(f"3-D volume (nifti, {'x'.join(map(str, shape))}): not a 2-D image")
+
+    nbytes = nvox * itemsize
+    need = max(vox_offset, size + 4) + nbytes
+    if gz:
+        # The header bounded the payload: never inflate more than it declared (gzip bombs).
+        raw, _ = _gunzip_limited(data, need + _EXT_SLACK)
+    else:
+        raw = bytes(data)
+    if len(raw) < need:
+        raise DecodeError("truncated NIfTI")
+    try:
+        img = img_cls.from_bytes(raw)
+        if len(raw) < img.dataobj.offset + nbytes:
+            raise DecodeError("truncated NIfTI")
+        vol = img.get_fdata(dtype=np.float32).reshape(shape)  # applies scl_slope/inter
+        affine = img.affine
+    except (DecodeError, MemoryError):
+        raise
+    except Exception as e:
+        raise DecodeError(f"corrupt NIfTI: {type(e).__name__}") from e
+    if affine is None or not np.isfinite(affine).all():
+        raise DecodeError("corrupt NIfTI: non-finite affine")
+
+    try:
+        # RAS+ voxel order (flips/transposes only): axis 2 is inferior->superior.
+        can = nib.as_closest_canonical(img_cls(vol, affine))
+        vol = np.asanyarray(can.dataobj)
+    except Exception as e:
+        raise DecodeError(f"corrupt NIfTI: orientation {type(e).__name__}") from e
+    if vol.shape[2] != 1 and sum(s > 1 for s in vol.shape) == 2:
+        vol = np.moveaxis(vol, vol.shape.index(1), 2)  # a single (e.g. sagittal) plane: keep it whole
+    if require_2d and vol.shape[2] > 1:
+        raise DecodeError(f"3-D volume (nifti, {vol.shape[2]} slices): not a 2-D image")
+
+    lo, hi = _volume_window(vol)
+    # rot90 over axes (0, 1) per slice: rows become A (anterior at row 0), columns R.
+    u8 = np.ascontiguousarray(np.moveaxis(np.rot90(_scale_range(vol, lo, hi), 1, axes=(0, 1)), 2, 0))
+    nz = u8.shape[0]
+    # Head foreground: above 5 % of the volume window. Low on purpose: dim edge slices and dark
+    # tissue still count, while zero padding and MR background noise (well under 5 % of the
+    # 99.5th percentile) do not. Otsu was tried and dropped dim-but-real slices.
+    frac = (u8 > _FOREGROUND_LEVEL).mean(axis=(1, 2))
+    keep = np.flatnonzero(frac >= min_foreground)
+    if keep.size == 0:
+        keep = np.array([nz // 2])
+    return DecodedScan(
+        slices=u8[keep] if keep.size < nz else u8,
+        format="nifti",
+        mode=dtype_name,
+        width=int(u8.shape[2]),
+        height=int(u8.shape[1]),
+        kind="volume" if nz > 1 else "image",
+        slice_index=keep.astype(np.int64),
+        num_slices=nz,
+    )

@@ -1,0 +1,413 @@
+"""Batch scoring: listing (folders, archives, manifests), one row per unit, real images, S3, bad input,
+volumes, Grad-CAM, resume after a killed run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torchmetrics.functional.classification import binary_auroc
+
+from raytumor import formats
+from raytumor.bundle import BundleMeta, load_bundle, save_bundle
+from raytumor.ingest import StorageOptions
+from raytumor.model import create_model, normalization
+from raytumor.predict import forward_probs
+from raytumor.score import (
+    ScoreConfig,
+    archive_kind,
+    list_units,
+    read_scores,
+    score,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 96
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fixtures: a real (head-fitted) bundle, and a corpus of every kind of bad input
+
+
+def _load_gray(path: Path, size: int = SIZE) -> np.ndarray:
+    """The preprocessing training and scoring share (incl. JPEG draft decoding at the target size)."""
+    return formats.fit_square(formats.decode_image(path.read_bytes(), draft_size=size).pixels, size)
+
+
+@pytest.fixture(scope="module")
+def bundle(navoneel, tmp_path_factory) -> Path:
+    """EfficientNet-Lite0 with ImageNet features (from the wheel) and a head fitted on navoneel-253.
+
+    Fitting the head on frozen features takes seconds and gives a model whose scores mean something, so
+    positives exist for Grad-CAM and the tumour/no split is testable.
+    """
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 2, weights="imagenet", dropout=0.0).eval()
+    paths = sorted((navoneel / "no").iterdir()) + sorted((navoneel / "yes").iterdir())
+    y = torch.tensor(
+        [0] * len(list((navoneel / "no").iterdir())) + [1] * len(list((navoneel / "yes").iterdir()))
+    )
+    x = torch.from_numpy(np.stack([_load_gray(p) for p in paths]))
+    with torch.no_grad():
+        feats = torch.cat([model.forward_features(x[i : i + 64]) for i in range(0, len(x), 64)])
+    head = model.head[1]
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(feats), y).backward()
+        opt.step()
+    mean, std = normalization("efficientnet_lite0")
+    meta = BundleMeta(
+        backbone="efficientnet_lite0",
+        classes=["no", "yes"],
+        negative_class="no",
+        image_size=SIZE,
+        mean=list(mean),
+        std=list(std),
+    )
+    return save_bundle(tmp_path_factory.mktemp("bundle") / "b", model.state_dict(), meta)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _pydicom_file(name: str) -> Path:
+    from pydicom.data import get_testdata_file
+
+    return Path(get_testdata_file(name))
+
+
+def _nibabel_file(name: str) -> Path:
+    import nibabel
+
+    return Path(nibabel.__file__).parent / "tests" / "data" / name
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(navoneel, tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
+    """A folder with good, odd and broken files; returns (root, {unit id: expected error substring or None})."""
+    root = tmp_path_factory.mktemp("corpus")
+    jpgs = sorted((navoneel / "yes").glob("*.jpg"))
+    real = next(p for p in jpgs if formats.sniff_format(p.read_bytes()) == "jpeg").read_bytes()
+    # a real PNG named .jpg (PROVENANCE.md lists six in no/)
+    real_png = (navoneel / "no" / "No15.jpg").read_bytes()
+    assert formats.sniff_format(real_png) == "png"
+    gray = _load_gray(jpgs[0], 200)
+    exp: dict[str, str | None] = {}
+
+    def put(rel: str, data: bytes, expect: str | None) -> Path:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        exp[str(p)] = expect
+        return p
+
+    put("good.jpg", real, None)
+    put("png_named_as.jpg", real_png, None)
+    put("nested/deeper/gray16.png", _png(Image.fromarray(gray.astype(np.uint16) * 200)), None)
+    put("rgba.png", _png(Image.fromarray(gray).convert("RGBA")), None)
+    put("palette.png", _png(Image.fromarray(gray).convert("P")), None)
+    put("empty.jpg", b"", "empty file")
+    put("truncated.jpg", real[: len(real) // 3], "truncated")
+    put("notes.txt", b"not an image at all\n" * 10, "unknown format")
+    # A PNG whose header claims 100,000 x 100,000 pixels: refused before any pixel buffer exists.
+    bomb = bytearray(_png(Image.new("L", (8, 8))))
+    bomb[16:24] = (100_000).to_bytes(4, "big") * 2
+    bomb[29:33] = zlib.crc32(bytes(bomb[12:29])).to_bytes(4, "big")  # a valid IHDR: refused for its size
+    put("bomb.png", bytes(bomb), "decompression bomb")
+    put("mr.dcm", _pydicom_file("MR_small.dcm").read_bytes(), None)
+    put("rtplan.dcm", _pydicom_file("rtplan.dcm").read_bytes(), "without pixel data")
+    put("anatomical.nii", _nibabel_file("anatomical.nii").read_bytes(), None)
+    put("fmri.nii.gz", _nibabel_file("example4d.nii.gz").read_bytes(), "4-D")
+    put("broken.zip", b"PK\x03\x04" + os.urandom(300), "corrupt zip archive")
+
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        z.writestr("scans/", b"")  # a directory entry: not a unit
+        z.writestr("scans/a.jpg", real)
+        z.writestr("scans/../../escape.png", real_png)  # hostile name: only ever a string in the row
+        z.writestr("scans/readme.txt", b"hello")
+    zpath = put("batch.zip", zbuf.getvalue(), None)
+    del exp[str(zpath)]
+    exp[f"{zpath}!scans/a.jpg"] = None
+    exp[f"{zpath}!scans/../../escape.png"] = None
+    exp[f"{zpath}!scans/readme.txt"] = "unknown format"
+
+    tbuf = io.BytesIO()
+    with tarfile.open(fileobj=tbuf, mode="w:gz") as t:
+        for name, data in (("x/one.jpg", real), ("x/one.jpg", real_png), ("x/broken.png", real_png[:200])):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("x/link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        t.addfile(link)
+    tpath = put("more.tar.gz", tbuf.getvalue(), None)
+    del exp[str(tpath)]
+    exp[f"{tpath}!x/one.jpg"] = None
+    exp[f"{tpath}!x/one.jpg#2"] = None  # the same name twice: both rows, distinct ids
+    exp[f"{tpath}!x/broken.png"] = "truncated"
+    exp[f"{tpath}!x/link.jpg"] = "link"
+
+    ebuf = io.BytesIO()
+    with tarfile.open(fileobj=ebuf, mode="w"):
+        pass
+    put("empty.tar", ebuf.getvalue(), "empty archive")
+    put("fake.tar", b"this is not a tar archive" * 40, "corrupt tar")
+    return root, exp
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Listing (no Ray)
+
+
+def test_archive_kinds():
+    assert (
+        archive_kind("a/b.ZIP") == "zip"
+        and archive_kind("x.tar.gz") == "tar"
+        and archive_kind("x.tgz") == "tar"
+    )
+    assert archive_kind("brain.nii.gz") is None and archive_kind("scan.jpg") is None
+
+
+def test_list_units_expands_zips_and_keeps_tars_whole(bad_corpus):
+    root, exp = bad_corpus
+    units = list_units(str(root))
+    t = units.table
+    assert t["id"].is_unique
+    zip_ids = set(t.loc[t["kind"] == "zip", "id"])
+    assert zip_ids == {i for i in exp if "batch.zip!" in i}  # directory entry skipped
+    assert (t["kind"] == "tar").sum() == 3  # streamed in tasks: member count unknown until read
+    assert [i for i, _ in units.error_rows] == [str(root / "broken.zip")]
+    assert "corrupt zip archive" in units.error_rows[0][1]
+
+
+def test_list_units_from_manifest(bad_corpus, tmp_path):
+    root, _ = bad_corpus
+    m = tmp_path / "list.csv"
+    rel = os.path.relpath(root / "good.jpg", tmp_path)
+    pd.DataFrame(
+        {"path": [rel, str(root / "good.jpg"), str(root / "missing.jpg"), str(root / "batch.zip")]}
+    ).to_csv(m, index=False)
+    units = list_units(str(m))
+    assert units.duplicate_entries == 1  # relative and absolute name the same file once resolved
+    assert str(root / "good.jpg") in set(units.table["id"])
+    assert (units.table["kind"] == "zip").sum() == 3
+    assert (str(root / "missing.jpg"), "not found") in units.error_rows
+    with pytest.raises(FileNotFoundError):
+        list_units(str(tmp_path / "nowhere"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring with Ray
+
+
+@pytest.mark.ray
+def test_scores_a_real_folder_exactly_like_the_model(ray_session, bundle, navoneel, tmp_path):
+    out = tmp_path / "out"
+    s = score(ScoreConfig(bundle=str(bundle), input=str(navoneel), output=str(out), csv=True))
+    files = sorted(p for p in navoneel.rglob("*") if p.is_file())
+    df = read_scores(str(out))
+    # rows in == rows out, one per file (PROVENANCE.md becomes an error row, not a lost file)
+    assert len(df) == len(files) == s["rows"] and df["path"].is_unique and s["missing_rows"] == 0
+    images = df[df["error"].isna()]
+    assert len(images) == 253 and s["scored"] == 253 and s["errors"] == len(files) - 253
+    # the Ray path computes the same probabilities as the model applied directly
+    b = load_bundle(bundle, device="cpu")
+    sample = images.sample(24, random_state=0)
+    x = np.stack([_load_gray(Path(p)) for p in sample["path"]])
+    direct = forward_probs(b.model, x, b.device)[:, 1].numpy()
+    np.testing.assert_allclose(sample["prob_yes"].to_numpy(), direct, atol=1e-4)
+    np.testing.assert_allclose(sample["score"], sample["prob_yes"], atol=1e-6)
+    # the score means tumour: the fitted model separates the folders
+    truth = torch.tensor(images["path"].str.contains("/yes/").to_numpy())
+    assert binary_auroc(torch.tensor(images["score"].to_numpy()), truth).item() > 0.85
+    assert set(images["label"]) <= {"no", "yes"} and (images["label"] == "yes").sum() == s["positives"]
+    assert (df["bundle_id"] == b.meta.bundle_id).all() and df["scored_at"].notna().all()
+    # no scan metadata in the table, only what the contract lists
+    assert not {"width", "height", "mode", "sha256", "PatientName"} & set(df.columns)
+    csv = pd.read_csv(out / "scores.csv")
+    assert len(csv) == len(df) and set(csv["path"]) == set(df["path"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == len(files) and summary["duplicate_rows"] == 0
+
+
+@pytest.mark.ray
+def test_bad_input_corpus_rows_in_equal_rows_out(ray_session, bundle, bad_corpus, tmp_path, capsys):
+    from raytumor.score import get_args_parser, main
+
+    root, exp = bad_corpus
+    out = tmp_path / "out"
+    s = main(
+        get_args_parser().parse_args(["--bundle", str(bundle), "--input", str(root), "--output", str(out)])
+    )
+    df = read_scores(str(out)).set_index("path")
+    assert df.index.is_unique and set(df.index) == set(exp), set(df.index) ^ set(exp)
+    for uid, want in exp.items():
+        err = df.at[uid, "error"]
+        if want is None:
+            assert err is None or pd.isna(err), (uid, err)
+            assert 0 <= df.at[uid, "score"] <= 1 and df.at[uid, "label"] in ("no", "yes")
+        else:
+            assert isinstance(err, str) and want in err, (uid, err)
+            assert pd.isna(df.at[uid, "score"]) and pd.isna(df.at[uid, "label"])
+    vol = df.loc[str(root / "anatomical.nii")]
+    assert (
+        vol["kind"] == "volume"
+        and vol["n_slices"] > 1
+        and 0 <= vol["slice"]
+        and not pd.isna(vol["score_mean"])
+    )
+    assert df.loc[str(root / "mr.dcm"), "format"] == "dicom"
+    assert s["errors"] == sum(v is not None for v in exp.values())
+    printed = capsys.readouterr().out
+    assert f"{len(exp)} rows: {len(exp) - s['errors']} scored, {s['errors']} errors" in printed
+    # nothing was extracted next to the input, and no output file is named after a member
+    assert not (root.parent / "escape.png").exists()
+    assert {p.name for p in out.rglob("*") if p.is_file()} <= {"run.json", "summary.json"} | {
+        p.name for p in (out / "scores").iterdir()
+    }
+
+
+@pytest.mark.ray
+def test_volumes_per_slice_rows_and_gradcam(ray_session, bundle, navoneel, tmp_path):
+    ixi = REPO.parent / "shared" / "data" / "ixi-t1-nichart-42" / "nifti"
+    if not ixi.is_dir():
+        pytest.skip(f"real data {ixi} is absent")
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in sorted(ixi.glob("*.nii.gz"))[:2]:
+        (src / p.name).symlink_to(p)
+    for p in sorted((navoneel / "yes").iterdir())[:12]:
+        (src / p.name).symlink_to(p)
+    out = tmp_path / "out"
+    s = score(ScoreConfig(bundle=str(bundle), input=str(src), output=str(out), slice_rows=True, explain=True))
+    df = read_scores(str(out)).set_index("path")
+    assert len(df) == 14 and s["errors"] == 0
+    vols = df[df["kind"] == "volume"]
+    assert len(vols) == 2 and (vols["n_slices"] > 20).all()
+    slices = pd.read_parquet(out / "slices.parquet")
+    assert len(slices) == vols["n_slices"].sum()
+    for path, row in vols.iterrows():
+        mine = slices[slices["path"] == path]
+        # the volume's score is its most suspicious slice, and `slice` says which one
+        assert row["score"] == pytest.approx(mine["score"].max(), abs=1e-6)
+        assert row["slice"] == mine.loc[mine["score"].idxmax(), "slice"]
+        assert row["score_mean"] == pytest.approx(mine["score"].mean(), abs=1e-5)
+    pos = df[df["label"] == "yes"]
+    assert len(pos) >= 6  # the fitted model calls most tumour scans positive
+    assert pos["explain"].notna().all() and df.loc[df["label"] == "no", "explain"].isna().all()
+    for rel in pos["explain"]:
+        assert "/" not in rel.split("explain/", 1)[1]
+        with Image.open(out / rel) as im:
+            assert im.format == "PNG" and im.mode == "RGB" and min(im.size) >= SIZE
+
+
+@pytest.mark.ray
+def test_s3_bucket_in_and_out(ray_session, bundle, navoneel, s3_server, s3_client, tmp_path):
+    s3_client.create_bucket(Bucket="scans")
+    files = sorted((navoneel / "yes").iterdir())[:20] + sorted((navoneel / "no").iterdir())[:20]
+    for p in files:
+        s3_client.upload_file(str(p), "scans", f"archive/{p.parent.name}/{p.name}")
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        for p in files[:5]:
+            z.write(p, f"zipped/{p.name}")
+    s3_client.put_object(Bucket="scans", Key="archive/batch.zip", Body=zbuf.getvalue())
+    s = score(
+        ScoreConfig(
+            bundle=str(bundle),
+            input="s3://scans/archive",
+            output="s3://scans/results",
+            s3_endpoint=s3_server,
+            csv=True,
+        )
+    )
+    assert s["rows"] == 45 and s["scored"] == 45 and s["missing_rows"] == 0
+    storage = StorageOptions(endpoint_override=s3_server)
+    df = read_scores("s3://scans/results", storage)
+    assert df["path"].str.startswith("s3://scans/archive/").all() and df["path"].is_unique
+    assert (df["path"].str.contains("batch.zip!zipped/")).sum() == 5
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="scans", Prefix="results/")["Contents"]}
+    assert {"results/summary.json", "results/run.json", "results/scores.csv"} <= keys
+    # rerun: everything is already there, nothing is scored twice
+    again = score(
+        ScoreConfig(
+            bundle=str(bundle), input="s3://scans/archive", output="s3://scans/results", s3_endpoint=s3_server
+        )
+    )
+    assert again["this_run_units"] == 0 and again["rows"] == 45 and again["duplicate_rows"] == 0
+
+
+@pytest.mark.ray
+def test_output_of_another_bundle_is_not_mixed(ray_session, bundle, tmp_path, navoneel):
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "run.json").write_text(
+        json.dumps({"bundle_id": "other", "input": str(navoneel), "threshold": 0.5})
+    )
+    with pytest.raises(ValueError, match="--overwrite"):
+        score(ScoreConfig(bundle=str(bundle), input=str(navoneel), output=str(out)))
+
+
+@pytest.mark.slow
+def test_resume_after_killed_run_scores_only_the_rest(bundle, br35h, tmp_path):
+    """Kill a real `raytumor score` process mid-run (SIGKILL, whole process group), rerun the same command."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for cls in ("yes", "no"):
+        for p in sorted((br35h / cls).iterdir())[:300]:
+            (src / f"{cls}_{p.name}").symlink_to(p)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "raytumor.cli", "score", "--bundle", str(bundle), "--input", str(src),
+        "--output", str(out), "--units-per-block", "16",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAYTUMOR_DASHBOARD": "0",
+    }
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    parts = out / "scores"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if parts.is_dir() and len(list(parts.glob("*.parquet"))) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = read_scores(str(out), columns=["path"], skip_unreadable=True)
+    assert 0 < len(first) < 600
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "already scored" in done.stdout
+    df = read_scores(str(out))
+    assert len(df) == 600 and df["path"].is_unique and df["error"].isna().all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        summary["resumed_from"] >= len(first) and summary["this_run_units"] == 600 - summary["resumed_from"]
+    )
