@@ -23,7 +23,7 @@ from PIL import Image
 from torchmetrics.functional.classification import binary_auroc
 
 from raytumor import formats
-from raytumor.bundle import BundleMeta, load_bundle, save_bundle
+from raytumor.bundle import BundleMeta, fetch_bundle, load_bundle, save_bundle
 from raytumor.ingest import StorageOptions
 from raytumor.model import create_model, normalization
 from raytumor.predict import forward_probs
@@ -331,9 +331,17 @@ def test_s3_bucket_in_and_out(ray_session, bundle, navoneel, s3_server, s3_clien
         for p in files[:5]:
             z.write(p, f"zipped/{p.name}")
     s3_client.put_object(Bucket="scans", Key="archive/batch.zip", Body=zbuf.getvalue())
+    # the bundle lives in the bucket too, as it would for a multi-node cluster
+    for f in Path(bundle).iterdir():
+        s3_client.upload_file(str(f), "scans", f"models/b1/{f.name}")
+    local = fetch_bundle("s3://scans/models/b1", StorageOptions(endpoint_override=s3_server))
+    assert (
+        local != Path(bundle)
+        and (local / "model.pt").read_bytes() == (Path(bundle) / "model.pt").read_bytes()
+    )
     s = score(
         ScoreConfig(
-            bundle=str(bundle),
+            bundle="s3://scans/models/b1",
             input="s3://scans/archive",
             output="s3://scans/results",
             s3_endpoint=s3_server,

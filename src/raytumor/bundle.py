@@ -124,6 +124,41 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def fetch_bundle(uri: str | os.PathLike, storage: Any = None) -> Path:
+    """A local directory holding the bundle at ``uri``: the path itself, or a cached copy of an
+    ``s3://``/``gs://`` bundle (so scoring actors on every node of a cluster load the same model).
+
+    The cache is keyed by the URI and the remote ``model.pt``'s size and mtime, so a replaced bundle is
+    fetched again; the copy lands in a temp dir first and is renamed into place (concurrent actors).
+    """
+    uri = str(uri)
+    if "://" not in uri or uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    import pyarrow.fs as pafs
+
+    from raytumor.ingest import get_filesystem
+
+    fs, path = get_filesystem(uri, storage)
+    info = fs.get_file_info(f"{path}/{MODEL_FILE}")
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{uri} is not a model bundle (no {MODEL_FILE})")
+    key = hashlib.sha256(f"{uri}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("RAYTUMOR_CACHE", Path.home() / ".cache" / "raytumor")) / "bundles"
+    dest = cache / key
+    if (dest / META_FILE).is_file():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache))
+    try:
+        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / META_FILE).is_file():  # another process won the rename: use its copy
+            raise
+    return dest
+
+
 def read_meta(path: str | os.PathLike) -> BundleMeta:
     path = Path(path)
     if not (path / META_FILE).is_file():

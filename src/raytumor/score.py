@@ -78,7 +78,7 @@ class ScoreConfig:
     explain: bool = False
     min_foreground: float = 0.05  # volumes: slices with less head than this are not scored
     max_file_bytes: int = 2 << 30
-    units_per_block: int = 64  # resume granularity: a killed run loses at most the blocks in flight
+    units_per_block: int = 32  # resume granularity: a killed run loses at most the blocks in flight
     num_actors: int | None = None
     overwrite: bool = False
 
@@ -414,11 +414,11 @@ class ScorePredictor:
     ) -> None:
         import torch
 
-        from raytumor.bundle import load_bundle
+        from raytumor.bundle import fetch_bundle, load_bundle
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.bundle = load_bundle(bundle_dir)
+        self.bundle = load_bundle(fetch_bundle(bundle_dir, storage))
         self.meta = self.bundle.meta
         self.batch_size = batch_size
         self.threshold = self.meta.threshold if threshold is None else threshold
@@ -672,8 +672,14 @@ def write_slice_rows(output: str, storage: StorageOptions | None) -> str:
 def summarise(output: str, storage: StorageOptions | None, negative_class: str | None) -> dict[str, Any]:
     df = read_scores(output, storage, columns=["path", "label", "error", "kind", "n_slices"])
     err = df["error"].notna()
-    pos = df["label"].notna() & (df["label"] != negative_class if negative_class else True)
+    # Without a no-tumour class (multi-class bundles) nothing is "positive": see the label counts.
+    pos = (
+        df["label"].notna() & (df["label"] != negative_class)
+        if negative_class
+        else df["label"].isna() & False
+    )
     return {
+        "labels": {str(k): int(v) for k, v in df["label"].value_counts().items()},
         "rows": int(len(df)),
         "unique_paths": int(df["path"].nunique()),
         "scored": int((~err).sum()),
@@ -695,12 +701,12 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from raytumor.bundle import read_meta
+    from raytumor.bundle import fetch_bundle, read_meta
     from raytumor.evaluate import predictor_resources
 
     t0 = time.time()
     storage = StorageOptions.from_env(cfg.s3_endpoint)
-    meta = read_meta(cfg.bundle)
+    meta = read_meta(fetch_bundle(cfg.bundle, storage))
     threshold = meta.threshold if cfg.threshold is None else cfg.threshold
     run = {"bundle": str(cfg.bundle), "bundle_id": meta.bundle_id, "input": cfg.input, "threshold": threshold}
     previous = _read_text(_join(cfg.output, RUN_FILE), storage)
@@ -769,13 +775,14 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
             },
             batch_size=cfg.units_per_block,
             batch_format="numpy",
-            num_cpus=1,
+            num_cpus=r["decode_cpus"],
         )
         size = cfg.num_actors or r["size"]
         ds = ds.map_batches(
             ScorePredictor,
             fn_constructor_kwargs={
-                "bundle_dir": str(Path(cfg.bundle).resolve()),
+                # a bucket URI stays a URI: actors on other nodes fetch it themselves
+                "bundle_dir": cfg.bundle if "://" in cfg.bundle else str(Path(cfg.bundle).resolve()),
                 "batch_size": batch_size,
                 "threshold": cfg.threshold,
                 "num_threads": r["threads"],
@@ -784,7 +791,8 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
                 "slice_rows": cfg.slice_rows,
             },
             compute=ActorPoolStrategy(size=size),
-            batch_size=cfg.units_per_block,
+            # A GPU wants whole forward batches; blocks stay small (resume granularity) and get bundled.
+            batch_size=max(cfg.units_per_block, batch_size if gpu else 0),
             num_cpus=r["num_cpus"],
             num_gpus=r["num_gpus"],
             batch_format="numpy",
@@ -887,7 +895,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--max-file-bytes", type=int, default=2 << 30, help="larger files/members become error rows"
     )
     p.add_argument(
-        "--units-per-block", type=int, default=64, help="units per block: what an interrupted run can lose"
+        "--units-per-block", type=int, default=32, help="units per block: what an interrupted run can lose"
     )
     p.add_argument(
         "--num-actors", type=int, default=None, help="model actors (default: one per GPU, or from CPUs)"
