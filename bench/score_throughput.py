@@ -150,7 +150,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="first N files only")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8, help="both sides; 8 is raytumor score's CPU default")
     p.add_argument("--rss-backbone", default="mobilenet_v3_large")
     p.add_argument("--rss-image-size", type=int, default=64)
     p.add_argument("--skip-rss", action="store_true")
