@@ -157,6 +157,21 @@ def test_ray_job_submit_tune_to_a_local_head(tmp_path, phantoms):
 
         meta = load_bundle(out / "submitted" / "bundle", device="cpu").meta
         assert meta.image_size == 64 and meta.metrics["search"]["trials"] == 2
+
+        # the winner scores a folder as a second job on the same cluster
+        scores = tmp_path / "scores"
+        cmd = cmd[: cmd.index("--") + 1] + [
+            "python", "jobs/score.py", "--bundle", str(out / "submitted" / "bundle"), "--input", str(phantoms),
+            "--output", str(scores), "--csv",
+        ]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        from raytumor.score import read_scores
+
+        n_files = sum(1 for p in phantoms.rglob("*") if p.is_file())
+        df = read_scores(str(scores))
+        assert len(df) == n_files and df["path"].is_unique
+        assert f"[score] {n_files} rows:" in r.stdout
     finally:
         nodes.stop_all()
 

@@ -30,6 +30,8 @@ def test_demo_job_end_to_end(tmp_path):
             "60",
             "--epochs",
             "2",
+            "--tune-epochs",
+            "1",
             "--image-size",
             "64",
             "--num-workers",
@@ -47,6 +49,18 @@ def test_demo_job_end_to_end(tmp_path):
     ingest = json.loads((Path(summary["run_dir"]) / "ingest_summary.json").read_text())
     assert ingest["files_rejected"] == 3 and ingest["files_decoded"] == 120
     assert "SYNTHETIC" in r.stdout
+    # the whole pipeline: a 2-backbone search, the winner trained, a folder scored, reports written
+    import pandas as pd
+
+    board = pd.read_csv(summary["search"]["leaderboard"])
+    assert len(board) == 2 and set(board["config/backbone"]) == {"efficientnet_lite0", "efficientnet_lite1"}
+    inbox = [p for p in (tmp_path / "inbox").rglob("*") if p.is_file()]
+    assert summary["score_summary"]["rows"] == len(inbox) and summary["score_summary"]["errors"] >= 3
+    assert (
+        Path(summary["report"]).is_file() and (Path(summary["run_dir"]) / "report" / "report.html").is_file()
+    )
+    for line in ("search leaderboard:", "bundle:", "scores:", "holdout report:"):
+        assert line in r.stdout
 
 
 def test_br35h_split_removes_leakage(ray_session, br35h):

@@ -419,3 +419,24 @@ def test_resume_after_killed_run_scores_only_the_rest(bundle, br35h, tmp_path):
     assert (
         summary["resumed_from"] >= len(first) and summary["this_run_units"] == 600 - summary["resumed_from"]
     )
+
+
+def test_predictor_applies_the_bundles_temperature_and_threshold(bundle, navoneel, tmp_path):
+    """In-process (no Ray): labels follow the stored operating threshold, probabilities its temperature."""
+    from raytumor.bundle import read_meta
+    from raytumor.score import ScorePredictor, _columns, _decoded_row
+
+    meta = read_meta(bundle)
+    meta.threshold, meta.temperature = 0.9, 2.0
+    calibrated = save_bundle(tmp_path / "cal", load_bundle(bundle, device="cpu").model.state_dict(), meta)
+    files = sorted((navoneel / "yes").iterdir())[:16] + sorted((navoneel / "no").iterdir())[:16]
+    rows = [_decoded_row(str(p), SIZE, p.read_bytes(), None, 0.05) for p in files]
+    plain = ScorePredictor(str(bundle), batch_size=8)(_columns(rows)).to_pandas()
+    cal = ScorePredictor(str(calibrated), batch_size=8)(_columns(rows)).to_pandas()
+    # softmax(z / 2) from softmax(z): the same ranking, probabilities pulled towards 0.5
+    from raytumor.calibrate import rescale_probs
+
+    expect = rescale_probs(plain[["prob_no", "prob_yes"]].to_numpy(np.float64), 1.0, 2.0)[:, 1]
+    np.testing.assert_allclose(cal["score"], expect, atol=1e-4)
+    assert ((cal["score"] >= 0.9) == (cal["label"] == "yes")).all()
+    assert (cal["label"] == "yes").sum() < (plain["label"] == "yes").sum()

@@ -54,6 +54,16 @@ def test_ddp_run_writes_a_loadable_bundle(ddp_run):
     )
     fp = bundle.train_fingerprints()
     assert len(fp) > 100 and {"sha256", "dhash", "thumb"} <= set(fp.columns)
+    # calibrated on validation: temperature fitted, threshold reaches the target sensitivity there,
+    # and the test metrics are measured at that operating point
+    cal = meta.metrics["calibration"]
+    assert cal["fitted_on"] == "val" and cal["n"] > 20 and 0.05 <= meta.temperature <= 20
+    assert meta.threshold == cal["threshold"] and cal["val_sensitivity"] >= cfg.target_sensitivity
+    # the run ends with the HTML report on the test split
+    assert summary["report"] and Path(summary["report"]).is_file()
+    assert (Path(summary["report"]).parent / "report.json").is_file()
+    (tn, fp_), (fn, tp) = test["confusion_matrix"]
+    assert test["sensitivity"] == pytest.approx(tp / (tp + fn))
 
 
 def test_worker_failure_recovered_from_checkpoint(ddp_run):

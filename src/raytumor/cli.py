@@ -12,6 +12,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("raytumor.train", "fine-tune a classifier on a labelled folder/bucket/manifest"),
     "tune": ("raytumor.tune", "search backbones and hyperparameters with Ray Tune (ASHA)"),
     "score": ("raytumor.score", "batch-score a folder/bucket/archive of scans: one row per file, resumable"),
+    "report": ("raytumor.report", "self-contained HTML evaluation report of a bundle on labelled data"),
     "evaluate": ("raytumor.evaluate", "metrics of a bundle on labelled data, with 95%% CIs"),
     "demo": ("raytumor.demo", "synthetic phantoms -> train -> evaluate, on a fresh machine"),
 }

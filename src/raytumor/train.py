@@ -59,6 +59,8 @@ class TrainConfig:
     storage_path: str | None = None
     s3_endpoint: str | None = None
     seed: int = 0
+    target_sensitivity: float = 0.95  # operating threshold chosen on validation; 0 keeps 0.5, no calibration
+    report: bool = True  # HTML evaluation report of the bundle on the test split (OUT/NAME/report/)
     # Test hook: os._exit() a worker in this epoch on the first attempt (exercises FailureConfig).
     fail_at_epoch: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -567,9 +569,34 @@ def export_bundle(
     )
     fingerprints = data.fingerprints()
     bundle_mod.save_bundle(bundle_dir, state_dict, meta, fingerprints, history)
-    # Held-out test split, scored through the same Predictor path that `raytumor score` uses.
-    test_files = data.manifest.loc[data.manifest["split"] == "test", ["path", "label", "group"]]
-    test = _score_and_measure(bundle_dir, test_files, meta, StorageOptions.from_env(cfg.s3_endpoint))
+    # Validation and held-out test splits in one pass through the Predictor path `raytumor score` uses
+    # (temperature 1 so far). Validation calibrates: temperature scaling, then the operating threshold
+    # that reaches the target sensitivity; the test split is then measured at that calibration.
+    from raytumor.calibrate import calibrate_bundle_meta, rescale_probs
+    from raytumor.evaluate import predict_files
+
+    files = data.manifest.loc[
+        data.manifest["split"].isin(["val", "test"]), ["path", "label", "group", "split"]
+    ]
+    preds = pd.DataFrame(columns=["path"])
+    if not files.empty:
+        preds = predict_files(
+            bundle_dir, files[["path", "label"]], storage=StorageOptions.from_env(cfg.s3_endpoint)
+        )
+        preds = preds.merge(files[["path", "group", "split"]], on="path", how="left")
+    prob_cols = [f"prob_{c}" for c in meta.classes]
+    val = preds[preds["split"] == "val"] if len(preds) else preds
+    if cfg.target_sensitivity and len(val):
+        vp = val[prob_cols].to_numpy(dtype=np.float64)
+        ok = np.isfinite(vp).all(1)
+        cal = calibrate_bundle_meta(meta, vp[ok], val["label"].to_numpy()[ok], cfg.target_sensitivity)
+        meta.temperature, meta.threshold = float(cal["temperature"]), float(cal["threshold"])
+        meta.metrics["calibration"] = {**cal, "fitted_on": "val"}
+    test_preds = preds[preds["split"] == "test"].copy() if len(preds) else preds
+    if len(test_preds) and meta.temperature != 1.0:
+        tp = test_preds[prob_cols].to_numpy(dtype=np.float64)
+        test_preds[prob_cols] = rescale_probs(tp, 1.0, meta.temperature).astype(np.float32)
+    test = _measure(test_preds, meta)
     meta.metrics["test"] = test
     if cfg.test_data:
         from raytumor.evaluate import evaluate_source
@@ -643,6 +670,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     meta, test = export_bundle(
         cfg, data, state_dict, best_metrics, history, metric, split_sha, run_dir / "bundle"
     )
+    report = write_test_report(run_dir, data, cfg) if cfg.report else None
     res = train_resources(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker)
     wall = time.time() - t0
     summary = {
@@ -660,27 +688,44 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         },
         "workers": res.num_workers,
         "use_gpu": res.use_gpu,
+        "report": report,
         "wall_seconds": round(wall, 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
-def _score_and_measure(bundle_dir: Path, files: pd.DataFrame, meta: Any, storage: Any) -> dict[str, Any]:
-    from raytumor.evaluate import bootstrap_ci, compute_metrics, predict_files
+def write_test_report(run_dir: Path, data: SplitData, cfg: Any) -> str | None:
+    """``raytumor report`` on the held-out test split (a manifest written next to the run)."""
+    from raytumor.report import build_report
 
-    if files.empty:
+    test = data.manifest.loc[data.manifest["split"] == "test", ["path", "class_name"]]
+    if test.empty:
+        return None
+    manifest = run_dir / "test_manifest.csv"
+    test.rename(columns={"class_name": "label"}).to_csv(manifest, index=False)
+    build_report(
+        run_dir / "bundle", str(manifest), run_dir / "report", s3_endpoint=cfg.s3_endpoint, seed=cfg.seed
+    )
+    path = str(run_dir / "report" / "report.html")
+    print(f"[raytumor] report: {path}")
+    return path
+
+
+def _measure(preds: pd.DataFrame, meta: Any) -> dict[str, Any]:
+    """Metrics with 95 % CIs of predictions (``path, label, prob_<class>`` and optional ``group``)."""
+    from raytumor.evaluate import bootstrap_ci, compute_metrics
+
+    if preds.empty:
         return {"n": 0}
-    preds = predict_files(bundle_dir, files, storage=storage).sort_values("path", ignore_index=True)
+    preds = preds.sort_values("path", ignore_index=True)
     probs = preds[[f"prob_{c}" for c in meta.classes]].to_numpy(dtype=np.float32)
     ok = np.isfinite(probs).all(1)
-    labels = preds["label"].to_numpy()[ok]
+    labels = preds["label"].to_numpy().astype(np.int64)[ok]
     m = compute_metrics(labels, probs[ok], meta.classes, meta.negative_class, meta.threshold)
     groups = None
-    if "group" in files.columns:  # cluster bootstrap over duplicate groups
-        groups = (
-            preds[["path"]].merge(files[["path", "group"]], on="path", how="left")["group"].to_numpy()[ok]
-        )
+    if "group" in preds.columns:  # cluster bootstrap over duplicate groups
+        groups = preds["group"].to_numpy()[ok]
     m["ci95"] = bootstrap_ci(
         labels, probs[ok], meta.classes, meta.negative_class, meta.threshold, groups=groups
     )
@@ -743,6 +788,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--limit-per-class", type=int, default=None, help="subsample for quick runs")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (local or s3://) for checkpoints")
     p.add_argument("--s3-endpoint", default=None, help="endpoint of an S3-compatible store")
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=d.target_sensitivity,
+        help="fit temperature scaling on validation and set the operating threshold that reaches this "
+        "sensitivity there (0: no calibration, threshold 0.5)",
+    )
+    p.add_argument(
+        "--no-report", dest="report", action="store_false", help="skip the HTML report on the test split"
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     return p
 

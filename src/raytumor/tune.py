@@ -74,6 +74,7 @@ class SearchConfig:
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     limit_per_class: int | None = None
     test_data: str | None = None
+    report: bool = True  # HTML report of the winner on the test split
     seed: int = 0
 
     @property
@@ -297,6 +298,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         prepare_split,
         resolve_metric,
         write_split,
+        write_test_report,
     )
 
     t0 = time.time()
@@ -416,10 +418,12 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         bundle_dir,
         extra_meta={"search": {"trial_id": win["trial_id"], "trials": len(board), "config": winner_cfg}},
     )
+    report = write_test_report(run_dir, data, cfg) if cfg.report else None
     summary = {
         "run_dir": str(run_dir),
         "bundle": str(bundle_dir),
         "bundle_id": meta.bundle_id,
+        "report": report,
         "leaderboard": str(run_dir / "leaderboard.csv"),
         "trials": len(board),
         "trial_status": board["status"].value_counts().to_dict(),
@@ -476,6 +480,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="train,val,test fractions")
     p.add_argument("--limit-per-class", type=int, default=None, help="subsample for quick searches")
     p.add_argument("--test-data", default=None, help="extra labelled test source for the winner")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip the winner's HTML report")
     p.add_argument("--seed", type=int, default=None)
     return p
 
@@ -502,6 +507,8 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
             kw[k] = getattr(args, k)
     if args.use_gpu != "auto":
         kw["use_gpu"] = args.use_gpu
+    if not getattr(args, "report", True):
+        kw["report"] = False
     if args.split:
         kw["split"] = tuple(float(x) for x in args.split.split(","))
     elif "split" in kw:
