@@ -40,6 +40,18 @@ def br35h() -> Path:
     return shared_dataset("br35h-3000")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors: one intra-op thread is as fast, and immune to OpenMP spin-wait stalls that made these
+    forwards ~4x slower on a busy 2-core machine. Restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole run: each start costs seconds and GBs; 2 CPUs like CI."""
