@@ -24,7 +24,7 @@ import time
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -422,6 +422,7 @@ class ScorePredictor:
         self.meta = self.bundle.meta
         self.batch_size = batch_size
         self.threshold = self.meta.threshold if threshold is None else threshold
+        self.label_meta = replace(self.meta, threshold=self.threshold)  # --threshold override
         self.explain_dir = explain_dir
         self.storage = storage
         self.slice_rows = slice_rows
@@ -483,10 +484,7 @@ class ScorePredictor:
                 sc_lists[i] = (s if s is not None else p.max(1)).astype(np.float32).tolist()
             start += k
         ok = counts > 0
-        meta = type("M", (), {})()
-        meta.num_classes, meta.classes = self.meta.num_classes, cls
-        meta.negative_class, meta.threshold = self.meta.negative_class, self.threshold
-        pred = predict_labels(p_out, score, meta)
+        pred = predict_labels(p_out, score, self.label_meta)
         labels = [cls[int(pred[i])] if ok[i] else None for i in range(n)]
         slice_src = [
             int(np.frombuffer(batch["slice_index"][i], dtype=np.int32)[best[i]]) if ok[i] else None
@@ -669,15 +667,17 @@ def write_slice_rows(output: str, storage: StorageOptions | None) -> str:
     return _join(output, "slices.parquet")
 
 
-def summarise(output: str, storage: StorageOptions | None, negative_class: str | None) -> dict[str, Any]:
-    df = read_scores(output, storage, columns=["path", "label", "error", "kind", "n_slices"])
+SUMMARY_COLUMNS = ["path", "label", "error", "kind", "n_slices"]
+
+
+def summarise(df: pd.DataFrame, negative_class: str | None) -> dict[str, Any]:
+    """Counts over all score rows (``SUMMARY_COLUMNS`` of an output folder)."""
     err = df["error"].notna()
     # Without a no-tumour class (multi-class bundles) nothing is "positive": see the label counts.
-    pos = (
-        df["label"].notna() & (df["label"] != negative_class)
-        if negative_class
-        else df["label"].isna() & False
-    )
+    if negative_class:
+        pos = df["label"].notna() & (df["label"] != negative_class)
+    else:
+        pos = pd.Series(False, index=df.index)
     return {
         "labels": {str(k): int(v) for k, v in df["label"].value_counts().items()},
         "rows": int(len(df)),
@@ -801,10 +801,11 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
         )
         ds.write_parquet(spath, filesystem=sfs)
     wall = time.time() - t0
-    summary = summarise(cfg.output, storage, meta.negative_class)
+    rows = read_scores(cfg.output, storage, columns=SUMMARY_COLUMNS)
+    summary = summarise(rows, meta.negative_class)
     # Rows in == rows out: every listed file/zip member has a row (tar members are known only once read).
     listed = set(units.table.loc[units.table["kind"] != "tar", "id"]) | {i for i, _ in units.error_rows}
-    ids = set(read_scores(cfg.output, storage, columns=["path"])["path"])
+    ids = set(rows["path"])
     summary.update(
         {
             "input": cfg.input,
