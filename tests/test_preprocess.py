@@ -20,7 +20,10 @@ from raytumor.preprocess import (
     crop_to_head,
     head_mask,
     mask_is_plausible,
+    parse_spec,
+    spec_of,
     standardise_intensity,
+    to_model_input,
 )
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -344,3 +347,44 @@ def test_apply_runs_steps_in_order() -> None:
     both = apply(img, PreprocessConfig(crop=True, standardise=True))
     np.testing.assert_array_equal(both, standardise_intensity(crop, mask[y0:y1, x0:x1]))
     assert both.dtype == np.uint8 and both.ndim == 2
+
+
+def test_spec_parsing_round_trip() -> None:
+    assert parse_spec("none") == PreprocessConfig() and parse_spec(None) == PreprocessConfig()
+    assert parse_spec("crop,zscore") == PreprocessConfig(crop=True, standardise=True)
+    assert spec_of(parse_spec("zscore, crop")) == "crop,zscore" and spec_of({}) == "none"
+    for bad in ("crop,blur", "none,crop"):
+        with pytest.raises(ValueError, match="--preprocess"):
+            parse_spec(bad)
+
+
+def test_one_preprocessing_path_for_training_evaluation_and_scoring(tmp_path) -> None:
+    """The bundle records the steps; ingest (training/evaluation) and score decode through the same
+    function, so a scan reaches the model identically on every path. All off is the old fit_square."""
+    from raytumor.bundle import BundleMeta, read_meta, save_bundle
+    from raytumor.ingest import decode_batch
+    from raytumor.score import _decoded_row
+
+    root = SHARED / "br35h-3000"
+    if not root.is_dir():
+        pytest.skip(f"real data {root} is absent (expected ../shared/data/br35h-3000 beside the repo)")
+    files = [str(p) for p in sorted(root.glob("*/*.jpg"))[::500]]
+    cfg = parse_spec("crop,zscore")
+    size = 96
+    batch = decode_batch({"path": np.array(files, dtype=object)}, image_size=size, preprocess=cfg.to_dict())
+    plain = decode_batch({"path": np.array(files, dtype=object)}, image_size=size, fingerprints=False)
+    for i, f in enumerate(files):
+        pixels = decode_image(Path(f).read_bytes(), draft_size=size).pixels
+        expect = to_model_input(pixels, size, cfg)
+        np.testing.assert_array_equal(batch["image"][i], expect)
+        np.testing.assert_array_equal(plain["image"][i], fit_square(pixels, size))
+        np.testing.assert_array_equal(to_model_input(pixels, size, None), fit_square(pixels, size))
+        row = _decoded_row(f, size, Path(f).read_bytes(), None, 0.05, cfg)
+        np.testing.assert_array_equal(np.frombuffer(row["pixels"], np.uint8).reshape(size, size), expect)
+        assert not np.array_equal(expect, plain["image"][i])  # the steps really ran
+    # fingerprints (duplicate grouping) stay those of the unprocessed scan
+    assert (batch["dhash"] == decode_batch({"path": np.array(files, dtype=object)})["dhash"]).all()
+    meta = BundleMeta("efficientnet_lite0", ["no", "yes"], "no", size, [0.5] * 3, [0.5] * 3)
+    meta.preprocess = cfg.to_dict()
+    save_bundle(tmp_path / "b", {}, meta)
+    assert PreprocessConfig.from_dict(read_meta(tmp_path / "b").preprocess) == cfg

@@ -164,6 +164,78 @@ def test_args_parser_defaults():
     assert a.s3_endpoint is None
 
 
+def test_show_by_source_rule():
+    assert not report.show_by_source("/d/folder", {"/d/folder": {}})  # would repeat the pooled numbers
+    assert not report.show_by_source(["m.csv"], {"m.csv": {}})
+    assert report.show_by_source("m.csv", {"IXI T1": {}})  # keys from the manifest's source column
+    assert report.show_by_source(["a/", "b/"], {"a/": {}, "b/": {}})
+    assert report.show_by_source(["a/", "b/"], {"a/": {}})  # one of two sources fully excluded
+    assert not report.show_by_source("a/", None)
+
+
+def test_by_source_section_from_metrics(tmp_path, monkeypatch):
+    """The page's by-source table shows metrics.json's ``by_source`` numbers (Ray-free: a stand-in for
+    ``evaluate_source`` writes the two files it would)."""
+    from raytumor import evaluate
+    from raytumor.bundle import BundleMeta, save_bundle
+
+    meta = BundleMeta(backbone="tiny", classes=["no", "yes"], negative_class="no", image_size=32,
+                      mean=[0.5], std=[0.25], threshold=0.5)  # fmt: skip
+    bundle = save_bundle(tmp_path / "bundle", {}, meta)
+    rng = np.random.default_rng(0)
+    ys = np.r_[np.repeat([0, 1], 20), np.zeros(12, int)]
+    score = np.clip(0.3 + 0.4 * ys + rng.normal(0, 0.2, 52), 0, 1).astype(np.float32)
+    src = ["/data/site_a"] * 40 + ["IXI T1"] * 12
+    preds = pd.DataFrame({"path": [f"/x/{i:03d}.png" for i in range(52)], "label": ys, "source": src,
+                          "patient_id": [None] * 40 + [f"IXI{i // 3}" for i in range(12)],
+                          "prob_no": 1 - score, "prob_yes": score, "score": score})  # fmt: skip
+    data = ["/data/site_a", "/data/ixi.csv"]
+
+    def fake_evaluate_source(bundle_dir, data_, out_dir, **kw):
+        out = Path(out_dir)
+        preds.to_parquet(out / "predictions.parquet", index=False)
+        res = {
+            "data": data_,
+            "source_pattern": None,
+            "metrics": evaluate.metrics_with_ci(preds, ["no", "yes"], "no", 0.5, kw["n_boot"], kw["seed"]),
+            "by_source": evaluate.per_source_metrics(
+                preds, ["no", "yes"], "no", 0.5, kw["n_boot"], kw["seed"]
+            ),
+            "files": {"files_listed": 52, "evaluated": 52, "excluded_duplicates_of_training": 0},
+            "rejected_files": [],
+            "excluded_files": [],
+        }
+        (out / "metrics.json").write_text(json.dumps(res, default=str))
+        return res
+
+    monkeypatch.setattr(evaluate, "evaluate_source", fake_evaluate_source)
+    rep = report.build_report(bundle, data, tmp_path / "out", n_boot=100, gallery=0)
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    by = json.loads((tmp_path / "out" / "metrics.json").read_text())["by_source"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["by_source"] == by == rep["by_source"]
+    assert 'id="by-source"' in page and "By source" in page
+    ixi, site = by["IXI T1"], by["/data/site_a"]
+    assert ixi["n"] == 12 and ixi["sensitivity"] is None and ixi["ci95_resampling"] == "patients"
+    fp = int((score[40:] >= 0.5).sum())
+    assert ixi["specificity"] == pytest.approx(1 - fp / 12) and ixi["false_positives"] == fp
+    section = page[page.index('id="by-source"') :]
+    section = section[: section.index("</section>")]
+    # source, n, positives, AUC, its CI, sensitivity, its CI, specificity, ...
+    assert (
+        f"<td>IXI T1</td><td>12</td><td>0</td><td>\u2014</td><td></td><td>\u2014</td><td></td>"
+        f"<td>{report._fmt(ixi['specificity'])}</td><td>{report._ci(ixi['ci95']['specificity'])}</td>"
+        f"<td>{report._fmt(ixi['fp_rate'])}</td><td>{report._fmt(0.5)}</td>"
+    ) in section
+    for v in (site["roc_auc"], site["sensitivity"], site["specificity"]):
+        assert f"<td>{report._fmt(v)}</td>" in section
+    assert f"<td>{report._ci(site['ci95']['roc_auc'])}</td>" in section
+    assert "/data/site_a + /data/ixi.csv" in page  # the summary names both data arguments
+    # one folder alone: no by-source section (its one row would repeat the pooled numbers)
+    preds["source"] = "/data/site_a"
+    rep = report.build_report(bundle, "/data/site_a", tmp_path / "one", n_boot=50, gallery=0)
+    assert rep["by_source"] is None and 'id="by-source"' not in (tmp_path / "one" / "report.html").read_text()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One real report
 
@@ -300,3 +372,71 @@ def test_chromium_screenshot(built, tmp_path):
     with Image.open(png) as im:
         a = np.asarray(im.convert("L"), dtype=np.float32)
     assert a.shape[1] >= 1000 and a.std() > 10  # not a blank page
+
+
+@pytest.fixture(scope="module")
+def ixi() -> Path:
+    path = REPO.parent / "shared" / "data" / "ixi-t1-nichart-42"  # as conftest.shared_dataset
+    if not (path / "manifest.csv").is_file():
+        pytest.skip(f"real data {path} is absent (expected ../shared/data/ixi-t1-nichart-42 beside the repo)")
+    return path
+
+
+@pytest.mark.ray
+def test_two_sources_by_source(ixi, built, tmp_path):
+    """One evaluation of two sources: a labelled folder (navoneel files the bundle did not train on) and
+    20 IXI healthy slices (10 patients, label ``no_tumor``), the bundle's classes being no/yes."""
+    import html as html_mod
+    import shutil
+
+    rows = pd.read_csv(ixi / "manifest.csv", dtype=str)
+    rows = rows[rows["path"].str.endswith(".png")]
+    rows = (
+        rows[rows["patient_id"].isin(sorted(rows["patient_id"].unique())[:10])].groupby("patient_id").head(2)
+    )
+    rows = rows.assign(path=[str(ixi / p) for p in rows["path"]])
+    assert len(rows) == 20
+    manifest = tmp_path / "ixi20.csv"
+    rows.to_csv(manifest, index=False)
+    folder = tmp_path / "site"
+    ev = built["preds"].sort_values("path")
+    for label, name in ((0, "no"), (1, "yes")):
+        (folder / name).mkdir(parents=True)
+        for p in ev.loc[ev["label"] == label, "path"].head(5):
+            shutil.copy(p, folder / name / Path(p).name)
+
+    out = tmp_path / "out"
+    report.build_report(
+        built["bundle"], [str(folder), str(manifest)], out, n_boot=200, gallery=0, exclude_duplicates=False
+    )
+    res = json.loads((out / "metrics.json").read_text())
+    preds = pd.read_parquet(out / "predictions.parquet")
+    key = "IXI T1 (2mm, uint8 downsampled)"
+    by = res["by_source"]
+    assert set(by) == {str(folder), key}
+    assert res["files"]["class_aliases"] == {"no_tumor": "no"}
+    assert res["metrics"]["n"] == len(preds) == 30 == sum(m["n"] for m in by.values())
+    ix = preds[preds["source"] == key]
+    assert len(ix) == 20 and (ix["label"] == 0).all()  # no_tumor -> the bundle's "no"
+    m = by[key]
+    assert (m["n"], m["positives"], m["sensitivity"], m["roc_auc"]) == (20, 0, None, None)
+    called_negative = float((ix["pred"] == 0).mean())
+    assert m["specificity"] == pytest.approx(called_negative)
+    assert m["false_positives"] == int((ix["pred"] == 1).sum())
+    assert m["ci95_resampling"] == "patients" and by[str(folder)]["ci95_resampling"] == "scans"
+    site = by[str(folder)]
+    assert (site["n"], site["positives"]) == (10, 5) and site["roc_auc"] is not None
+
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["by_source"] == by
+    page = (out / "report.html").read_text(encoding="utf-8")
+    section = page[page.index('id="by-source"') :]
+    section = section[: section.index("</section>")]
+    assert f"<td>{html_mod.escape(key)}</td><td>20</td><td>0</td><td>\u2014</td>" in section
+    assert (
+        f"<td>{report._fmt(m['specificity'])}</td><td>{report._ci(m['ci95']['specificity'])}</td>" in section
+    )
+    assert (
+        f"<td>{html_mod.escape(str(folder))}</td><td>10</td><td>5</td><td>{report._fmt(site['roc_auc'])}</td>"
+        in (section)
+    )

@@ -13,6 +13,7 @@ import tarfile
 import time
 import zipfile
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -305,12 +306,21 @@ def test_volumes_per_slice_rows_and_gradcam(ray_session, bundle, navoneel, tmp_p
     assert len(vols) == 2 and (vols["n_slices"] > 20).all()
     slices = pd.read_parquet(out / "slices.parquet")
     assert len(slices) == vols["n_slices"].sum()
+    from raytumor.volumes import volume_score
+
     for path, row in vols.iterrows():
-        mine = slices[slices["path"] == path]
-        # the volume's score is its most suspicious slice, and `slice` says which one
-        assert row["score"] == pytest.approx(mine["score"].max(), abs=1e-6)
-        assert row["slice"] == mine.loc[mine["score"].idxmax(), "slice"]
+        mine = slices[slices["path"] == path].reset_index(drop=True)
+        # IXI volumes are 2 mm: only slices 10-110 mm below the vertex are scored, 5 contiguous needed
+        z = mine["slice"].to_numpy()
+        top = formats.decode_scan((ixi / Path(path).name).read_bytes()).slice_index.max()
+        assert ((top - z) * 2.0 >= 10).all() and ((top - z) * 2.0 <= 110).all()
+        assert 45 <= len(mine) <= 51
+        vs, j = volume_score(mine["score"].to_numpy(), z, 2.0, 10.0)
+        assert row["score"] == pytest.approx(vs, abs=1e-6) and row["slice"] == z[j]
+        assert row["score_max"] == pytest.approx(mine["score"].max(), abs=1e-6)
+        assert row["score_max"] >= row["score"]
         assert row["score_mean"] == pytest.approx(mine["score"].mean(), abs=1e-5)
+        assert row["adaptation"] == "none"
     pos = df[df["label"] == "yes"]
     assert len(pos) >= 6  # the fitted model calls most tumour scans positive
     assert pos["explain"].notna().all() and df.loc[df["label"] == "no", "explain"].isna().all()
@@ -440,3 +450,41 @@ def test_predictor_applies_the_bundles_temperature_and_threshold(bundle, navonee
     np.testing.assert_allclose(cal["score"], expect, atol=1e-4)
     assert ((cal["score"] >= 0.9) == (cal["label"] == "yes")).all()
     assert (cal["label"] == "yes").sum() < (plain["label"] == "yes").sum()
+
+
+def test_adabn_and_flip_tta_rows_record_the_adaptation(ray_session, bundle, navoneel, tmp_path):
+    """--adapt adabn --tta flip: a first pass measures BN statistics on the input (saved, reused on
+    resume), every row says which adaptation scored it, and the scores are those of the adapted model."""
+    from raytumor.adapt import apply_bn_state, flip_tta_probs
+
+    ixi = REPO.parent / "shared" / "data" / "ixi-t1-nichart-42" / "no_tumor"
+    if not ixi.is_dir():
+        pytest.skip(f"real data {ixi} is absent")
+    src = tmp_path / "in"
+    src.mkdir()
+    files = sorted(ixi.glob("*.png"))[:40]
+    for p in files:
+        (src / p.name).symlink_to(p)
+    out = tmp_path / "out"
+    cfg = ScoreConfig(bundle=str(bundle), input=str(src), output=str(out), adapt="adabn", tta="flip")
+    s = score(cfg)
+    assert s["rows"] == 40 and s["errors"] == 0 and s["adaptation"] == "adabn+tta-flip"
+    assert s["adabn"]["images"] == 40
+    state = torch.load(out / "adabn_state.pt", weights_only=True)
+    assert state["images_seen"] == 40 and state["layers"]
+    df = read_scores(str(out)).set_index("path")
+    assert (df["adaptation"] == "adabn+tta-flip").all()
+    # The rows equal the adapted model + flip TTA applied in-process with the saved statistics.
+    loaded = load_bundle(bundle, device="cpu")
+    adapted = apply_bn_state(loaded.model, state)
+    x = np.stack([_load_gray(p) for p in files])
+    expect = flip_tta_probs(adapted, x, torch.device("cpu"))[:, 1].numpy()
+    got = df.loc[[str(src / p.name) for p in files], "score"].to_numpy()
+    np.testing.assert_allclose(got, expect, atol=1e-4)
+    plain = forward_probs(loaded.model, x, torch.device("cpu"))[:, 1].numpy()
+    assert np.abs(plain - expect).max() > 1e-3  # adaptation changed the scores
+    # The same output with another adaptation is refused; the same command resumes (nothing new).
+    with pytest.raises(ValueError, match="adaptation"):
+        score(replace(cfg, adapt="none"))
+    again = score(cfg)
+    assert again["this_run_units"] == 0 and again["rows"] == 40 and "adabn" not in again

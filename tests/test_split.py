@@ -524,3 +524,153 @@ def test_parameter_validation() -> None:
         split.split_groups(df, np.arange(2), fractions=(0.5, 0.5))
     assert split.find_duplicate_groups(df.iloc[:0]).shape == (0,)
     assert list(itertools.chain(split.split_groups(df.iloc[:0], np.zeros(0, int)))) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# patients, sources and leave-one-source-out
+
+
+def test_patient_groups_union_duplicates_and_patients_per_source() -> None:
+    df = pd.DataFrame(
+        {
+            "path": [f"f{i}" for i in range(9)],
+            "label": 0,
+            "patient_id": [None, "p1", None, "p2", "", "p1", "p1", "p2", None],
+            "source": ["A", "A", "A", "A", "A", "A", "B", "B", "B"],
+        }
+    )
+    dup = np.array([0, 0, 1, 2, 3, 4, 5, 6, 6])  # duplicate groups: {0,1}, {7,8}
+    g = split.patient_groups(df, dup)
+    # row 5 joins {0,1} through patient A/p1; B/p1 (row 6) and B/p2 (7, 8) are other patients
+    assert g[0] == g[1] == g[5] and len({g[0], g[6], g[7], g[3]}) == 4 and g[7] == g[8]
+    assert g[2] != g[4] and g[4] not in (g[0], g[3])  # blank / null ids link nothing
+    assert (split.patient_groups(df.drop(columns="patient_id"), dup) == split._dense_ids(dup)).all()
+    # without a source column the ids are global: B/p1 joins A/p1
+    g2 = split.patient_groups(df.drop(columns="source"), dup)
+    assert g2[6] == g2[1] and g2[3] == g2[7] == g2[8]
+    # find_duplicate_groups scopes patient ids by source the same way
+    fd = split.find_duplicate_groups(df.assign(sha256=None), min_corr=None)
+    assert fd[1] == fd[5] and fd[6] != fd[1] and fd[3] != fd[7]
+    assert set(split.duplicate_groups_table(df, fd)["reason"]) == {"patient"}
+
+
+def test_split_groups_keeps_patients_together_with_duplicates() -> None:
+    rng = np.random.default_rng(7)
+    rows = []
+    for p in range(60):  # 60 patients x 5 slices; patient label decides the class
+        for k in range(5):
+            rows.append({"path": f"p{p}_{k}", "patient_id": f"P{p}", "label": p % 2})
+    for i in range(120):  # files without a patient id
+        rows.append({"path": f"x{i}", "patient_id": None, "label": i % 2})
+    df = pd.DataFrame(rows).assign(sha256=lambda d: d["path"])
+    dup = np.arange(len(df))
+    # duplicates: some id-less files copy a patient's slice (must follow the patient), some pair up
+    for i in range(0, 40, 2):
+        dup[300 + i] = dup[int(rng.integers(0, 300))]
+    dup[380:400] = dup[360:380]
+    s = split.split_groups(df, dup, seed=1)
+    assert (df.assign(s=s).groupby("patient_id")["s"].nunique() == 1).all()
+    merged = split.patient_groups(df, dup)
+    assert split.leakage(df, s, merged)["straddling_groups"] == 0
+    assert split.leakage(df, s, dup)["straddling_groups"] == 0
+    frac = pd.Series(s).value_counts(normalize=True)
+    assert abs(frac["train"] - 0.7) < 0.05 and frac["val"] > 0.1 and frac["test"] > 0.1
+    # ignoring patients (no column) does split them: the grouping is what keeps them together
+    s0 = split.split_groups(df.drop(columns="patient_id"), dup, seed=1)
+    assert (df.assign(s=s0).groupby("patient_id")["s"].nunique() > 1).any()
+
+
+def test_ixi_manifest_patients_never_straddle_splits() -> None:
+    from raytumor.ingest import list_labelled
+
+    manifest = DATA / "ixi-t1-nichart-42" / "manifest.csv"
+    if not manifest.is_file():
+        pytest.skip(f"shared data not found at {manifest}")
+    files = list_labelled(str(manifest)).files
+    png = files[files["path"].str.endswith(".png")].reset_index(drop=True)
+    assert len(png) == 420 and png["patient_id"].nunique() == 42
+    assert set(png["source"]) == {"IXI T1 (2mm, uint8 downsampled)"}  # "NAME via ..." counts as NAME
+    rows = [
+        row(p, Path(p).read_bytes(), label=0, patient_id=pid)
+        for p, pid in zip(png["path"], png["patient_id"], strict=True)
+    ]
+    df = pd.DataFrame(rows).assign(source=png["source"])
+    groups = split.find_duplicate_groups(df)
+    assert len(set(groups)) == 42  # one group per subject: slices join by patient, subjects stay apart
+    for g in (groups, np.arange(len(df))):  # split_groups merges patients itself, too
+        s = split.split_groups(df, g, seed=0)
+        per_patient = df.assign(s=s).groupby("patient_id")["s"]
+        assert (per_patient.nunique() == 1).all() and (per_patient.size() == 10).all()
+        assert set(s) == {"train", "val", "test"}
+
+
+def test_source_key() -> None:
+    from raytumor.ingest import source_key
+
+    ixi = "IXI T1 (2mm, uint8 downsampled) via github:CBICA/NiChart_Project@e69:test_data/x.nii.gz"
+    assert source_key(ixi, "data/m.csv") == "IXI T1 (2mm, uint8 downsampled)"
+    assert source_key("br35h-3000", "d") == "br35h-3000"
+    assert source_key("  Kaggle set  via  x via y", "d") == "Kaggle set"
+    for missing in (None, float("nan"), pd.NA, "", "   ", " via somewhere"):
+        assert source_key(missing, "../shared/data/navoneel-253") == "../shared/data/navoneel-253"
+
+
+def test_list_labelled_several_sources(tmp_path: Path) -> None:
+    from raytumor.ingest import list_labelled
+
+    for root, classes in (("a", ("no", "yes")), ("b", ("no_tumor",))):
+        for c in classes:
+            (tmp_path / root / c).mkdir(parents=True)
+            for i in range(3):
+                (tmp_path / root / c / f"{c}{i}.png").write_bytes(b"x")
+    (tmp_path / "c").mkdir()
+    pd.DataFrame(
+        {
+            "path": ["s1.png", "s2.png", "s3.png"],
+            "label": ["yes", "no", "yes"],
+            "patient_id": ["7", None, "7"],
+            "source": ["Site X via scanner 1", None, "Site X via scanner 2"],
+        }
+    ).to_csv(tmp_path / "c" / "m.csv", index=False)
+    a, b, c = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c" / "m.csv")
+    lst = list_labelled([a, b, c])
+    f = lst.files.set_index(lst.files["path"].map(lambda p: Path(p).name))
+    assert f.loc["no0.png", "source"] == a and f.loc["no_tumor0.png", "source"] == b
+    assert list(f.loc[["s1.png", "s2.png", "s3.png"], "source"]) == ["Site X", c, "Site X"]
+    assert lst.class_aliases == {"no_tumor": "no"} and set(f["class_name"]) == {"no", "yes"}
+    assert f.loc["s1.png", "patient_id"] == "7" and f["patient_id"].isna().sum() == len(f) - 2
+    assert lst.summary()["per_source"] == {a: 6, b: 3, "Site X": 2, c: 1}
+    assert list_labelled([a]).files["source"].eq(a).all()  # one source: the data argument
+    with pytest.raises(ValueError, match="more than one data argument"):
+        list_labelled([a, a])
+
+
+def test_holdout_split_one_source_is_the_test_split() -> None:
+    rng = np.random.default_rng(0)
+    n_a, n_c = 200, 40
+    df = pd.DataFrame(
+        {
+            "path": [f"r{i}" for i in range(n_a + n_c)],
+            "label": np.r_[rng.integers(0, 2, n_a), np.zeros(n_c, int)],  # held-out C: negatives only
+            "source": ["A"] * (n_a // 2) + ["B"] * (n_a // 2) + ["C"] * n_c,
+            "patient_id": [None] * n_a + [f"c{i // 4}" for i in range(n_c)],
+        }
+    )
+    groups = np.arange(len(df))
+    groups[[3, 150]] = groups[n_a + 1]  # A and B files duplicating a held-out file
+    groups[[10, 11]] = 10  # a duplicate pair inside A, away from the boundary
+    groups[12] = groups[n_a + 6]  # duplicates another slice of held-out patient c1
+    held = (df["source"] == "C").to_numpy()
+    s, dropped = split.holdout_split(df, groups, held, fractions=(0.7, 0.15, 0.15), seed=0)
+    assert dropped == 3 and set(s[[3, 150, 12]]) == {split.HOLDOUT_DUPLICATE}
+    assert (s[held] == "test").all() and set(s[~held]) == {"train", "val", split.HOLDOUT_DUPLICATE}
+    assert s[10] == s[11]
+    used = s[~held & (s != split.HOLDOUT_DUPLICATE)]
+    assert abs((used == "train").mean() - 0.7 / 0.85) < 0.03  # train:val ratio kept
+    for src in ("A", "B"):
+        assert set(s[(df["source"] == src).to_numpy()]) >= {"train", "val"}
+    assert split.holdout_split(df, groups, held, seed=0)[0].tolist() == s.tolist()  # deterministic
+    with pytest.raises(ValueError, match="train \\+ val"):
+        split.holdout_split(df, groups, held, fractions=(0, 0, 1))
+    with pytest.raises(ValueError, match="shape"):
+        split.holdout_split(df, groups, held[:-1])

@@ -1,8 +1,11 @@
-"""Ray Train end to end on real data: 2-worker DDP on CPU (gloo), fault tolerance, resume, bundle, CLI."""
+"""Ray Train end to end on real data: 2-worker DDP on CPU (gloo), fault tolerance, resume, bundle, CLI,
+several sources (per-source validation metrics, leave-one-source-out)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +13,66 @@ import pandas as pd
 import pytest
 
 from raytumor.bundle import load_bundle, read_meta
-from raytumor.train import TrainConfig, get_args_parser, run_training
+from raytumor.split import HOLDOUT_DUPLICATE
+from raytumor.train import (
+    SOURCE_METRICS,
+    TrainConfig,
+    check_metric,
+    get_args_parser,
+    prepare_split,
+    resolve_source,
+    run_training,
+    source_metrics,
+)
 
 pytestmark = pytest.mark.ray
 
+BR35H_KEY = "br35h-3000"
+IXI_KEY = "IXI T1 (2mm, uint8 downsampled)"
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
 
 @pytest.fixture(scope="module")
-def ddp_run(ray_session, navoneel, tmp_path_factory):
-    """One real 2-worker DDP run on navoneel-253 where a worker dies in epoch 1 and the run recovers."""
+def br35h_subset(navoneel, br35h, tmp_path_factory):
+    """A 60-file br35h-3000 manifest (a second source, paths into the shared data), 10 of them byte copies
+    of navoneel-253 files; returns (manifest path, md5s of those 10)."""
+    nav = {_md5(f) for f in navoneel.glob("*/*") if f.is_file()}
+    rows, overlap = [], set()
+    for cls in ("yes", "no"):
+        files = sorted((br35h / cls).iterdir(), key=lambda f: f.name)
+        md5 = {f: _md5(f) for f in files}
+        shared = [f for f in files if md5[f] in nav][:5]
+        other = [f for f in files if md5[f] not in nav][::40][:25]
+        overlap |= {md5[f] for f in shared}
+        rows += [(str(f), cls) for f in shared + other]
+    manifest = tmp_path_factory.mktemp("br35h") / "manifest.csv"
+    pd.DataFrame(rows, columns=["path", "label"]).assign(
+        source=f"{BR35H_KEY} via a 60-file test subset of ../shared/data/br35h-3000"
+    ).to_csv(manifest, index=False)
+    return str(manifest), overlap
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_session, navoneel, br35h_subset, tmp_path_factory):
+    """One real 2-worker DDP run on two sources (navoneel-253 + a br35h-3000 subset) where a worker dies
+    in epoch 1 and the run recovers; every worker's reports are recorded by a controller callback."""
+    import ray.train
+
+    class RecordReports(ray.train.UserCallback):  # local class: pickled by value to the controller
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
     out = tmp_path_factory.mktemp("runs")
+    reports = out / "worker_reports.jsonl"
     cfg = TrainConfig(
-        data=str(navoneel),
+        data=[str(navoneel), br35h_subset[0]],
         out=str(out),
         name="ddp",
         backbone="efficientnet_lite0",
@@ -34,11 +86,12 @@ def ddp_run(ray_session, navoneel, tmp_path_factory):
         fail_at_epoch=1,
         seed=0,
     )
-    return cfg, run_training(cfg)
+    summary = run_training(cfg, callbacks=[RecordReports(str(reports))])
+    return cfg, summary, [json.loads(line) for line in reports.read_text().splitlines()]
 
 
 def test_ddp_run_writes_a_loadable_bundle(ddp_run):
-    cfg, summary = ddp_run
+    cfg, summary, _ = ddp_run
     assert summary["workers"] == 2 and not summary["use_gpu"]
     assert summary["epochs_run"] == 3
     bundle = load_bundle(summary["bundle"], device="cpu")
@@ -67,7 +120,7 @@ def test_ddp_run_writes_a_loadable_bundle(ddp_run):
 
 
 def test_worker_failure_recovered_from_checkpoint(ddp_run):
-    cfg, summary = ddp_run
+    cfg, summary, _ = ddp_run
     assert (cfg.run_dir / ".failed_once").exists()  # a worker really died in epoch 1
     assert summary["resumed_at_epochs"] == [1]  # restarted from epoch 0's checkpoint, not from scratch
     hist = pd.read_csv(Path(summary["bundle"]) / "history.csv")
@@ -75,23 +128,49 @@ def test_worker_failure_recovered_from_checkpoint(ddp_run):
 
 
 def test_split_manifest_is_leakage_safe(ddp_run):
-    cfg, _ = ddp_run
+    cfg, _, _ = ddp_run
     m = pd.read_parquet(cfg.run_dir / "split_manifest.parquet")
-    assert len(m) == 253
+    assert len(m) == 253 + 60
+    assert m.groupby("source").size().to_dict() == {cfg.data[0]: 253, BR35H_KEY: 60}
     used = m[m["split"] != "rejected"]
+    # byte copies across the two sources are one group, hence in one split
+    assert (used.groupby("sha256")["source"].nunique() > 1).sum() >= 10
     # exact duplicates (22 groups) and near-duplicates never straddle splits
     assert (used.groupby("sha256")["split"].nunique() == 1).all()
     assert (used.groupby("group")["split"].nunique() == 1).all()
     counts = used["split"].value_counts(normalize=True)
     assert 0.6 < counts["train"] < 0.8 and counts["test"] > 0.08
     ingest = json.loads((cfg.run_dir / "ingest_summary.json").read_text())
-    assert ingest["files_decoded"] == 253 and ingest["duplicates"]["redundant_files"] >= 25
+    assert ingest["files_decoded"] == 313 and ingest["duplicates"]["redundant_files"] >= 35
+    assert ingest["per_source"] == {cfg.data[0]: 253, BR35H_KEY: 60}
+    # both sources, both classes in validation: what the per-source metrics need
+    val = used[used["split"] == "val"]
+    assert val.groupby("source")["class_name"].nunique().to_dict() == {cfg.data[0]: 2, BR35H_KEY: 2}
+
+
+def test_per_source_val_metrics_identical_on_every_rank(ddp_run):
+    cfg, summary, reports = ddp_run
+    # attempt 1 reported epoch 0 and died in epoch 1; attempt 2 reported epochs 1 and 2
+    assert [r[0]["epoch"] for r in reports] == [0, 1, 2]
+    for per_worker in reports:
+        assert len(per_worker) == 2 and per_worker[0] == per_worker[1]  # same keys and values on both ranks
+        m = per_worker[0]
+        assert m["val_sources"] == 2 and set(SOURCE_METRICS) <= set(m)
+        assert 0 <= m["val_source_min_roc_auc"] <= m["val_source_mean_roc_auc"] <= 1
+        assert 0 <= m["val_source_min_specificity"] <= 1
+    hist = pd.read_csv(Path(summary["bundle"]) / "history.csv")
+    for k in SOURCE_METRICS:
+        assert hist[k].tolist() == pytest.approx([r[0][k] for r in reports])
+        assert k in summary["val"]
+    meta = read_meta(summary["bundle"])
+    assert meta.data["source"] == " + ".join(cfg.data) and meta.train_config["data"] == cfg.data
+    assert set(meta.data["sources"]) == {cfg.data[0], BR35H_KEY} and meta.data["holdout"] is None
 
 
 def test_evaluate_cli_excludes_training_duplicates(ddp_run, navoneel, tmp_path):
     from raytumor.cli import main
 
-    _, summary = ddp_run
+    _, summary, _ = ddp_run
     out = tmp_path / "ev"
     main(
         [
@@ -153,6 +232,84 @@ def test_resume_after_interrupted_run_three_classes(ray_session, tmp_path):
     assert len(meta.metrics["test"]["mc_confusion_matrix"]) == 3 and "mc_f1_macro" in meta.metrics["test"]
 
 
+def test_holdout_source_is_the_whole_test_split(ray_session, navoneel, br35h_subset, tmp_path):
+    """Leave-one-source-out at the split level (no training): the held-out source is the test split,
+    train/val files that duplicate it are dropped and counted, a healthy-only source takes part."""
+    from raytumor.train import write_split
+
+    ixi = navoneel.parent / "ixi-t1-nichart-42" / "manifest.csv"
+    if not ixi.is_file():
+        pytest.skip(f"{ixi} is absent")
+    rows = pd.read_csv(ixi, dtype=str)
+    rows = rows[rows["path"].str.endswith(".png")]
+    rows = rows[rows["patient_id"].isin(sorted(rows["patient_id"].unique())[:5])]
+    ixi_subset = tmp_path / "ixi.csv"
+    rows.assign(path=[str(ixi.parent / p) for p in rows["path"]]).to_csv(ixi_subset, index=False)
+
+    manifest, overlap = br35h_subset
+    cfg = TrainConfig(data=[str(navoneel), manifest, str(ixi_subset)], holdout_source=BR35H_KEY, seed=0)
+    data = prepare_split(cfg)
+    m = data.manifest
+    assert data.classes == ["no", "yes"]  # no_tumor (IXI) joined no
+    assert set(m.loc[m["split"] == "test", "source"]) == {BR35H_KEY}
+    assert (m.loc[m["source"] == BR35H_KEY, "split"] == "test").all()
+    # every navoneel byte copy of a held-out file is dropped (near duplicates may add more)
+    nav_copies = m["source"].eq(str(navoneel)) & m["sha256"].isin(m.loc[m["source"] == BR35H_KEY, "sha256"])
+    assert nav_copies.sum() >= len(overlap)
+    assert (m.loc[nav_copies, "split"] == HOLDOUT_DUPLICATE).all()
+    dropped = int((m["split"] == HOLDOUT_DUPLICATE).sum())
+    assert data.holdout == {"source": BR35H_KEY, "dropped_duplicates": dropped}
+    assert set(m.loc[m["split"].isin(["train", "val"]), "source"]) == {str(navoneel), IXI_KEY}
+    assert set(m["split"]) == {"train", "val", "test", HOLDOUT_DUPLICATE}
+    # the IXI subjects' slices stay together; the split manifest records source and patient_id
+    ixi_rows = m[m["source"] == IXI_KEY]
+    assert len(ixi_rows) == 50 and (ixi_rows.groupby("patient_id")["split"].nunique() == 1).all()
+    write_split(data, tmp_path)
+    written = pd.read_parquet(tmp_path / "split_manifest.parquet")
+    assert {"source", "patient_id"} <= set(written.columns)
+    assert json.loads((tmp_path / "ingest_summary.json").read_text())["holdout"] == data.holdout
+
+    # a healthy-only source held out: a single-class test split
+    data = prepare_split(replace(cfg, data=[manifest, str(ixi_subset)], holdout_source=IXI_KEY))
+    test = data.manifest[data.manifest["split"] == "test"]
+    assert len(test) == 50 and set(test["class_name"]) == {"no"} and data.holdout["dropped_duplicates"] == 0
+    check_metric("val_roc_auc", data.files("val"))
+    with pytest.raises(ValueError, match="at least 2 sources"):
+        check_metric("val_source_min_roc_auc", data.files("val"))
+
+
+def test_source_metrics_worst_and_mean_over_sources():
+    classes, neg = ["no", "yes"], "no"
+    y = np.array([0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0])
+    score = np.array([0.1, 0.2, 0.8, 0.9, 0.3, 0.7, 0.6, 0.4, 0.6, 0.4, 0.1])  # P(yes)
+    src = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2])  # 0: perfect, 1: AUC 0.5, 2: healthy only
+    probs = np.stack([1 - score, score], 1)
+    m = source_metrics(y, probs, src, classes, neg)
+    assert m["val_sources"] == 3
+    assert m["val_source_min_roc_auc"] == pytest.approx(0.5)
+    assert m["val_source_mean_roc_auc"] == pytest.approx(0.75)  # source 2 has no AUC
+    assert m["val_source_min_specificity"] == pytest.approx(0.5)  # source 1: 1/2; source 2: 2/3
+    assert source_metrics(y, probs, np.zeros_like(src), classes, neg) == {}  # one source: nothing
+    only_neg = source_metrics(y[8:], probs[8:], np.array([0, 1, 1]), classes, neg)
+    assert only_neg == {"val_sources": 2, "val_source_min_specificity": pytest.approx(0.0)}
+
+
+def test_resolve_source_and_check_metric():
+    keys = ["../shared/data/navoneel-253", "s3://b/br35h/", IXI_KEY]
+    assert resolve_source(IXI_KEY, keys) == IXI_KEY
+    assert resolve_source("navoneel-253", keys) == keys[0]
+    assert resolve_source("../shared/data/navoneel-253/", keys) == keys[0]
+    assert resolve_source("br35h", keys) == keys[1]
+    with pytest.raises(ValueError, match="is not a source"):
+        resolve_source("ixi", keys)
+    with pytest.raises(ValueError, match="several sources"):
+        resolve_source("x", ["a/x", "b/x"])
+    two = pd.DataFrame({"path": ["a", "b"], "label": [0, 1], "source": ["s1", "s2"]})
+    check_metric("val_source_min_specificity", two)
+    with pytest.raises(ValueError, match="at least 2 sources"):
+        check_metric("val_source_mean_roc_auc", two.drop(columns="source"))
+
+
 def test_args_parser_round_trip():
     args = get_args_parser().parse_args(["--data", "d", "--split", "0.8,0.1,0.1", "--class-order", "no,yes"])
     cfg = TrainConfig.from_args(args)
@@ -161,3 +318,8 @@ def test_args_parser_round_trip():
         and cfg.class_order == ["no", "yes"]
         and cfg.backbone == "efficientnet_lite0"
     )
+    assert cfg.data == ["d"] and cfg.holdout_source is None and TrainConfig(data="x").data == ["x"]
+    args = get_args_parser().parse_args(["--data", "a", "--data", "m.csv", "--holdout-source", "a"])
+    cfg = TrainConfig.from_args(args)
+    assert cfg.data == ["a", "m.csv"] and cfg.holdout_source == "a"
+    assert "--holdout-source" in get_args_parser().format_help()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -12,6 +13,7 @@ from raytumor.tune import (
     SearchConfig,
     config_from_args,
     get_args_parser,
+    leaderboard,
     load_search_file,
     to_param_space,
     trial_resources,
@@ -75,6 +77,51 @@ def test_search_file_and_flags(tmp_path):
     (tmp_path / "bad.yaml").write_text("num_sample: 3\n")
     with pytest.raises(ValueError, match="unknown keys"):
         load_search_file(str(tmp_path / "bad.yaml"))
+    assert cfg.data == ["d"] and cfg.holdout_source is None and SearchConfig(data="x").data == ["x"]
+
+
+def test_several_sources_holdout_and_cross_source_objective(tmp_path):
+    argv = [
+        "--data",
+        "a",
+        "--data",
+        "b.csv",
+        "--holdout-source",
+        "b.csv",
+        "--metric",
+        "val_source_min_roc_auc",
+    ]
+    cfg = config_from_args(get_args_parser().parse_args(argv))
+    assert cfg.data == ["a", "b.csv"] and cfg.holdout_source == "b.csv"
+    assert cfg.metric == "val_source_min_roc_auc"
+    # the leaderboard ranks by the cross-source metric, higher first, each trial at its best epoch
+    hist = {
+        "t1": {"val_source_min_roc_auc": [0.6, 0.8, 0.7], "val_roc_auc": [0.9, 0.95, 0.97]},
+        "t2": {"val_source_min_roc_auc": [0.85, 0.7], "val_roc_auc": [0.8, 0.85]},
+    }
+    grid = [
+        SimpleNamespace(
+            metrics={"trial_id": t},
+            path=str(tmp_path / t),
+            config={"lr": 1e-3},
+            error=None,
+            metrics_dataframe=pd.DataFrame(
+                {
+                    **h,
+                    "epoch": range(len(h["val_roc_auc"])),
+                    "epochs_done": range(1, len(h["val_roc_auc"]) + 1),
+                }
+            ),
+        )
+        for t, h in hist.items()
+    ]
+    board = leaderboard(grid, "val_source_min_roc_auc", "max", max_epochs=3)
+    assert board["trial_id"].tolist() == ["t2", "t1"]
+    assert board["val_source_min_roc_auc"].tolist() == [0.85, 0.8]
+    assert board["best_epoch"].tolist() == [0, 1] and board["status"].tolist() == [
+        "stopped_early",
+        "completed",
+    ]
 
 
 @pytest.mark.ray
@@ -99,9 +146,16 @@ def test_tiny_search_on_s3_asha_leaderboard_bundle_and_resume(ray_session, tmp_p
 
     data = tmp_path / "phantoms"
     write_phantom_dataset(data, n_per_class=24, size=96, seed=3)
+    # The same images as two sources: a manifest per half (B's names itself in a source column), so every
+    # trial also reports the cross-source validation metrics.
+    files = sorted(p for p in data.glob("*/*") if p.parent.name in ("no", "yes"))
+    site = {"a": str(tmp_path / "site_a.csv"), "b": str(tmp_path / "site_b.csv")}
+    half = pd.DataFrame({"path": [str(p) for p in files], "label": [p.parent.name for p in files]})
+    half.iloc[::2].to_csv(site["a"], index=False)
+    half.iloc[1::2].assign(source="phantom site B via tests").to_csv(site["b"], index=False)
     s3_client.create_bucket(Bucket="tune-store")
     argv = [
-        "--data", str(data), "--out", str(tmp_path / "runs"), "--name", "tiny",
+        "--data", site["a"], "--data", site["b"], "--out", str(tmp_path / "runs"), "--name", "tiny",
         "--backbones", "efficientnet_lite0", "--num-samples", "2", "--max-epochs", "3",
         "--grace-period", "1", "--reduction-factor", "2", "--metric", "val_loss",
         "--storage-path", "s3://tune-store/searches", "--s3-endpoint", s3_server,
@@ -124,6 +178,8 @@ def test_tiny_search_on_s3_asha_leaderboard_bundle_and_resume(ray_session, tmp_p
     assert (diverging["epochs_run"] == 1).all()  # cut at the first rung (grace period 1)
     assert (stopped["epochs_run"] < 3).all()
     assert board["val_loss"].is_monotonic_increasing  # ranked best first (val_loss: lower is better)
+    # every trial saw both sources in validation (the driver's payload carries the source column)
+    assert (board["val_sources"] == 2).all() and board["val_source_min_roc_auc"].between(0, 1).all()
     assert summary["best_config"]["lr"] == 1e-3
     assert (run / "search.yaml").exists() and (run / "split_manifest.parquet").exists()
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="tune-store")["Contents"]}
@@ -134,6 +190,8 @@ def test_tiny_search_on_s3_asha_leaderboard_bundle_and_resume(ray_session, tmp_p
     assert meta.image_size == 64 and meta.metrics["search"]["config"]["lr"] == 1e-3
     assert meta.metrics["test"]["n"] > 0 and meta.metrics["selection_metric"] == "val_loss"
     assert meta.data["split_manifest_sha256"]
+    assert set(meta.data["sources"]) == {site["a"], "phantom site B"}
+    assert meta.train_config["data"] == [site["a"], site["b"]]
 
     # The same command again restores the finished search from S3 instead of re-running the trials.
     again = main(get_args_parser().parse_args([*argv, "--config", str(cfg_file)]))

@@ -42,6 +42,9 @@ class BundleMeta:
     std: list[float]
     channels: str = "gray"  # decoded to one intensity channel; the model replicates it to 3
     geometry: str = "pad-to-square, resize (formats.fit_square)"
+    # preprocess.PreprocessConfig.to_dict(): head crop / intensity standardisation applied before
+    # fit_square by training, evaluation and scoring alike; {} (older bundles) means none.
+    preprocess: dict[str, Any] = field(default_factory=dict)
     threshold: float = 0.5  # on the tumour score (1 - P(negative class), or P(class 1) without one)
     temperature: float = 1.0  # logits are divided by this before softmax (calibration)
     metrics: dict[str, Any] = field(default_factory=dict)

@@ -1,7 +1,15 @@
-"""Evaluate: metrics with bootstrap confidence intervals, and ``raytumor evaluate`` over a labelled source.
+"""Evaluate: metrics with bootstrap confidence intervals, and ``raytumor evaluate`` over labelled sources.
 
 Point estimates come from torchmetrics; the bootstrap re-computes the same metrics with vectorised numpy
 (1,000 resamples of a few thousand scans take well under a second), and a test checks both agree.
+
+Every evaluated row carries a source key and every metric is also broken down by it
+(:func:`per_source_metrics`): a model can score well pooled and fail on the one hospital it never saw.
+The key is a manifest's ``source`` value, or else the ``--data`` argument the row came from. A manifest
+value ``NAME via PROVENANCE`` counts as ``NAME`` (``ingest.source_key``): the IXI manifest's
+``IXI T1 (2mm, uint8 downsampled) via github:...:IXI012-HH-1211_T1.nii.gz axial slice z=56`` is one source,
+``IXI T1 (2mm, uint8 downsampled)``, not 462. ``--source-pattern REGEX`` replaces that rule: its first
+group (else the whole match) in the raw value is the key.
 """
 
 from __future__ import annotations
@@ -9,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +29,9 @@ import torch
 import torchmetrics.functional as tmf
 
 BINARY_METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "ppv", "npv", "f1")
+# Undefined (None) on a set holding only tumour or only no-tumour scans, like ROC-AUC and the rate of the
+# missing class; accuracy then equals specificity (or sensitivity).
+SINGLE_CLASS_UNDEFINED = ("ppv", "npv", "f1")
 
 
 def tumour_binary(labels: np.ndarray, probs: np.ndarray, classes: list[str], negative_class: str | None):
@@ -91,6 +104,8 @@ def _binary_point(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, A
         if both
         else None
     )
+    if not both:  # one class only: PPV/NPV/F1 are trivially 0 or 1, not evidence about the model
+        v.update({k: np.nan for k in SINGLE_CLASS_UNDEFINED})
     return {
         **{k: (None if np.isnan(x) else x) for k, x in v.items()},
         "roc_auc": auc,
@@ -177,16 +192,194 @@ def bootstrap_ci(
         for start in range(0, n_boot, 200):  # bounded memory for large test sets
             idx = rng.integers(0, len(y), size=(min(200, n_boot - start), len(y)))
             chunks.append(_binary_vectorised(y[idx], s[idx], threshold))
+    single = y.min() == y.max()
     out: dict[str, list[float | None]] = {}
     for k in chunks[0]:
         v = np.concatenate([np.atleast_1d(c[k]) for c in chunks])
         v = v[np.isfinite(v)]
         out[k] = (
             [float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))]
-            if len(v)
+            if len(v) and not (single and k in SINGLE_CLASS_UNDEFINED)
             else [None, None]
         )
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labels and sources of evaluation data
+
+
+def map_labels(names: Iterable[str], classes: Sequence[str], negative_class: str | None) -> dict[str, str]:
+    """Map the data's label names onto a bundle's classes: {data name: bundle class}.
+
+    A name equal to a bundle class maps to it; a no-tumour name (``ingest.is_negative_name``: ``no_tumor``,
+    ``normal``, ...) maps to the bundle's negative class, since every source spells "no tumour" its own
+    way. Anything else is an error: guessing which tumour class ``tumour`` means would invent labels.
+    """
+    from raytumor.ingest import is_negative_name
+
+    out: dict[str, str] = {}
+    unmapped: list[str] = []
+    for name in sorted({str(n) for n in names}):
+        if name in classes:
+            out[name] = name
+        elif negative_class is not None and is_negative_name(name):
+            out[name] = negative_class
+        else:
+            unmapped.append(name)
+    if unmapped:
+        hint = (
+            f"; no-tumour names (no, no_tumor, normal, ...) map to {negative_class!r}"
+            if negative_class is not None
+            else "; the bundle has no no-tumour class"
+        )
+        raise ValueError(f"labels {unmapped} are not among the bundle's classes {list(classes)}{hint}")
+    return out
+
+
+def compile_source_pattern(pattern: str | re.Pattern | None) -> re.Pattern | None:
+    if pattern is None or isinstance(pattern, re.Pattern):
+        return pattern
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"--source-pattern {pattern!r} is not a valid regular expression: {e}") from e
+
+
+def source_key_of(value: Any, default: str, pattern: str | re.Pattern | None = None) -> str:
+    """The source key of a row whose raw source is ``value`` (a manifest cell; None for folder rows).
+
+    Without ``pattern``: ``ingest.source_key`` (``NAME via PROVENANCE`` -> ``NAME``, else ``default``, the
+    data argument). With ``pattern``: its first group, else the whole match, searched in the raw value (the
+    data argument when there is none); no match, or an empty one, falls back to the rule above.
+    """
+    from raytumor.ingest import source_key
+
+    rx = compile_source_pattern(pattern)
+    if rx is None:
+        return source_key(value, default)
+    missing = value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+    m = rx.search(default if missing else str(value))
+    if m is not None:
+        key = m.group(1) if rx.groups and m.group(1) is not None else m.group(0)
+        if key.strip():
+            return key.strip()
+    return source_key(value, default)
+
+
+def raw_source_values(data: Sequence[str], storage: Any = None) -> dict[str, tuple[Any, str]]:
+    """{path: (manifest ``source`` cell, manifest)} for the rows of the manifests among ``data``.
+
+    Listing keeps only the derived key; ``--source-pattern`` needs the full provenance string (the IXI
+    subject, scanner or commit in it). Folder rows are absent: their raw source is the data argument.
+    """
+    from raytumor.ingest import MANIFEST_SUFFIXES, get_filesystem, list_labelled
+
+    out: dict[str, tuple[Any, str]] = {}
+    for d in data:
+        if not d.lower().endswith(MANIFEST_SUFFIXES):
+            continue
+        fs, path = get_filesystem(d, storage)
+        with fs.open_input_file(path) as f:
+            df = pd.read_csv(f, dtype=str) if d.lower().endswith(".csv") else pd.read_parquet(f)
+        if "source" not in df.columns:
+            continue
+        # list_labelled resolves the paths and keeps the manifest's row order.
+        paths = list_labelled(d, storage).files["path"]
+        out.update(zip(paths, zip(df["source"].tolist(), [d] * len(df), strict=True), strict=True))
+    return out
+
+
+def pattern_source_keys(
+    files: pd.DataFrame, data: Sequence[str], pattern: str | re.Pattern, storage: Any = None
+) -> pd.Series:
+    """Source keys of listed rows (``path``, ``source``) under ``pattern`` (see :func:`source_key_of`)."""
+    rx = compile_source_pattern(pattern)
+    raw = raw_source_values(data, storage)
+    keys = [
+        source_key_of(*raw.get(p, (None, str(k))), rx)
+        for p, k in zip(files["path"].astype(str), files["source"], strict=True)
+    ]
+    return pd.Series(keys, index=files.index, dtype=object)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics of prediction tables: pooled and per source (pure pandas/numpy: evaluate, report, train)
+
+
+def cluster_ids(df: pd.DataFrame) -> tuple[np.ndarray | None, str]:
+    """Bootstrap clusters of prediction rows and what they are: a patient's scans (``patient_id``, scoped
+    by ``source``) and a duplicate group (``group``) are one cluster each; (None, "scans") without either.
+
+    Scans of one patient are correlated evidence; resampling them one by one narrows the interval.
+    """
+    from raytumor import split
+
+    pid = df["patient_id"] if "patient_id" in df.columns else None
+    has_pid = pid is not None and bool((pid.notna() & (pid.astype(str).str.strip() != "")).any())
+    has_group = "group" in df.columns
+    if not has_pid and not has_group:
+        return None, "scans"
+    base = df["group"].to_numpy() if has_group else np.arange(len(df))
+    flat = df.reset_index(drop=True)
+    ids = split.patient_groups(flat, base) if has_pid else pd.factorize(base)[0]
+    what = " + ".join(w for w, on in (("duplicate groups", has_group), ("patients", has_pid)) if on)
+    return np.asarray(ids, dtype=np.int64), what
+
+
+def metrics_with_ci(
+    df: pd.DataFrame,
+    classes: list[str],
+    negative_class: str | None,
+    threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:func:`compute_metrics` plus ``ci95`` (cluster bootstrap, see :func:`cluster_ids`) of prediction
+    rows: ``label`` (index into ``classes``), ``prob_<class>``; optional ``path``, ``source``,
+    ``patient_id``, ``group``. Rows without finite probabilities (failed at prediction) are left out and
+    counted. Adds ``false_positives`` and ``fp_rate`` (share of no-tumour scans called tumour)."""
+    if "path" in df.columns:  # the bootstrap's draws depend on row order: make it the same every run
+        df = df.sort_values("path", kind="stable")
+    probs = df[[f"prob_{c}" for c in classes]].to_numpy(dtype=np.float32)
+    ok = np.isfinite(probs).all(1)
+    df, probs = df[ok], probs[ok]
+    labels = df["label"].to_numpy().astype(np.int64)
+    m = compute_metrics(labels, probs, classes, negative_class, threshold)
+    groups, what = cluster_ids(df)
+    m["ci95"] = bootstrap_ci(labels, probs, classes, negative_class, threshold, n_boot, seed, groups=groups)
+    m["ci95_resampling"] = what
+    if "confusion_matrix" in m:
+        (tn, fp), _ = m["confusion_matrix"]
+        m["false_positives"] = int(fp)
+        m["fp_rate"] = float(fp / (tn + fp)) if tn + fp else None
+    if not ok.all():
+        m["failed_predictions"] = int((~ok).sum())
+    return m
+
+
+def per_source_metrics(
+    df: pd.DataFrame,
+    classes: list[str],
+    negative_class: str | None,
+    threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """{source key: :func:`metrics_with_ci`} over the rows of each value of ``df["source"]``.
+
+    A source holding one class gets the metrics that class defines (a folder of healthy scans: specificity,
+    its CI and the false-positive count; sensitivity and ROC-AUC None). Works on any prediction table with a
+    ``source`` column: ``raytumor evaluate``'s predictions.parquet, or a leave-one-source-out run's test
+    split.
+    """
+    if "source" not in df.columns:
+        raise ValueError(f"per-source metrics need a 'source' column (have {list(df.columns)})")
+    src = df["source"].astype(str)
+    return {
+        key: metrics_with_ci(df[src == key], classes, negative_class, threshold, n_boot, seed)
+        for key in sorted(src.unique())
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,7 +421,9 @@ def predict_files(
 
     meta = read_meta(bundle_dir)
     r = predictor_resources()
-    ds = decode_dataset(files, storage=storage, image_size=meta.image_size, fingerprints=False)
+    ds = decode_dataset(
+        files, storage=storage, image_size=meta.image_size, fingerprints=False, preprocess=meta.preprocess
+    )
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "num_threads": r["threads"]},
@@ -247,10 +442,11 @@ def predict_files(
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Metrics of a model bundle on a labelled folder, bucket or manifest", add_help=add_help
+        description="Metrics of a model bundle on labelled folders, buckets or manifests, pooled and per source",
+        add_help=add_help,
     )
     p.add_argument("--bundle", required=True, help="model bundle directory (written by raytumor train)")
-    p.add_argument("--data", required=True, help="labelled tree ROOT/<class>/<files>, s3://..., or manifest")
+    add_source_args(p)
     p.add_argument("--out", default=None, help="output directory for metrics.json and predictions.parquet")
     p.add_argument("--threshold", type=float, default=None, help="override the bundle's operating threshold")
     p.add_argument(
@@ -266,48 +462,96 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """``--data`` (repeatable) and ``--source-pattern``, shared by ``raytumor evaluate`` and ``report``."""
+    p.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="labelled tree ROOT/<class>/<files>, s3://..., or CSV/Parquet manifest (path,label[,patient_id,"
+        "source]); repeat to evaluate several sources at once. Labels map onto the bundle's classes by name; "
+        "no-tumour names (no_tumor, normal, ...) map to its no-tumour class",
+    )
+    p.add_argument(
+        "--source-pattern",
+        default=None,
+        metavar="REGEX",
+        help="source key of a row: first group (else the whole match) of REGEX in the manifest's source value "
+        "(or the --data argument). Default: the source value up to ' via ', else the --data argument",
+    )
+
+
 def evaluate_source(
     bundle_dir: str | os.PathLike,
-    data: str,
+    data: str | Sequence[str],
     out_dir: str | os.PathLike | None = None,
     threshold: float | None = None,
     exclude_duplicates: bool = True,
     n_boot: int = 1000,
     seed: int = 0,
     s3_endpoint: str | None = None,
+    source_pattern: str | None = None,
 ) -> dict[str, Any]:
+    """Metrics of ``bundle_dir`` on one or more labelled sources: pooled (``metrics``) and per source key
+    (``by_source``), both with 95% bootstrap CIs; writes metrics.json and predictions.parquet (with a
+    ``source`` column) to ``out_dir``. A single-class source (a folder of healthy scans) is fine."""
     from raytumor import split
     from raytumor.bundle import FINGERPRINTS_FILE, read_meta
     from raytumor.ingest import StorageOptions, build_catalogue
 
     t0 = time.time()
+    datas = [data] if isinstance(data, str) else [str(d) for d in data]
+    if not datas or not all(datas):
+        raise ValueError(f"no data source given: {data!r}")
+    rx = compile_source_pattern(source_pattern)  # a bad pattern fails before any decoding
     meta = read_meta(bundle_dir)
+    classes = list(meta.classes)
     storage = StorageOptions.from_env(s3_endpoint)
-    cat = build_catalogue(data, storage)
-    unknown = sorted(set(cat.classes) - set(meta.classes))
-    if unknown:
-        raise ValueError(f"classes {unknown} in {data} are not among the bundle's classes {meta.classes}")
-    table = cat.ok.copy()
-    table["label"] = table["class_name"].map({c: i for i, c in enumerate(meta.classes)}).astype(np.int64)
+    cat = build_catalogue(
+        datas[0] if len(datas) == 1 else datas,
+        storage,
+        classes,
+        label_map=lambda names: map_labels(names, classes, meta.negative_class),
+        min_classes=1,
+    )
+    table = cat.table.copy()
+    if "source" not in table.columns:
+        table["source"] = datas[0]
+    if rx is not None:
+        table["source"] = pattern_source_keys(table, datas, rx, storage)
+    table["source"] = table["source"].astype(str)
+    per_source_listed = {str(k): int(v) for k, v in table["source"].value_counts().sort_index().items()}
+    table = table[table["error"].isna()].copy()
+    table["label"] = table["class_name"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
     excluded = np.zeros(len(table), dtype=bool)
     fp_file = Path(bundle_dir) / FINGERPRINTS_FILE
     if exclude_duplicates and fp_file.is_file():
         excluded = split.match_reference(table, pd.read_parquet(fp_file))
-    used = table[~excluded]
-    preds = predict_files(bundle_dir, used[["path", "label"]], storage=storage)
-    preds = preds.sort_values("path", ignore_index=True)
-    probs = preds[[f"prob_{c}" for c in meta.classes]].to_numpy(dtype=np.float32)
+    used = table[~excluded].reset_index(drop=True)
+    # Only path/label/row travel through Ray Data; source and patient_id are joined back by row. A text
+    # column with nulls (folder rows have no patient_id) came back from Ray 2.60 in a pandas block that
+    # pandas 3.1 cannot row-index (IndexError on df[mask]).
+    carry = [c for c in ("source", "patient_id") if c in used.columns]
+    preds = predict_files(
+        bundle_dir, used[["path", "label"]].assign(_row=np.arange(len(used))), storage=storage
+    )
+    preds = preds.drop(columns=[c for c in carry if c in preds.columns]).merge(
+        used[carry].assign(_row=np.arange(len(used))), on="_row", how="left", validate="one_to_one"
+    )
+    preds = preds.drop(columns="_row").sort_values("path", ignore_index=True)
     thr = meta.threshold if threshold is None else threshold
-    labels = preds["label"].to_numpy()
-    metrics = compute_metrics(labels, probs, meta.classes, meta.negative_class, thr)
-    metrics["ci95"] = bootstrap_ci(labels, probs, meta.classes, meta.negative_class, thr, n_boot, seed)
+    metrics = metrics_with_ci(preds, classes, meta.negative_class, thr, n_boot, seed)
+    by_source = per_source_metrics(preds, classes, meta.negative_class, thr, n_boot, seed)
     result = {
         "bundle": str(bundle_dir),
         "bundle_id": meta.bundle_id,
-        "data": data,
+        "data": data if isinstance(data, str) else datas,
+        "source_pattern": rx.pattern if rx is not None else None,
         "metrics": metrics,
+        "by_source": by_source,
         "files": {
             **{k: v for k, v in cat.summary().items() if k != "rejected_files"},
+            "per_source": per_source_listed,
             "excluded_duplicates_of_training": int(excluded.sum()),
             "evaluated": int(len(preds)),
         },
@@ -325,7 +569,8 @@ def evaluate_source(
     return result
 
 
-def format_table(metrics: dict[str, Any]) -> str:
+def format_table(metrics: dict[str, Any], by_source: dict[str, dict[str, Any]] | None = None) -> str:
+    """The pooled metrics with CIs, then (with ``by_source``) one line per source."""
     ci = metrics.get("ci95", {})
     lines = [f"{'metric':<14}{'value':>9}   95% CI", "-" * 40]
     for k in BINARY_METRICS:
@@ -341,23 +586,44 @@ def format_table(metrics: dict[str, Any]) -> str:
     if "confusion_matrix" in metrics:
         (tn, fp), (fn, tp) = metrics["confusion_matrix"]
         lines.append(f"confusion (truth x pred): TN={tn} FP={fp} FN={fn} TP={tp}   n={metrics['n']}")
+    if by_source:
+        lines += ["", "per source:", format_source_lines(by_source)]
+    return "\n".join(lines)
+
+
+def format_source_lines(by_source: dict[str, dict[str, Any]]) -> str:
+    """n, accuracy, ROC-AUC, sensitivity, specificity and false positives per source; the (long) key last."""
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    lines = [f"{'n':>7}{'accuracy':>10}{'roc_auc':>9}{'sensitivity':>13}{'specificity':>13}{'FP':>6}  source"]
+    for key, m in by_source.items():
+        fp = m.get("false_positives")
+        lines.append(
+            f"{m.get('n', 0):>7}{f(m.get('accuracy')):>10}{f(m.get('roc_auc')):>9}"
+            f"{f(m.get('sensitivity')):>13}{f(m.get('specificity')):>13}{'-' if fp is None else fp:>6}  {key}"
+        )
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from raytumor.runtime import init_ray
 
+    data = args.data[0] if len(args.data) == 1 else args.data  # one source: a string, as before
+    compile_source_pattern(args.source_pattern)  # fail on a bad pattern before starting Ray
     init_ray()
     out = args.out or os.path.join(str(args.bundle), "evaluation")
     res = evaluate_source(
         args.bundle,
-        args.data,
+        data,
         out,
         threshold=args.threshold,
         exclude_duplicates=not args.keep_duplicates,
         n_boot=args.n_boot,
         seed=args.seed,
         s3_endpoint=args.s3_endpoint,
+        source_pattern=args.source_pattern,
     )
     f = res["files"]
     print(
@@ -365,6 +631,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         f"excluded as duplicates of training data {f['excluded_duplicates_of_training']}, "
         f"evaluated {f['evaluated']}"
     )
-    print(format_table(res["metrics"]))
+    if f.get("class_aliases"):
+        print(f"labels mapped onto the bundle's classes: {f['class_aliases']}")
+    print(format_table(res["metrics"], res["by_source"]))
     print(f"metrics written to {os.path.join(out, 'metrics.json')}")
     return res

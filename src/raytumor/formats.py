@@ -84,6 +84,7 @@ class DecodedScan:
     kind: str
     slice_index: np.ndarray
     num_slices: int
+    spacing_mm: float | None = None  # distance between adjacent slices (NIfTI), None when not known
 
 
 # ----------------------------------------------------------------------------------------------------

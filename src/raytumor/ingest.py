@@ -12,6 +12,7 @@ import os
 import posixpath
 import re
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -117,13 +118,21 @@ def is_negative_name(name: str) -> bool:
     return _norm_name(name) in NEGATIVE_NAMES
 
 
-def class_layout(names: list[str] | set[str], order: list[str] | None = None) -> tuple[list[str], str | None]:
+def class_layout(
+    names: list[str] | set[str], order: list[str] | None = None, *, min_classes: int = 2
+) -> tuple[list[str], str | None]:
     """Order the classes and find the no-tumour class.
 
     Binary sets put the no-tumour class first so index 1 means tumour; otherwise names sort. An explicit
-    ``order`` wins. Returns (classes, negative_class or None).
+    ``order`` wins. Returns (classes, negative_class or None). The data must hold ``min_classes`` of the
+    names even when ``order`` lists more: training needs two; evaluating a bundle on a folder of healthy
+    scans passes the bundle's classes as ``order`` and ``min_classes=1``.
     """
     names = sorted(set(names))
+    if len(names) < min_classes:
+        raise ValueError(
+            f"need at least {min_classes} classes, found {names}: a labelled tree is ROOT/<class>/<files>"
+        )
     if order:
         missing = set(names) - set(order)
         if missing:
@@ -146,23 +155,44 @@ def class_layout(names: list[str] | set[str], order: list[str] | None = None) ->
 
 @dataclass
 class Listing:
-    """Files found at a source, before decoding."""
+    """Files found at one or more data arguments, before decoding."""
 
-    source: str
-    files: pd.DataFrame  # path, class_name (+ optional source, patient_id)
+    source: str  # the data argument(s), joined with " + " when several
+    files: pd.DataFrame  # path, class_name, source (key, see source_key) (+ patient_id from a manifest)
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    # Negative folder names of other sources renamed to the first one's (e.g. no_tumor -> no)
+    class_aliases: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict:
-        return {
+        out = {
             "source": self.source,
             "files_listed": int(len(self.files)),
             "files_ignored": len(self.ignored),
             "ignored_reasons": dict(Counter(why for _, why in self.ignored)),
         }
+        if "source" in self.files.columns:
+            out["per_source"] = {str(k): int(v) for k, v in self.files["source"].value_counts().items()}
+        if self.class_aliases:
+            out["class_aliases"] = dict(self.class_aliases)
+        return out
 
 
-def list_labelled(source: str, storage: StorageOptions | None = None) -> Listing:
-    """List a labelled tree ``ROOT/<class>/**/<file>`` or a CSV/Parquet manifest with ``path,label``."""
+def list_labelled(source: str | Sequence[str], storage: StorageOptions | None = None) -> Listing:
+    """List a labelled tree ``ROOT/<class>/**/<file>`` or a CSV/Parquet manifest with ``path,label``.
+
+    Several data arguments are listed one by one and concatenated; every row's ``source`` column holds
+    its source key (:func:`source_key`). A file listed by two arguments is an error (it would be counted
+    twice). Each source names its no-tumour folder its own way (``no``, ``no_tumor``): when every source
+    has at most one negative class name, they are renamed to the first source's, so the union stays a
+    binary problem (``class_aliases`` records the renames).
+    """
+    if not isinstance(source, str):
+        sources = list(source)
+        if not sources:
+            raise ValueError("no data source given")
+        if len(sources) > 1:
+            return _list_many(sources, storage)
+        source = sources[0]
     if source.lower().endswith(MANIFEST_SUFFIXES):
         return _list_manifest(source, storage)
     fs, root = get_filesystem(source, storage)
@@ -191,7 +221,49 @@ def list_labelled(source: str, storage: StorageOptions | None = None) -> Listing
     files = pd.DataFrame(rows, columns=["path", "class_name"]).sort_values("path", ignore_index=True)
     if files.empty:
         raise ValueError(f"no files found under class folders in {source}: expected ROOT/<class>/<files>")
+    files["source"] = source_key(None, source)
     return Listing(source=source, files=files, ignored=ignored)
+
+
+def _list_many(sources: list[str], storage: StorageOptions | None) -> Listing:
+    listings = [list_labelled(s, storage) for s in sources]
+    # Folder rows have no patient_id: concat fills NaN, which must read as "no id" (None), not a float.
+    files = pd.concat([lst.files for lst in listings], ignore_index=True)
+    if "patient_id" in files.columns:
+        files["patient_id"] = files["patient_id"].astype(object).where(files["patient_id"].notna(), None)
+    twice = files["path"].duplicated(keep=False)
+    if twice.any():
+        dup = files.loc[twice].sort_values("path")
+        first = dup["path"].iloc[0]
+        raise ValueError(
+            f"{int(twice.sum())} files are listed by more than one data argument, e.g. {first} in "
+            f"{sorted(set(dup.loc[dup['path'] == first, 'source']))}"
+        )
+    aliases: dict[str, str] = {}
+    negs = [sorted({c for c in lst.files["class_name"].unique() if is_negative_name(c)}) for lst in listings]
+    if all(len(n) <= 1 for n in negs) and any(negs):
+        target = next(n[0] for n in negs if n)
+        aliases = {n[0]: target for n in negs if n and n[0] != target}
+        files["class_name"] = files["class_name"].replace(aliases)
+    return Listing(
+        source=" + ".join(sources),
+        files=files.sort_values("path", ignore_index=True),
+        ignored=[x for lst in listings for x in lst.ignored],
+        class_aliases=aliases,
+    )
+
+
+def source_key(value: Any, default: str) -> str:
+    """The source key of a row: a manifest's ``source`` value, else the data argument (``default``).
+
+    A manifest value ``NAME via PROVENANCE`` (e.g. ``IXI T1 (2mm, uint8 downsampled) via github:...``)
+    counts as ``NAME``, so per-file provenance details do not split one dataset into many sources.
+    Null, NaN and blank values fall back to ``default``.
+    """
+    if value is None or (not isinstance(value, str) and bool(pd.isna(value))):  # None, NaN, pd.NA
+        return default
+    name = str(value).split(" via ", 1)[0].strip()
+    return name or default
 
 
 def _list_manifest(source: str, storage: StorageOptions | None) -> Listing:
@@ -203,15 +275,21 @@ def _list_manifest(source: str, storage: StorageOptions | None) -> Listing:
     base = source.rsplit("/", 1)[0] if "/" in source else "."
 
     def resolve(p: str) -> str:
-        # Absolute paths and URIs stand as they are; relative ones are relative to the manifest.
+        # Absolute paths and URIs stand as they are; relative ones are relative to the manifest, made
+        # absolute like a folder listing's (a manifest written elsewhere, e.g. a run's test split, must
+        # not re-resolve them against its own folder).
         if p.startswith("/") or len(urlparse(p).scheme) > 1:
             return p
-        return f"{base}/{p}" if "://" in base else os.path.normpath(os.path.join(base, p))
+        return f"{base}/{p}" if "://" in base else os.path.abspath(os.path.join(base, p))
 
     out = pd.DataFrame({"path": df["path"].astype(str).map(resolve), "class_name": df["label"].astype(str)})
-    for col in ("source", "patient_id"):
-        if col in df.columns:
-            out[col] = df[col].where(df[col].notna(), None).astype(object)
+    raw = df["source"] if "source" in df.columns else pd.Series(None, index=df.index, dtype=object)
+    out["source"] = [source_key(v, source) for v in raw]
+    if "patient_id" in df.columns:
+        # As text: numeric ids from Parquet must not clash with text ids of another source in Arrow.
+        pid = df["patient_id"].astype(object)
+        ok = pid.notna() & (pid.astype(str).str.strip() != "")
+        out["patient_id"] = pid.astype(str).str.strip().where(ok, None)
     return Listing(source=source, files=out.reset_index(drop=True))
 
 
@@ -234,13 +312,18 @@ def decode_batch(
     storage: StorageOptions | None = None,
     image_size: int | None = None,
     fingerprints: bool = True,
+    preprocess: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Read and decode each path in a batch; one output row per input row, errors as a reason string.
 
     With ``image_size`` an ``image`` column of (size, size) uint8 arrays is added (zeros for failed rows,
-    so the tensor column keeps one shape); with ``fingerprints`` the dHash/thumbnail used for grouping.
+    so the tensor column keeps one shape), after the bundle's ``preprocess`` steps (head crop, intensity
+    standardisation); with ``fingerprints`` the dHash/thumbnail (of the unprocessed image) for grouping.
     """
     from raytumor import formats, split
+    from raytumor.preprocess import PreprocessConfig, to_model_input
+
+    prep = PreprocessConfig.from_dict(preprocess) if preprocess else None
 
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
@@ -278,7 +361,7 @@ def decode_batch(
             dhash[i], thumb[i] = fp["dhash"], fp["thumb"]
             dhash_crop[i], thumb_crop[i] = fp["dhash_crop"], fp["thumb_crop"]
         if images is not None:
-            images[i] = formats.fit_square(dec.pixels, image_size)
+            images[i] = to_model_input(dec.pixels, image_size, prep)
     out.update(sha256=sha, error=err, format=fmt, mode=mode, width=width, height=height)
     if fingerprints:
         out.update(dhash=dhash, thumb=thumb, dhash_crop=dhash_crop, thumb_crop=thumb_crop)
@@ -301,6 +384,7 @@ def decode_dataset(
     image_size: int | None = None,
     fingerprints: bool = True,
     batch_size: int = 32,
+    preprocess: dict | None = None,
 ):
     """A lazy Ray Dataset of decoded rows for the listed ``files`` (parallel over CPU tasks)."""
     import ray.data
@@ -308,7 +392,12 @@ def decode_dataset(
     ds = ray.data.from_pandas(files.reset_index(drop=True)).repartition(_num_blocks(len(files)))
     return ds.map_batches(
         decode_batch,
-        fn_kwargs={"storage": storage, "image_size": image_size, "fingerprints": fingerprints},
+        fn_kwargs={
+            "storage": storage,
+            "image_size": image_size,
+            "fingerprints": fingerprints,
+            "preprocess": preprocess,
+        },
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=1,
@@ -359,13 +448,31 @@ def _reason_key(reason: str) -> str:
 
 
 def build_catalogue(
-    source: str,
+    source: str | Sequence[str],
     storage: StorageOptions | None = None,
     class_order: list[str] | None = None,
+    *,
+    label_map: Callable[[list[str]], Mapping[str, str]] | None = None,
+    min_classes: int = 2,
 ) -> Catalogue:
-    """List and fingerprint every file at ``source`` (decodes each once, keeps no pixels)."""
+    """List and fingerprint every file at ``source`` (decodes each once, keeps no pixels).
+
+    ``label_map`` gets the listed label names and returns renames (e.g. ``no_tumor`` -> a bundle's ``no``),
+    applied before the class layout and recorded in ``listing.class_aliases``; ``min_classes`` as in
+    :func:`class_layout`.
+    """
     listing = list_labelled(source, storage)
-    classes, negative = class_layout(listing.files["class_name"].unique().tolist(), class_order)
+    if label_map is not None:
+        renames = {k: v for k, v in label_map(sorted(listing.files["class_name"].unique())).items() if k != v}
+        if renames:
+            listing.files["class_name"] = listing.files["class_name"].replace(renames)
+            # Compose with the renames listing made across sources: original name -> final name.
+            aliases = {k: renames.get(v, v) for k, v in listing.class_aliases.items()}
+            aliases.update({k: v for k, v in renames.items() if k not in aliases})
+            listing.class_aliases = {k: v for k, v in aliases.items() if k != v}
+    classes, negative = class_layout(
+        listing.files["class_name"].unique().tolist(), class_order, min_classes=min_classes
+    )
     table = decode_dataset(listing.files, storage=storage, image_size=None).to_pandas()
     table = table.sort_values("path", ignore_index=True)
     table["label"] = table["class_name"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
@@ -393,5 +500,6 @@ __all__ = [
     "is_negative_name",
     "list_labelled",
     "read_bytes",
+    "source_key",
     "summary_to_json",
 ]

@@ -290,6 +290,7 @@ def decode_nifti(
         # RAS+ voxel order (flips/transposes only): axis 2 is inferior->superior.
         can = nib.as_closest_canonical(img_cls(vol, affine))
         vol = np.asanyarray(can.dataobj)
+        spacing = float(abs(can.header.get_zooms()[2])) if len(can.header.get_zooms()) > 2 else None
     except Exception as e:
         raise DecodeError(f"corrupt NIfTI: orientation {type(e).__name__}") from e
     if vol.shape[2] != 1 and sum(s > 1 for s in vol.shape) == 2:
@@ -317,4 +318,5 @@ def decode_nifti(
         kind="volume" if nz > 1 else "image",
         slice_index=keep.astype(np.int64),
         num_slices=nz,
+        spacing_mm=spacing if spacing and np.isfinite(spacing) and nz > 1 else None,
     )

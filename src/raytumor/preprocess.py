@@ -32,7 +32,10 @@ __all__ = [
     "crop_to_head",
     "head_mask",
     "mask_is_plausible",
+    "parse_spec",
+    "spec_of",
     "standardise_intensity",
+    "to_model_input",
 ]
 
 # Long side (pixels) of the copy the mask is estimated on. The head is a large smooth blob, so ~128 px
@@ -415,3 +418,35 @@ def apply(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     if cfg.standardise:
         return standardise_intensity(gray, mask, cfg.low, cfg.high)
     return np.ascontiguousarray(gray)
+
+
+def to_model_input(
+    gray: np.ndarray, size: int, cfg: PreprocessConfig | Mapping[str, Any] | None = None
+) -> np.ndarray:
+    """The one slice -> model-input path shared by training, evaluation and scoring: the bundle's
+    preprocessing (:func:`apply`), then :func:`raytumor.formats.fit_square` to (size, size) uint8."""
+    from raytumor.formats import fit_square
+
+    if cfg is not None and not isinstance(cfg, PreprocessConfig):
+        cfg = PreprocessConfig.from_dict(cfg)
+    if cfg is not None and cfg.enabled:
+        gray = apply(gray, cfg)
+    return fit_square(gray, size)
+
+
+def parse_spec(spec: str | None) -> PreprocessConfig:
+    """``--preprocess`` value -> config: ``none`` or a comma list of ``crop`` and ``zscore``."""
+    words = {w.strip().lower() for w in (spec or "none").split(",") if w.strip()}
+    unknown = words - {"none", "crop", "zscore"}
+    if unknown or ("none" in words and len(words) > 1):
+        raise ValueError(f"--preprocess takes 'none' or a comma list of crop,zscore; got {spec!r}")
+    return PreprocessConfig(crop="crop" in words, standardise="zscore" in words)
+
+
+def spec_of(cfg: PreprocessConfig | Mapping[str, Any] | None) -> str:
+    """Inverse of :func:`parse_spec` for display (``crop,zscore``, ``crop``, ``zscore`` or ``none``)."""
+    if cfg is not None and not isinstance(cfg, PreprocessConfig):
+        cfg = PreprocessConfig.from_dict(cfg)
+    if cfg is None or not cfg.enabled:
+        return "none"
+    return ",".join(w for w, on in (("crop", cfg.crop), ("zscore", cfg.standardise)) if on)

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,8 +37,9 @@ KNOWN_LIMITS = [
     "Duplicates in public sets: the same slice appears several times (exact copies, resized or re-exported "
     "versions), inflating apparent performance when copies land in both training and test data. Files "
     "matching the bundle's training/validation fingerprints are excluded unless --keep-duplicates is given.",
-    "Small evaluation sets give wide confidence intervals; the 95% bootstrap intervals on this page treat "
-    "scans as independent, which near-duplicates that escaped detection make optimistic.",
+    "Small evaluation sets give wide confidence intervals; the 95% bootstrap intervals on this page "
+    "resample patients where the data names them (patient_id) and scans otherwise, treating those as "
+    "independent, which near-duplicates that escaped detection make optimistic.",
     "Labels are folder names from the data source, not verified against pathology.",
 ]
 INTENDED_USE = (
@@ -343,8 +345,9 @@ def _render_gallery(
     """Grad-CAM overlays (PNG bytes) keyed by file name; sets ``png`` on each item."""
     from raytumor.bundle import load_bundle
     from raytumor.explain import GradCAM, overlay_png
-    from raytumor.formats import decode_image, fit_square
+    from raytumor.formats import decode_image
     from raytumor.ingest import read_bytes
+    from raytumor.preprocess import to_model_input
 
     items = [(kind, i, it) for kind in gallery for i, it in enumerate(gallery[kind])]
     if not items:
@@ -359,7 +362,7 @@ def _render_gallery(
         except Exception as e:  # the file vanished or changed since evaluation: say so, keep going
             it["error"] = f"{type(e).__name__}: {e}"[:200]
             continue
-        img = fit_square(pixels, meta.image_size)
+        img = to_model_input(pixels, meta.image_size, meta.preprocess)
         # Tumour class: the true class of a missed tumour, the predicted (or only) tumour class otherwise.
         if neg is None:
             target = 1
@@ -413,9 +416,17 @@ def _clean(o: Any) -> Any:
     return o
 
 
+def show_by_source(data: str | Sequence[str], by_source: dict[str, Any] | None) -> bool:
+    """A by-source breakdown says something new when there are several data arguments or the keys came
+    from a manifest's ``source`` column (or ``--source-pattern``); one folder's single key would only
+    repeat the pooled numbers."""
+    datas = [data] if isinstance(data, str) else list(data)
+    return bool(by_source) and (len(datas) > 1 or set(by_source) != set(datas))
+
+
 def build_report(
     bundle_dir: str | os.PathLike,
-    data: str,
+    data: str | Sequence[str],
     out_dir: str | os.PathLike,
     *,
     target_sensitivity: float = 0.95,
@@ -424,11 +435,14 @@ def build_report(
     seed: int = 0,
     s3_endpoint: str | None = None,
     exclude_duplicates: bool = True,
+    source_pattern: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``bundle_dir`` on ``data`` and write report.html, report.json, metrics.json and PNGs.
+    """Evaluate ``bundle_dir`` on ``data`` (one or more sources) and write report.html, report.json,
+    metrics.json and PNGs.
 
     Needs Ray (``evaluate_source`` predicts with Ray Data). Returns the report dict (as ``report.json``)
-    with an ``outputs`` entry listing the files written.
+    with an ``outputs`` entry listing the files written. ``by_source`` holds metrics.json's per-source
+    metrics when :func:`show_by_source` says they add something (else None).
     """
     from raytumor import calibrate
     from raytumor.bundle import read_meta
@@ -448,6 +462,7 @@ def build_report(
         n_boot=n_boot,
         seed=seed,
         s3_endpoint=s3_endpoint,
+        source_pattern=source_pattern,
     )
     metrics = res["metrics"]
     preds = pd.read_parquet(out / "predictions.parquet")  # the rows metrics.json was computed from
@@ -482,19 +497,21 @@ def build_report(
             "temperature": float(meta.temperature),
             "created_at": meta.created_at,
         },
-        "data": data,
+        "data": res["data"],
         "settings": {
             "target_sensitivity": float(target_sensitivity),
             "n_boot": int(n_boot),
             "seed": int(seed),
             "gallery": int(gallery),
             "exclude_duplicates": bool(exclude_duplicates),
+            "source_pattern": res.get("source_pattern"),
         },
         "files": res["files"],
         "rejected_files": res["rejected_files"],
         "excluded_files": res["excluded_files"],
         "metrics": metrics,
         "n": int(metrics.get("n", len(labels))),
+        "by_source": res["by_source"] if show_by_source(res["data"], res.get("by_source")) else None,
     }
     binary = y is not None and len(y) > 0
     ci = metrics.get("ci95", {})
@@ -667,6 +684,10 @@ def _e(v: Any) -> str:
     return html.escape(_fmt(v))
 
 
+def _data_text(data: Any) -> str:
+    return " + ".join(map(str, data)) if isinstance(data, (list, tuple)) else str(data)
+
+
 def _img(figures: dict[str, bytes], name: str, alt: str) -> str:
     if name not in figures:
         return ""
@@ -740,7 +761,7 @@ def render_html(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
                 ("operating threshold (bundle)", _fmt(b["threshold"])),
                 ("temperature (bundle)", _fmt(b["temperature"])),
                 ("bundle created", b["created_at"]),
-                ("data evaluated", rep["data"]),
+                ("data evaluated", _data_text(rep["data"])),
                 ("scans evaluated (n)", rep["n"]),
                 ("excluded as duplicates of training data", f.get("excluded_duplicates_of_training")),
                 ("rejected files (could not be decoded)", f.get("files_rejected")),
@@ -772,6 +793,33 @@ def render_html(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
     else:
         add('<p class="note">No single tumour score (multi-class without a no-tumour class): no ROC/PR.</p>')
     add("</section>")
+
+    # 2b. per source
+    bs = rep.get("by_source")
+    if bs:
+        add('<section id="by-source"><h2>By source</h2>')
+        rows = []
+        for key, sm in bs.items():
+            sci = sm.get("ci95") or {}
+            rows.append(
+                [key, sm.get("n"), sm.get("positives"), sm.get("roc_auc"), _ci(sci.get("roc_auc")),
+                 sm.get("sensitivity"), _ci(sci.get("sensitivity")), sm.get("specificity"),
+                 _ci(sci.get("specificity")), sm.get("fp_rate"), sm.get("threshold")]
+            )  # fmt: skip
+        head = ["source", "n", "positives", "ROC AUC", "AUC 95% CI", "sensitivity", "sensitivity 95% CI",
+                "specificity", "specificity 95% CI", "FP rate", "threshold"]  # fmt: skip
+        add(_table(head, rows, "by-source"))
+        clustered = sum(sm.get("ci95_resampling", "scans") != "scans" for sm in bs.values())
+        add(
+            '<p class="sub">One row per source key: a manifest\'s <code>source</code> value up to '
+            "\u201c via \u201d (or the <code>--source-pattern</code> match), else the data argument. A pooled "
+            "metric can hide a source where the model fails; a source holding only no-tumour scans (healthy "
+            "controls from a new site) has no sensitivity or AUC, and its specificity is the share of its "
+            "scans called no tumour (FP rate = 1 \u2212 specificity). Bootstrap 95% CIs resample whole "
+            f"patients where the data names them (patient_id: {clustered} of {len(bs)} sources), else "
+            "single scans.</p>"
+        )
+        add("</section>")
 
     # 3. confusion + per class
     add('<section id="confusion"><h2>Confusion matrix and per-class metrics</h2><div class="grid"><div>')
@@ -967,7 +1015,7 @@ def render_html(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
                 ("split manifest sha256", sp.get("split_manifest_sha256")),
                 ("duplicate groups", sp.get("duplicate_groups")),
                 *[(f"{s_} scans", sum(row.values())) for s_, row in counts.items()],
-                ("evaluated here", rep["data"]),
+                ("evaluated here", _data_text(rep["data"])),
             ]
         )
     )
@@ -1006,8 +1054,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description="Self-contained HTML evaluation report of a model bundle on labelled data",
         add_help=add_help,
     )
+    from raytumor.evaluate import add_source_args
+
     p.add_argument("--bundle", required=True, help="model bundle directory (written by raytumor train)")
-    p.add_argument("--data", required=True, help="labelled tree ROOT/<class>/<files>, s3://..., or manifest")
+    add_source_args(p)
     p.add_argument("--out", required=True, help="output directory for report.html, report.json and PNGs")
     p.add_argument(
         "--target-sensitivity",
@@ -1030,12 +1080,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    from raytumor.evaluate import compile_source_pattern
     from raytumor.runtime import init_ray
 
+    compile_source_pattern(args.source_pattern)  # fail on a bad pattern before starting Ray
     init_ray()
     rep = build_report(
         args.bundle,
-        args.data,
+        args.data[0] if len(args.data) == 1 else args.data,
         args.out,
         target_sensitivity=args.target_sensitivity,
         n_boot=args.n_boot,
@@ -1043,6 +1095,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         s3_endpoint=args.s3_endpoint,
         exclude_duplicates=not args.keep_duplicates,
+        source_pattern=args.source_pattern,
     )
     print(f"report written to {rep['outputs']['html']}")
     print(f"metrics written to {rep['outputs']['metrics_json']}")

@@ -36,11 +36,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raytumor import volumes
 from raytumor.ingest import StorageOptions, get_filesystem, to_uri
 
 SCORES_DIR = "scores"
 EXPLAIN_DIR = "explain"
 RUN_FILE = "run.json"
+ADABN_FILE = "adabn_state.pt"
 SUMMARY_FILE = "summary.json"
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq", ".txt")
 # Containers whose members are scored one by one. ".gz" alone is not here: .nii.gz is a scan.
@@ -77,6 +79,15 @@ class ScoreConfig:
     slice_rows: bool = False
     explain: bool = False
     min_foreground: float = 0.05  # volumes: slices with less head than this are not scored
+    # Volumes (see raytumor.volumes): score slices 10-110 mm below the vertex; a positive must hold on
+    # 10 mm of contiguous slices. 0 disables each rule.
+    volume_skip_top_mm: float = volumes.DEFAULT_SKIP_TOP_MM
+    volume_depth_mm: float = volumes.DEFAULT_DEPTH_MM
+    volume_min_extent_mm: float = volumes.DEFAULT_MIN_EXTENT_MM
+    # Test-time adaptation: "adabn" re-estimates BatchNorm statistics on (a sample of) this input first.
+    adapt: str = "none"
+    adapt_samples: int = 4096  # images (slices) the AdaBN pass measures; 0 = the whole input
+    tta: str = "none"  # "flip": average with the left-right mirror
     max_file_bytes: int = 2 << 30
     units_per_block: int = 32  # resume granularity: a killed run loses at most the blocks in flight
     num_actors: int | None = None
@@ -198,23 +209,46 @@ def _read_manifest(source: str, fs: pafs.FileSystem, path: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # Read + decode + preprocess (Ray Data CPU tasks)
 
-DECODED_COLUMNS = ("path", "kind", "format", "n_slices", "slice_index", "pixels", "error")
+DECODED_COLUMNS = ("path", "kind", "format", "n_slices", "slice_index", "spacing", "pixels", "error")
 
 
-def _decoded_row(path: str, image_size: int, data: bytes | None, error: str | None, min_fg: float) -> dict:
-    """Decode one unit's bytes into (K, S, S) uint8 slices, flattened to bytes (a ragged-safe column)."""
+def _decoded_row(
+    path: str,
+    image_size: int,
+    data: bytes | None,
+    error: str | None,
+    min_fg: float,
+    prep: Any = None,
+    volume_range: tuple[float, float] = (0.0, 0.0),
+) -> dict:
+    """Decode one unit's bytes into (K, S, S) uint8 model inputs (after the bundle's preprocessing),
+    flattened to bytes (a ragged-safe column)."""
     from raytumor import formats
+    from raytumor.preprocess import to_model_input
 
-    row = {"path": path, "kind": None, "format": None, "n_slices": 0, "slice_index": b"", "pixels": b""}
+    row = {
+        "path": path,
+        "kind": None,
+        "format": None,
+        "n_slices": 0,
+        "slice_index": b"",
+        "spacing": np.nan,
+        "pixels": b"",
+    }
     if error is None and data is not None:
         try:
             scan = formats.decode_scan(data, draft_size=image_size, min_foreground=min_fg)
-            stack = np.stack([formats.fit_square(s, image_size) for s in scan.slices])
+            slices, index = scan.slices, np.asarray(scan.slice_index)
+            if scan.kind == "volume":  # only the slices a 2-D model was trained on (volumes.py)
+                keep = volumes.brain_slice_range(index, scan.spacing_mm, *volume_range)
+                slices, index = slices[keep], index[keep]
+            stack = np.stack([to_model_input(s, image_size, prep) for s in slices])
             row.update(
                 kind=scan.kind,
                 format=scan.format,
                 n_slices=len(stack),
-                slice_index=np.asarray(scan.slice_index, dtype=np.int32).tobytes(),
+                slice_index=index.astype(np.int32).tobytes(),
+                spacing=scan.spacing_mm if scan.spacing_mm else np.nan,
                 pixels=stack.tobytes(),
             )
         except formats.DecodeError as e:
@@ -250,7 +284,13 @@ class ReadDecode:
         min_foreground: float,
         done_ids: Any = None,
         out_rows: int = 32,
+        preprocess: dict | None = None,
+        volume_range: tuple[float, float] = (0.0, 0.0),
     ) -> None:
+        from raytumor.preprocess import PreprocessConfig
+
+        self.prep = PreprocessConfig.from_dict(preprocess) if preprocess else None
+        self.volume_range = tuple(volume_range)
         self.image_size = image_size
         self.storage = storage
         self.max_bytes = max_file_bytes
@@ -302,7 +342,7 @@ class ReadDecode:
             return _decoded_row(uid, self.image_size, None, f"unreadable archive member: {e}"[:300], 0)
         except Exception as e:  # permissions, vanished object, network, corrupt archive member
             return _decoded_row(uid, self.image_size, None, f"unreadable: {type(e).__name__}: {e}"[:300], 0)
-        return _decoded_row(uid, self.image_size, data, None, self.min_fg)
+        return _decoded_row(uid, self.image_size, data, None, self.min_fg, self.prep, self.volume_range)
 
     def _zip_member(self, source: str, member: str, occurrence: int) -> bytes:
         if self._zip is None or self._zip[0] != source:
@@ -349,7 +389,9 @@ class ReadDecode:
                     else:
                         f = tf.extractfile(m)
                         data = f.read() if f is not None else b""
-                        yield _decoded_row(uid, self.image_size, data, None, self.min_fg)
+                        yield _decoded_row(
+                            uid, self.image_size, data, None, self.min_fg, self.prep, self.volume_range
+                        )
         except Exception as e:
             # Not a tar, or cut off: members read so far stand; the archive itself gets one error row.
             what = "truncated or corrupt tar archive" if n else "corrupt tar archive"
@@ -364,7 +406,12 @@ def _columns(rows: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k in DECODED_COLUMNS:
         vals = [r[k] for r in rows]
-        out[k] = np.array(vals, dtype=np.int64) if k == "n_slices" else np.array(vals, dtype=object)
+        if k == "n_slices":
+            out[k] = np.array(vals, dtype=np.int64)
+        elif k == "spacing":
+            out[k] = np.array(vals, dtype=np.float64)
+        else:
+            out[k] = np.array(vals, dtype=object)
     return out
 
 
@@ -383,6 +430,8 @@ def output_schema(classes: list[str], explain: bool, slice_rows: bool) -> pa.Sch
         pa.field("n_slices", pa.int32()),
         pa.field("slice", pa.int32()),
         pa.field("score_mean", pa.float32()),
+        pa.field("score_max", pa.float32()),
+        pa.field("adaptation", pa.string()),
         pa.field("bundle_id", pa.string()),
         pa.field("bundle_version", pa.string()),
         pa.field("error", pa.string()),
@@ -411,15 +460,25 @@ class ScorePredictor:
         explain_dir: str | None = None,
         storage: StorageOptions | None = None,
         slice_rows: bool = False,
+        min_extent_mm: float = volumes.DEFAULT_MIN_EXTENT_MM,
+        tta: str = "none",
+        bn_state: dict | None = None,
+        adaptation: str = "none",
     ) -> None:
         import torch
 
+        from raytumor.adapt import apply_bn_state
         from raytumor.bundle import fetch_bundle, load_bundle
 
         if num_threads:
             torch.set_num_threads(num_threads)
         self.bundle = load_bundle(fetch_bundle(bundle_dir, storage))
+        if bn_state is not None:  # AdaBN: the archive's BatchNorm statistics, every weight untouched
+            self.bundle.model = apply_bn_state(self.bundle.model, bn_state)
         self.meta = self.bundle.meta
+        self.min_extent_mm = min_extent_mm
+        self.tta = tta
+        self.adaptation = adaptation
         self.batch_size = batch_size
         self.threshold = self.meta.threshold if threshold is None else threshold
         self.label_meta = replace(self.meta, threshold=self.threshold)  # --threshold override
@@ -433,10 +492,12 @@ class ScorePredictor:
         self._cam = None
 
     def _probs(self, images: np.ndarray) -> np.ndarray:
+        from raytumor.adapt import flip_tta_probs
         from raytumor.predict import forward_probs
 
+        fwd = flip_tta_probs if self.tta == "flip" else forward_probs
         out = [
-            forward_probs(
+            fwd(
                 self.bundle.model, images[s : s + self.batch_size], self.bundle.device, self.meta.temperature
             ).numpy()
             for s in range(0, len(images), self.batch_size)
@@ -464,7 +525,9 @@ class ScorePredictor:
         p_out = np.full((n, len(cls)), np.nan, dtype=np.float32)
         score = np.full(n, np.nan, dtype=np.float32)
         score_mean = np.full(n, np.nan, dtype=np.float32)
+        score_max = np.full(n, np.nan, dtype=np.float32)
         best = np.full(n, -1, dtype=np.int64)
+        spacing = np.asarray(batch["spacing"], dtype=np.float64) if "spacing" in batch else np.full(n, np.nan)
         idx_lists: list[list[int] | None] = [None] * n
         sc_lists: list[list[float] | None] = [None] * n
         start = 0
@@ -474,11 +537,20 @@ class ScorePredictor:
                 continue
             p = probs[start : start + k]
             s = slice_scores[start : start + k] if slice_scores is not None else None
-            # A volume is as suspicious as its most suspicious slice; the mean is kept for context.
-            j = int(np.argmax(s)) if s is not None else int(np.argmax(p.max(1)))
+            if s is not None and k > 1:
+                # A volume scores what holds on enough contiguous slices (volumes.volume_score); the
+                # single most suspicious slice and the mean are kept for context.
+                z = np.frombuffer(batch["slice_index"][i], dtype=np.int32)
+                sp = float(spacing[i]) if np.isfinite(spacing[i]) else None
+                vs, j = volumes.volume_score(s, z, sp, self.min_extent_mm)
+                score[i] = vs
+            else:
+                j = int(np.argmax(s)) if s is not None else int(np.argmax(p.max(1)))
+                if s is not None:
+                    score[i] = s[j]
             best[i], p_out[i] = j, p[j]
             if s is not None:
-                score[i], score_mean[i] = s[j], s.mean()
+                score_mean[i], score_max[i] = s.mean(), s.max()
             if self.slice_rows:
                 idx_lists[i] = np.frombuffer(batch["slice_index"][i], dtype=np.int32).tolist()
                 sc_lists[i] = (s if s is not None else p.max(1)).astype(np.float32).tolist()
@@ -501,6 +573,8 @@ class ScorePredictor:
             "n_slices": np.where(ok, counts, 0).astype(np.int32),
             "slice": [s if kinds[i] == "volume" else None for i, s in enumerate(slice_src)],
             "score_mean": np.where(np.array(kinds, dtype=object) == "volume", score_mean, np.nan),
+            "score_max": np.where(np.array(kinds, dtype=object) == "volume", score_max, np.nan),
+            "adaptation": [self.adaptation] * n,
             "bundle_id": [self.meta.bundle_id] * n,
             "bundle_version": [self.bundle_version] * n,
             "error": errors,
@@ -708,11 +782,23 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     storage = StorageOptions.from_env(cfg.s3_endpoint)
     meta = read_meta(fetch_bundle(cfg.bundle, storage))
     threshold = meta.threshold if cfg.threshold is None else cfg.threshold
-    run = {"bundle": str(cfg.bundle), "bundle_id": meta.bundle_id, "input": cfg.input, "threshold": threshold}
+    if cfg.adapt not in ("none", "adabn") or cfg.tta not in ("none", "flip"):
+        raise ValueError(f"adapt must be none|adabn and tta none|flip, got {cfg.adapt!r}, {cfg.tta!r}")
+    adaptation = adaptation_label(cfg)
+    run = {
+        "bundle": str(cfg.bundle),
+        "bundle_id": meta.bundle_id,
+        "input": cfg.input,
+        "threshold": threshold,
+        "adaptation": adaptation,
+        "volume_rule": [cfg.volume_skip_top_mm, cfg.volume_depth_mm, cfg.volume_min_extent_mm],
+    }
     previous = _read_text(_join(cfg.output, RUN_FILE), storage)
     if previous and not cfg.overwrite:
         prev = json.loads(previous)
-        for k in ("bundle_id", "input", "threshold"):
+        prev.setdefault("adaptation", "none")  # outputs written before adaptation existed
+        prev.setdefault("volume_rule", run["volume_rule"])
+        for k in ("bundle_id", "input", "threshold", "adaptation", "volume_rule"):
             if prev.get(k) != run[k]:
                 raise ValueError(
                     f"{cfg.output} holds scores for {k}={prev.get(k)!r}, not {run[k]!r}: "
@@ -740,6 +826,10 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
 
     r = predictor_resources()
     gpu = r["num_gpus"] > 0
+    volume_range = (cfg.volume_skip_top_mm, cfg.volume_depth_mm)
+    bn_state, adapt_info = None, None
+    if cfg.adapt == "adabn" and (len(todo) or listing_errors):
+        bn_state, adapt_info = _adabn_state(cfg, units, meta, storage, r, volume_range)
     # CPU: small batches stay in cache; measured on 2 cores, 1-thread replica, images/s at 8/16/32/64:
     # ResNet-18 224 px 56/51/49/45, EfficientNet-Lite0 160 px 162/114/140/- (bench/score_throughput.py).
     batch_size = cfg.batch_size or (256 if gpu else 8)
@@ -772,6 +862,8 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
                 "storage": storage,
                 "max_file_bytes": cfg.max_file_bytes,
                 "min_foreground": cfg.min_foreground,
+                "preprocess": meta.preprocess,
+                "volume_range": volume_range,
                 "done_ids": done_ref,
                 "listing_errors": reasons,
             },
@@ -791,6 +883,10 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
                 "explain_dir": explain_dir,
                 "storage": storage,
                 "slice_rows": cfg.slice_rows,
+                "min_extent_mm": cfg.volume_min_extent_mm,
+                "tta": cfg.tta,
+                "bn_state": bn_state,
+                "adaptation": adaptation,
             },
             compute=ActorPoolStrategy(size=size),
             # A GPU wants whole forward batches; blocks stay small (resume granularity) and get bundled.
@@ -824,6 +920,8 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
             "device": "gpu" if gpu else "cpu",
             "batch_size": batch_size,
             "actors": cfg.num_actors or r["size"],
+            "adaptation": adaptation,
+            **({"adabn": adapt_info} if adapt_info else {}),
         }
     )
     if cfg.csv:
@@ -832,6 +930,150 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
         summary["slices"] = write_slice_rows(cfg.output, storage)
     _write_text(_join(cfg.output, SUMMARY_FILE), json.dumps(summary, indent=2, default=str) + "\n", storage)
     return summary
+
+
+def adaptation_label(cfg: ScoreConfig) -> str:
+    """What the ``adaptation`` column says: ``none``, ``adabn``, ``tta-flip`` or ``adabn+tta-flip``."""
+    parts = (["adabn"] if cfg.adapt == "adabn" else []) + (["tta-flip"] if cfg.tta == "flip" else [])
+    return "+".join(parts) or "none"
+
+
+class BNStatsTask:
+    """Actor for the AdaBN pass: BatchNorm input statistics of each decoded batch (one state per batch).
+
+    States are tiny next to the images (two float64 vectors per BN layer) and merge exactly in any order
+    (``adapt.merge_states``), so the driver folds them in as they stream past."""
+
+    def __init__(self, bundle_dir: str, storage: StorageOptions | None, num_threads: int | None) -> None:
+        import torch
+
+        from raytumor.bundle import fetch_bundle, load_bundle
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.bundle = load_bundle(fetch_bundle(bundle_dir, storage))
+        size = self.bundle.meta.image_size
+        self.shape = (size, size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import io
+
+        import torch
+
+        from raytumor.adapt import BNStatsAccumulator
+
+        stacks = [
+            np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(-1, *self.shape)
+            for i in range(len(batch["path"]))
+            if not (isinstance(batch["error"][i], str) and batch["error"][i]) and int(batch["n_slices"][i])
+        ]
+        if not stacks:
+            return {"state": np.array([], dtype=object), "images": np.array([], dtype=np.int64)}
+        images = np.concatenate(stacks)
+        acc = BNStatsAccumulator(self.bundle.model, upstream="batch")
+        # "batch" upstream statistics improve with the batch size; 64 keeps the error ~3 % of a std.
+        for s in range(0, len(images), 64):
+            chunk = images[s : s + 64]
+            if len(chunk) > 1 or s == 0:
+                acc.update(chunk)
+        buf = io.BytesIO()
+        torch.save(acc.state(), buf)
+        return {"state": np.array([buf.getvalue()], dtype=object), "images": np.array([len(images)])}
+
+
+def _adabn_state(
+    cfg: ScoreConfig,
+    units: Units,
+    meta: Any,
+    storage: StorageOptions | None,
+    r: dict[str, Any],
+    volume_range: tuple[float, float],
+) -> tuple[dict | None, dict[str, Any]]:
+    """First streaming pass of ``--adapt adabn``: BN statistics of (a seeded random sample of) the input.
+
+    Saved as OUTPUT/adabn_state.pt; a resumed run reuses it, so every row of one output was scored with the
+    same statistics."""
+    import io
+
+    import ray.data
+    import torch
+    from ray.data import ActorPoolStrategy
+
+    from raytumor.adapt import has_batchnorm, merge_states
+
+    uri = _join(cfg.output, ADABN_FILE)
+    fs, path = get_filesystem(uri, storage)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        return state, {"images": int(state["images_seen"]), "reused": True}
+    from raytumor.bundle import fetch_bundle, load_bundle
+
+    if not has_batchnorm(load_bundle(fetch_bundle(cfg.bundle, storage), device="cpu").model):
+        print(
+            f"[score] AdaBN: {meta.backbone} has no BatchNorm layers; scoring without adaptation", flush=True
+        )
+        return None, {"images": 0, "skipped": "no BatchNorm layers"}
+    t0 = time.time()
+    table = units.table
+    # Volumes hold ~50-100 slices each: cap units too, or the sample would be the whole archive.
+    n_units = len(table) if cfg.adapt_samples <= 0 else min(len(table), cfg.adapt_samples)
+    sample = table.sample(n=n_units, random_state=0) if n_units < len(table) else table
+    ds = ray.data.from_pandas(sample.reset_index(drop=True)).repartition(max(1, -(-len(sample) // 64)))
+    ds = ds.map_batches(
+        _read_decode_task,
+        fn_kwargs={
+            "image_size": meta.image_size,
+            "storage": storage,
+            "max_file_bytes": cfg.max_file_bytes,
+            "min_foreground": cfg.min_foreground,
+            "preprocess": meta.preprocess,
+            "volume_range": volume_range,
+            "done_ids": None,
+            "listing_errors": {},
+        },
+        batch_size=64,
+        batch_format="numpy",
+        num_cpus=r["decode_cpus"],
+    )
+    ds = ds.map_batches(
+        BNStatsTask,
+        fn_constructor_kwargs={
+            "bundle_dir": cfg.bundle if "://" in cfg.bundle else str(Path(cfg.bundle).resolve()),
+            "storage": storage,
+            "num_threads": r["threads"],
+        },
+        compute=ActorPoolStrategy(size=cfg.num_actors or r["size"]),
+        batch_size=64,
+        num_cpus=r["num_cpus"],
+        num_gpus=r["num_gpus"],
+        batch_format="numpy",
+    )
+    state: dict | None = None
+    seen = 0
+    for row in ds.iter_rows():
+        part = torch.load(io.BytesIO(row["state"]), map_location="cpu", weights_only=True)
+        state = part if state is None else merge_states([state, part])
+        seen += int(row["images"])
+        if cfg.adapt_samples > 0 and seen >= cfg.adapt_samples:
+            break  # enough images: dropping the iterator stops the rest of the pass
+    if state is None or not state["layers"]:
+        print("[score] AdaBN: no decodable images to adapt on; scoring without adaptation", flush=True)
+        return None, {"images": 0, "skipped": "no decodable images"}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    fs.create_dir(posixpath.dirname(path) or ".", recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(buf.getvalue())
+    info = {
+        "images": int(state["images_seen"]),
+        "units_sampled": n_units,
+        "seconds": round(time.time() - t0, 1),
+    }
+    print(
+        f"[score] AdaBN: BatchNorm statistics from {info['images']} images in {info['seconds']} s", flush=True
+    )
+    return state, info
 
 
 def _read_decode_task(
@@ -843,6 +1085,8 @@ def _read_decode_task(
     min_foreground: float,
     done_ids: Any,
     listing_errors: dict[str, str],
+    preprocess: dict | None = None,
+    volume_range: tuple[float, float] = (0.0, 0.0),
 ) -> Iterator[dict[str, Any]]:
     """Ray Data task body: units whose fate was decided while listing pass through as error rows."""
     listed = np.array([k == "error" for k in batch["kind"]], dtype=bool)
@@ -855,7 +1099,15 @@ def _read_decode_task(
         batch = {k: v[~listed] for k, v in batch.items()}
         if not len(batch["id"]):
             return
-    yield from ReadDecode(image_size, storage, max_file_bytes, min_foreground, done_ids)(batch)
+    yield from ReadDecode(
+        image_size,
+        storage,
+        max_file_bytes,
+        min_foreground,
+        done_ids,
+        preprocess=preprocess,
+        volume_range=volume_range,
+    )(batch)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -895,6 +1147,37 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--min-foreground", type=float, default=0.05, help="volumes: skip slices with less head than this"
     )
     p.add_argument(
+        "--volume-skip-top-mm",
+        type=float,
+        default=volumes.DEFAULT_SKIP_TOP_MM,
+        help="volumes: do not score slices within this distance below the vertex (skull cap)",
+    )
+    p.add_argument(
+        "--volume-depth-mm",
+        type=float,
+        default=volumes.DEFAULT_DEPTH_MM,
+        help="volumes: score slices down to this distance below the vertex (0: all slices)",
+    )
+    p.add_argument(
+        "--volume-min-extent-mm",
+        type=float,
+        default=volumes.DEFAULT_MIN_EXTENT_MM,
+        help="volumes: the volume score must hold on this many mm of contiguous slices (0: max slice)",
+    )
+    p.add_argument(
+        "--adapt",
+        default="none",
+        choices=["none", "adabn"],
+        help="test-time adaptation: adabn re-estimates BatchNorm statistics on this input first "
+        "(a streaming pass over a sample; saved as OUTPUT/adabn_state.pt and reused on resume)",
+    )
+    p.add_argument(
+        "--adapt-samples", type=int, default=4096, help="images the AdaBN pass measures (0: all of them)"
+    )
+    p.add_argument(
+        "--tta", default="none", choices=["none", "flip"], help="flip: average with the left-right mirror"
+    )
+    p.add_argument(
         "--max-file-bytes", type=int, default=2 << 30, help="larger files/members become error rows"
     )
     p.add_argument(
@@ -922,6 +1205,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         slice_rows=args.slice_rows,
         explain=args.explain,
         min_foreground=args.min_foreground,
+        volume_skip_top_mm=args.volume_skip_top_mm,
+        volume_depth_mm=args.volume_depth_mm,
+        volume_min_extent_mm=args.volume_min_extent_mm,
+        adapt=args.adapt,
+        adapt_samples=args.adapt_samples,
+        tta=args.tta,
         max_file_bytes=args.max_file_bytes,
         num_actors=args.num_actors,
         units_per_block=args.units_per_block,

@@ -18,6 +18,9 @@ themselves); see the comment on the defaults below.
 Each file is matched in up to four ways ("views"): its whole image (``dhash``/``thumb``), the square around
 its head (``dhash_crop``/``thumb_crop``: re-framed, cropped and re-padded copies), and the horizontal mirror
 of each (derived from the stored fields at search time: br35h-3000 holds thousands of mirrored copies).
+Patient ids (a manifest's ``patient_id``, scoped by its ``source``: ids of different datasets are not
+comparable) join groups too, so all scans of one patient land in one split. :func:`holdout_split` is the
+leave-one-source-out variant: one source is the whole test split.
 Pure numpy/pandas: runs on the driver over catalogue columns, no pixels needed after ingest.
 """
 
@@ -39,6 +42,7 @@ __all__ = [
     "DEFAULT_CROP_MIN_CORR",
     "DEFAULT_MAX_HAMMING",
     "DEFAULT_MIN_CORR",
+    "HOLDOUT_DUPLICATE",
     "SPLIT_NAMES",
     "THUMB_SIZE",
     "duplicate_groups_table",
@@ -46,8 +50,10 @@ __all__ = [
     "find_duplicate_groups",
     "fingerprint",
     "hamming",
+    "holdout_split",
     "leakage",
     "match_reference",
+    "patient_groups",
     "split_groups",
     "thumb_features",
 ]
@@ -87,6 +93,8 @@ DEFAULT_CROP_MIN_CORR: float | None = 0.85  # stricter: cropped to the head, dif
 # 32x32 (1 KiB per file): at 16x16 different IXI subjects already reach gradient r 0.89 (0.72 at 32x32).
 THUMB_SIZE = 32
 SPLIT_NAMES = ("train", "val", "test")
+# holdout_split's label for train/val-side files that duplicate a held-out file: used nowhere
+HOLDOUT_DUPLICATE = "holdout_duplicate"
 _CROP_WORK = 256  # head view from an area-downscaled copy: its hash and thumbnail are 9x8 and 32x32 anyway
 _CROP_DETECT = 96  # foreground threshold taken at this size
 _MAX_K = 4  # at most C(d+4, 4) chunk combinations per search
@@ -264,6 +272,19 @@ def _thumb_array(
 def _null_strings(s: pd.Series) -> np.ndarray:
     """Mask of null/empty entries in a string-ish column."""
     return (s.isna() | (s.astype(str).str.strip() == "")).to_numpy()
+
+
+def _patient_keys(df: pd.DataFrame) -> tuple[pd.Series, np.ndarray] | None:
+    """(patient key per row, null mask), or None without a ``patient_id`` column. The key is scoped by
+    ``source`` when that column exists: "1" of one dataset is not "1" of another."""
+    if "patient_id" not in df.columns:
+        return None
+    pid = df["patient_id"]
+    null = _null_strings(pid)
+    key = pid.astype(str)
+    if "source" in df.columns:
+        key = df["source"].astype(str) + "\x1f" + key
+    return key.reset_index(drop=True), null
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -603,7 +624,7 @@ def find_duplicate_groups(
     (``confirm_on="gradient"``, see :class:`_Corr`) or raw pixels (``"pixel"``); likewise the head view
     ``dhash_crop``/``thumb_crop`` at ``crop_min_corr`` (used when the columns exist; ``None``: off); with
     ``mirror`` also each view against the horizontal mirror of the other file's; (c) identical non-null
-    ``patient_id``.
+    ``patient_id`` (within one ``source`` when the column exists).
     Rows without a fingerprint (null dhash or thumb, e.g. decode errors) and rows with a flat thumbnail
     take part only in (a) and (c) (per view: a flat head thumbnail only drops the head view).
     """
@@ -613,11 +634,15 @@ def find_duplicate_groups(
         return np.zeros(0, dtype=np.int64)
     edges_a: list[np.ndarray] = []
     edges_b: list[np.ndarray] = []
-    for col in ("sha256", "patient_id"):
-        if col in df.columns:
-            a, b = _equal_value_edges(df[col], _null_strings(df[col]))
-            edges_a.append(a)
-            edges_b.append(b)
+    if "sha256" in df.columns:
+        a, b = _equal_value_edges(df["sha256"], _null_strings(df["sha256"]))
+        edges_a.append(a)
+        edges_b.append(b)
+    patients = _patient_keys(df)
+    if patients is not None:
+        a, b = _equal_value_edges(*patients)
+        edges_a.append(a)
+        edges_b.append(b)
     for view, c in _views([df], min_corr, crop_min_corr):
         valid, hashes = _hash_array(df, view.hash_col)
         usable, thumbs = _thumb_array(df, c is not None, view.thumb_col)
@@ -731,6 +756,25 @@ def _water_fill(deficit: np.ndarray, r: int, priority: np.ndarray) -> np.ndarray
     return add
 
 
+def patient_groups(df: pd.DataFrame, groups: np.ndarray) -> np.ndarray:
+    """``groups`` merged with patients: union-find over "same group" and "same non-null patient_id" (per
+    ``source``). Dense ids 0..G-1 by first row; ``groups`` unchanged (re-numbered) without patient ids."""
+    groups = np.asarray(groups)
+    n = len(groups)
+    if len(df) != n:
+        raise ValueError(f"groups has {n} entries for {len(df)} rows")
+    gid = pd.factorize(groups)[0].astype(np.int64)
+    patients = _patient_keys(df)
+    if patients is None or patients[1].all():
+        return _dense_ids(gid)
+    first = np.full(int(gid.max()) + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(first, gid, np.arange(n))
+    pa, pb = _equal_value_edges(*patients)
+    a = np.concatenate([np.arange(n), pa])
+    b = np.concatenate([first[gid], pb])
+    return _dense_ids(_components(n, a, b))
+
+
 def split_groups(
     df: pd.DataFrame,
     groups: np.ndarray,
@@ -740,6 +784,8 @@ def split_groups(
 ) -> np.ndarray:
     """'train'/'val'/'test' per row; every group lands in one split, stratified by class.
 
+    Rows with the same non-null ``patient_id`` (per ``source``) are merged into one group first
+    (:func:`patient_groups`), so one patient's scans never straddle splits.
     A group's class is its majority label (ties: smallest label). Per class, groups are sorted by a content
     key (min sha256) and shuffled with a generator seeded by (seed, class), so the result does not depend
     on row order. Groups larger than one file go first, largest first, each to the split furthest below
@@ -757,7 +803,7 @@ def split_groups(
     out = np.empty(n, dtype=object)
     if n == 0:
         return out.astype(str)
-    gid = pd.factorize(groups)[0]
+    gid = patient_groups(df, groups)
     ng = int(gid.max()) + 1
     # labels compared as str: one stable order for ties and mixed types
     lab, cols = pd.factorize(pd.Series(df[label_col].to_numpy(), dtype=object).astype(str), sort=True)
@@ -796,6 +842,41 @@ def split_groups(
     return np.array(SPLIT_NAMES, dtype=object)[assign[gid]].astype(str)
 
 
+def holdout_split(
+    df: pd.DataFrame,
+    groups: np.ndarray,
+    holdout: np.ndarray,
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    label_col: str = "label",
+) -> tuple[np.ndarray, int]:
+    """Leave-one-source-out: (split per row, files dropped). Rows in ``holdout`` (one source) are the
+    whole test split; the others are split train/val by :func:`split_groups` with the train and val
+    fractions renormalised. A train/val-side row in the same group (duplicate or patient) as a held-out
+    row would leak the held-out source into training: it is labelled :data:`HOLDOUT_DUPLICATE` and used
+    nowhere; their number is returned. The held-out rows may be of one class (e.g. only healthy scans).
+    """
+    frac = np.asarray(list(fractions), dtype=np.float64)
+    if frac.shape != (3,) or (frac < 0).any() or frac[:2].sum() <= 0:
+        raise ValueError(
+            f"fractions must be three non-negative numbers with train + val > 0, got {fractions}"
+        )
+    held = np.asarray(holdout, dtype=bool)
+    n = len(df)
+    if held.shape != (n,):
+        raise ValueError(f"holdout has shape {held.shape}, expected ({n},)")
+    gid = patient_groups(df, groups)
+    tainted = np.zeros(int(gid.max()) + 1 if n else 0, dtype=bool)
+    tainted[gid[held]] = True
+    drop = ~held & tainted[gid]
+    rest = ~held & ~drop
+    out = np.full(n, HOLDOUT_DUPLICATE, dtype=object)
+    out[held] = "test"
+    if rest.any():
+        out[rest] = split_groups(df[rest], gid[rest], (frac[0], frac[1], 0.0), seed=seed, label_col=label_col)
+    return out.astype(str), int(drop.sum())
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reports
 
@@ -821,11 +902,16 @@ def duplicate_groups_table(df: pd.DataFrame, groups: np.ndarray) -> pd.DataFrame
         }
     )
     reason = np.full(n, "", dtype=object)
-    for col, name in (("sha256", "exact"), ("patient_id", "patient")):
-        if col in df.columns:
-            pair = pd.DataFrame({"g": t["group_id"], "v": df[col].astype(str).to_numpy()})
-            hit = ~_null_strings(df[col]) & pair.duplicated(keep=False).to_numpy()
-            reason = np.where(hit, np.where(reason == "", name, reason + "+" + name), reason)
+    keyed = []
+    if "sha256" in df.columns:
+        keyed.append((df["sha256"].astype(str).reset_index(drop=True), _null_strings(df["sha256"]), "exact"))
+    patients = _patient_keys(df)
+    if patients is not None:
+        keyed.append((*patients, "patient"))
+    for values, null, name in keyed:
+        pair = pd.DataFrame({"g": t["group_id"], "v": values.to_numpy()})
+        hit = ~null & pair.duplicated(keep=False).to_numpy()
+        reason = np.where(hit, np.where(reason == "", name, reason + "+" + name), reason)
     t["reason"] = np.where(reason == "", "near", reason)
     t["_size"] = t.groupby("group_id")["path"].transform("size")
     t = t[t["_size"] > 1].sort_values(["_size", "group_id", "path"], ascending=[False, True, True])

@@ -27,7 +27,8 @@ STATE_FILE = "train_state.pt"
 
 @dataclass
 class TrainConfig:
-    data: str
+    # Data arguments, one source each (folder, bucket prefix or manifest); a single str is accepted.
+    data: list[str]
     out: str = "runs"
     name: str | None = None
     backbone: str = "efficientnet_lite0"
@@ -43,6 +44,10 @@ class TrainConfig:
     dropout: float = 0.2
     label_smoothing: float = 0.0
     augment_strength: float = 1.0
+    # Scanner/source-shift augmentation (blur/sharpen, JPEG, resampling, 90° turns, erasing); 0 = off.
+    shift_augment: float = 0.0
+    # Slice preprocessing recorded in the bundle and applied identically at scoring: none | crop,zscore
+    preprocess: str = "none"
     metric: str = "auto"  # val_roc_auc when there is a tumour-vs-none view, else val_mc_f1_macro
     patience: int = 3
     keep_checkpoints: int = 2
@@ -54,6 +59,8 @@ class TrainConfig:
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     max_hamming: int | None = None
     test_data: str | None = None
+    # Leave-one-source-out: this source key is the whole test split (see split.holdout_split).
+    holdout_source: str | None = None
     class_order: list[str] | None = None
     limit_per_class: int | None = None
     storage_path: str | None = None
@@ -64,6 +71,14 @@ class TrainConfig:
     # Test hook: os._exit() a worker in this epoch on the first attempt (exercises FailureConfig).
     fail_at_epoch: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from raytumor.preprocess import parse_spec
+
+        self.data = [self.data] if isinstance(self.data, str) else list(self.data)
+        parse_spec(self.preprocess)  # a typo fails here, not in a Ray task minutes later
+        if self.shift_augment < 0:
+            raise ValueError(f"shift_augment must be >= 0, got {self.shift_augment}")
 
     @property
     def run_name(self) -> str:
@@ -146,10 +161,12 @@ def train_one_epoch(
 def evaluate_shard(
     model: torch.nn.Module, iterator, rank: int, world: int, device: torch.device, batch_size: int
 ):
-    """Predict this rank's rows (``idx % world == rank``) of the full validation set: exact, no row lost."""
+    """Predict this rank's rows (``idx % world == rank``) of the full validation set: exact, no row lost.
+
+    Returns (idx, label, probs, source_idx) tensors of this rank's rows."""
     model.eval()
-    idxs, labels, probs = [], [], []
-    dtypes = {"image": torch.uint8, "label": torch.int64, "idx": torch.int64}
+    idxs, labels, probs, sources = [], [], [], []
+    dtypes = {"image": torch.uint8, "label": torch.int64, "idx": torch.int64, "source_idx": torch.int64}
     for batch in iterator.iter_torch_batches(batch_size=batch_size, dtypes=dtypes):
         keep = (batch["idx"] % world) == rank
         if not bool(keep.any()):
@@ -159,9 +176,51 @@ def evaluate_shard(
         probs.append(torch.softmax(logits.float(), 1).cpu())
         labels.append(batch["label"][keep].cpu())
         idxs.append(batch["idx"][keep].cpu())
+        sources.append(batch["source_idx"][keep].cpu())
     if not idxs:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0)
-    return torch.cat(idxs), torch.cat(labels), torch.cat(probs)
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty, torch.zeros(0, 0), empty
+    return torch.cat(idxs), torch.cat(labels), torch.cat(probs), torch.cat(sources)
+
+
+SOURCE_METRICS = ("val_source_min_roc_auc", "val_source_mean_roc_auc", "val_source_min_specificity")
+
+
+def source_metrics(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    source_idx: np.ndarray,
+    classes: list[str],
+    negative_class: str | None,
+) -> dict[str, float]:
+    """Cross-source validation metrics of the tumour-vs-none view; empty with fewer than two sources.
+
+    ``val_source_min_roc_auc`` / ``val_source_mean_roc_auc``: worst / mean ROC-AUC over the sources that
+    hold both classes; ``val_source_min_specificity``: worst specificity at 0.5 over the sources that
+    hold negatives (a single-class healthy source still counts there); ``val_sources``: sources seen.
+    A model that separates classes by source scores well pooled but badly within a source.
+    """
+    from raytumor.evaluate import compute_metrics
+
+    src = np.asarray(source_idx)
+    keys = np.unique(src)
+    if len(keys) < 2:
+        return {}
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    aucs, specs = [], []
+    for k in keys:
+        m = compute_metrics(labels[src == k], probs[src == k], classes, negative_class, 0.5)
+        if m.get("roc_auc") is not None:
+            aucs.append(float(m["roc_auc"]))
+        if m.get("negatives") and m.get("specificity") is not None:
+            specs.append(float(m["specificity"]))
+    out: dict[str, float] = {"val_sources": int(len(keys))}
+    if aucs:
+        out["val_source_min_roc_auc"] = min(aucs)
+        out["val_source_mean_roc_auc"] = float(np.mean(aucs))
+    if specs:
+        out["val_source_min_specificity"] = min(specs)
+    return out
 
 
 def _die_midway(batches, step: int, marker: Path):
@@ -187,6 +246,40 @@ def _gather(obj: Any, world: int) -> list[Any]:
     return out
 
 
+def _broadcast(obj: Any, world: int) -> Any:
+    """Rank 0's ``obj`` on every rank: every rank then reports (and early-stops on) identical values."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _epoch_metrics(parts: list[tuple], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train and validation metrics of one epoch from every rank's (idx, label, probs, source_idx,
+    train stats)."""
+    from raytumor.evaluate import compute_metrics
+
+    order = np.argsort(np.concatenate([q[0] for q in parts]))
+    y = np.concatenate([q[1] for q in parts])[order]
+    p = np.concatenate([q[2] for q in parts if len(q[2])])[order]
+    src = np.concatenate([q[3] for q in parts])[order]
+    m = compute_metrics(y, p, cfg["classes"], cfg["negative_class"], 0.5)
+    n_seen = sum(q[4]["n"] for q in parts)
+    out = {
+        "train_loss": sum(q[4]["loss_sum"] for q in parts) / max(1, n_seen),
+        "train_images": n_seen,
+        "train_images_per_s": n_seen / max(1e-9, max(q[4]["seconds"] for q in parts)),
+        "val_loss": float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1)).mean()),
+        "val_n": int(len(y)),
+    }
+    out.update({f"val_{k}": v for k, v in m.items() if isinstance(v, (int, float)) and v is not None})
+    out.update(source_metrics(y, p, src, cfg["classes"], cfg["negative_class"]))
+    return out
+
+
 def _wrap_ddp(model: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
     if world == 1:
         return model
@@ -200,7 +293,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from raytumor.evaluate import compute_metrics
     from raytumor.model import create_model
     from raytumor.runtime import worker_threads
 
@@ -271,26 +363,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if cfg.get("fail_at_epoch") == epoch and rank == world - 1 and not Path(cfg["fail_marker"]).exists():
             batches = _die_midway(batches, steps_per_epoch // 2, Path(cfg["fail_marker"]))
         tr = train_one_epoch(ddp, optimizer, scheduler, batches, device, cfg["label_smoothing"])
-        idx, labels, probs = evaluate_shard(model, val_it, rank, world, device, batch_size * 2)
-        parts = _gather((idx.numpy(), labels.numpy(), probs.numpy(), tr), world)
-        order = np.argsort(np.concatenate([p[0] for p in parts]))
-        y = np.concatenate([p[1] for p in parts])[order]
-        p = np.concatenate([p[2] for p in parts if len(p[2])])[order]
-        m = compute_metrics(y, p, cfg["classes"], cfg["negative_class"], 0.5)
-        n_seen = sum(q[3]["n"] for q in parts)
-        val_loss = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1)).mean())
+        idx, labels, probs, srcs = evaluate_shard(model, val_it, rank, world, device, batch_size * 2)
+        parts = _gather((idx.numpy(), labels.numpy(), probs.numpy(), srcs.numpy(), tr), world)
+        # Computed once on rank 0 and broadcast: result.metrics is rank 0's, but every rank must report
+        # the same keys and take the same early-stopping decision.
+        epoch_metrics = _broadcast(_epoch_metrics(parts, cfg) if rank == 0 else None, world)
         metrics = {
             "epoch": epoch,
             "epochs_done": epoch + 1,  # Tune's ASHA time attribute
-            "train_loss": sum(q[3]["loss_sum"] for q in parts) / max(1, n_seen),
-            "train_images": n_seen,
-            "train_images_per_s": n_seen / max(1e-9, max(q[3]["seconds"] for q in parts)),
-            "val_loss": val_loss,
-            "val_n": int(len(y)),
+            **epoch_metrics,
             "lr_head": optimizer.param_groups[-1]["lr"],
             "frozen_backbone": frozen,
         }
-        metrics.update({f"val_{k}": v for k, v in m.items() if isinstance(v, (int, float)) and v is not None})
+        val_loss = metrics["val_loss"]
         value = metrics.get(metric)
         if value is None:
             raise KeyError(f"metric {metric!r} not reported; available: {sorted(metrics)}")
@@ -317,9 +402,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
         if rank == 0:
+            worst = metrics.get("val_source_min_roc_auc")
+            extra = (
+                ""
+                if worst is None or metric == "val_source_min_roc_auc"
+                else f"worst-source AUC {worst:.4f} "
+            )
             print(
                 f"[raytumor] epoch {epoch}: train_loss {metrics['train_loss']:.4f} "
-                f"val_loss {val_loss:.4f} {metric} {value:.4f} "
+                f"val_loss {val_loss:.4f} {metric} {value:.4f} {extra}"
                 f"({metrics['train_images_per_s']:.1f} img/s{', backbone frozen' if frozen else ''})"
             )
         if state["bad_epochs"] >= cfg["patience"]:
@@ -337,16 +428,17 @@ class SplitData:
     """The catalogued, de-duplicated and split data: computed once, shared by a run or a whole search."""
 
     catalogue: Any
-    manifest: pd.DataFrame  # one row per listed file: path, class_name, label, split, group, sha256, error
+    # one row per listed file: path, class_name, label, source, split, group, sha256, error (+ patient_id)
+    manifest: pd.DataFrame
     duplicates: dict[str, Any]
     duplicate_table: pd.DataFrame
     classes: list[str]
     negative_class: str | None
+    holdout: dict[str, Any] | None = None  # {"source": key, "dropped_duplicates": n} when leaving one out
 
     def files(self, split_name: str) -> pd.DataFrame:
-        return self.manifest.loc[self.manifest["split"] == split_name, ["path", "label"]].reset_index(
-            drop=True
-        )
+        cols = [c for c in ("path", "label", "source") if c in self.manifest.columns]
+        return self.manifest.loc[self.manifest["split"] == split_name, cols].reset_index(drop=True)
 
     @property
     def n_train(self) -> int:
@@ -354,6 +446,11 @@ class SplitData:
 
     def counts(self) -> pd.DataFrame:
         return self.manifest.groupby(["split", "class_name"]).size().unstack(fill_value=0)
+
+    def source_counts(self) -> pd.DataFrame:
+        """Files per source (rows) and split (columns)."""
+        m = self.manifest.assign(source=self.manifest.get("source", "?"))
+        return m.groupby(["source", "split"]).size().unstack(fill_value=0)
 
     def fingerprints(self) -> pd.DataFrame:
         """Fingerprints of the train+val files: the bundle carries them so evaluation can drop duplicates."""
@@ -363,13 +460,36 @@ class SplitData:
         return fp[[c for c in cols if c in fp.columns]].reset_index(drop=True)
 
 
+def resolve_source(name: str, keys: list[str]) -> str:
+    """The source key ``name`` refers to: the key itself, else the one key whose last path component
+    matches (``--holdout-source navoneel-253`` for ``--data ../shared/data/navoneel-253/``)."""
+    keys = sorted(set(keys))
+    if name in keys:
+        return name
+
+    def base(k: str) -> str:
+        return k.rstrip("/").rsplit("/", 1)[-1]
+
+    hits = [k for k in keys if k.rstrip("/") == name.rstrip("/") or base(k) == base(name)]
+    if len(hits) == 1:
+        return hits[0]
+    why = "matches several sources" if hits else "is not a source"
+    raise ValueError(f"--holdout-source {name!r} {why}; sources: {keys}")
+
+
 def prepare_split(cfg: TrainConfig) -> SplitData:
-    """Catalogue (decode + fingerprint every file), group duplicates, split by group."""
+    """Catalogue (decode + fingerprint every file of every source), group duplicates and patients, split
+    by group; with ``holdout_source`` the held-out source is the test split (:func:`split.holdout_split`).
+    """
     from raytumor import split
     from raytumor.ingest import StorageOptions, build_catalogue
 
+    if not cfg.data or not all(cfg.data):
+        raise ValueError(f"no data source given: {cfg.data}")
     storage = StorageOptions.from_env(cfg.s3_endpoint)
-    cat = build_catalogue(cfg.data, storage, cfg.class_order)
+    # Several sources are listed together (ingest.list_labelled), so classes are laid out over their union
+    # and a single-class source (a folder of healthy scans) joins the others.
+    cat = build_catalogue(cfg.data[0] if len(cfg.data) == 1 else cfg.data, storage, cfg.class_order)
     table = cat.table.copy()
     if cfg.limit_per_class:
         keep = (
@@ -382,42 +502,73 @@ def prepare_split(cfg: TrainConfig) -> SplitData:
     ok = table["error"].isna().to_numpy()
     good = table[ok].reset_index(drop=True)
     kw = {} if cfg.max_hamming is None else {"max_hamming": cfg.max_hamming}
+    # Duplicates are found across all sources at once: a copy in another source is still a copy.
     groups = split.find_duplicate_groups(good, **kw)
-    splits = split.split_groups(good, groups, fractions=cfg.split, seed=cfg.seed)
+    holdout = None
+    if cfg.holdout_source:
+        key = resolve_source(cfg.holdout_source, table["source"].astype(str).tolist())
+        held = (good["source"] == key).to_numpy()
+        if held.all() or not held.any():
+            raise ValueError(f"--holdout-source {key!r}: need decoded files in it and in another source")
+        splits, dropped = split.holdout_split(good, groups, held, fractions=cfg.split, seed=cfg.seed)
+        holdout = {"source": key, "dropped_duplicates": dropped}
+        if good.loc[np.isin(splits, ["train", "val"]), "label"].nunique() < 2:
+            raise ValueError(f"holding out {key!r} leaves a single class to train on")
+        print(
+            f"[raytumor] leave-one-source-out: {int(held.sum())} files of {key!r} are the test split; "
+            f"{dropped} train/val files that duplicate them dropped"
+        )
+    else:
+        splits = split.split_groups(good, groups, fractions=cfg.split, seed=cfg.seed)
     dup = split.duplicate_report(good, groups)
     good["group"], good["split"] = groups, splits
     manifest = table.merge(good[["path", "group", "split"]], on="path", how="left")
     manifest["split"] = manifest["split"].fillna("rejected")
     manifest["group"] = manifest["group"].fillna(-1).astype(np.int64)
     dup_table = split.duplicate_groups_table(good, groups)
-    return SplitData(cat, manifest, dup, dup_table, cat.classes, cat.negative_class)
+    return SplitData(cat, manifest, dup, dup_table, cat.classes, cat.negative_class, holdout)
 
 
-def build_datasets(
-    train_files: pd.DataFrame,
-    val_files: pd.DataFrame,
-    image_size: int,
-    augment_strength: float,
-    seed: int,
-    s3_endpoint: str | None = None,
-) -> tuple[Any, Any]:
-    """Ray datasets for one training run: decoded once at store size, augmented afresh each epoch."""
+def check_metric(metric: str, val_files: pd.DataFrame) -> None:
+    """Fail before training when a cross-source metric cannot be reported (it needs ≥ 2 val sources)."""
+    if not metric.startswith("val_source"):
+        return
+    n = val_files["source"].nunique() if "source" in val_files.columns else 1
+    if n < 2:
+        raise ValueError(
+            f"metric {metric} needs validation files from at least 2 sources (have {n}): give --data "
+            "more than once, or a manifest with a source column"
+        )
+
+
+def build_datasets(train_files: pd.DataFrame, val_files: pd.DataFrame, cfg: TrainConfig) -> tuple[Any, Any]:
+    """Ray datasets for one training run: decoded (and preprocessed) once at store size, augmented afresh
+    each epoch."""
     from raytumor.augment import AugmentConfig, augment_batch, store_size
     from raytumor.ingest import StorageOptions, decode_dataset, has_error
+    from raytumor.preprocess import parse_spec
 
-    storage = StorageOptions.from_env(s3_endpoint)
+    storage = StorageOptions.from_env(cfg.s3_endpoint)
+    image_size, seed = cfg.image_size, cfg.seed
+    prep = parse_spec(cfg.preprocess).to_dict()
 
     def indexed(df: pd.DataFrame, shuffle: bool) -> pd.DataFrame:
-        df = df[["path", "label"]]
+        # Integer source ids (sorted keys) for the per-source validation metrics; 0 without a source column.
+        src = pd.factorize(df["source"], sort=True)[0] if "source" in df.columns else np.zeros(len(df))
+        df = df[["path", "label"]].assign(source_idx=np.asarray(src, dtype=np.int64))
         if shuffle:  # mix classes across blocks so block-order randomisation gives mixed batches
             df = df.sample(frac=1.0, random_state=seed)
         df = df.reset_index(drop=True)
         df["idx"] = np.arange(len(df), dtype=np.int64)
         return df
 
-    aug = AugmentConfig(strength=augment_strength)
+    aug = AugmentConfig(strength=cfg.augment_strength, shift=cfg.shift_augment)
     train_base = decode_dataset(
-        indexed(train_files, True), storage=storage, image_size=store_size(image_size), fingerprints=False
+        indexed(train_files, True),
+        storage=storage,
+        image_size=store_size(image_size),
+        fingerprints=False,
+        preprocess=prep,
     )
     train_base = (
         train_base.filter(lambda r: not has_error(r["error"]))
@@ -431,11 +582,11 @@ def build_datasets(
         batch_format="numpy",
     )
     val_ds = decode_dataset(
-        indexed(val_files, False), storage=storage, image_size=image_size, fingerprints=False
+        indexed(val_files, False), storage=storage, image_size=image_size, fingerprints=False, preprocess=prep
     )
     val_ds = (
         val_ds.filter(lambda r: not has_error(r["error"]))
-        .select_columns(["image", "label", "idx"])
+        .select_columns(["image", "label", "idx", "source_idx"])
         .materialize()
     )
     return train_ds, val_ds
@@ -543,6 +694,7 @@ def export_bundle(
     from raytumor import bundle as bundle_mod
     from raytumor.ingest import StorageOptions
     from raytumor.model import normalization
+    from raytumor.preprocess import parse_spec
 
     mean, std = normalization(cfg.backbone)
     counts = data.counts()
@@ -553,6 +705,7 @@ def export_bundle(
         image_size=cfg.image_size,
         mean=list(mean),
         std=list(std),
+        preprocess=parse_spec(cfg.preprocess).to_dict(),
         metrics={
             "val": {k: v for k, v in best_metrics.items() if k.startswith("val_")},
             "best_epoch": best_metrics["epoch"],
@@ -561,7 +714,11 @@ def export_bundle(
         },
         train_config=asdict(cfg),
         data={
-            "source": cfg.data,
+            "source": " + ".join(cfg.data),  # a string, as before multi-source training
+            "sources": {
+                str(k): {str(s): int(v) for s, v in row.items()} for k, row in data.source_counts().iterrows()
+            },
+            "holdout": data.holdout,
             "split_manifest_sha256": split_sha,
             "split_counts": {s: {c: int(v) for c, v in row.items()} for s, row in counts.iterrows()},
             "duplicate_groups": data.duplicates["groups_with_duplicates"],
@@ -628,11 +785,18 @@ def write_split(data: SplitData, run_dir: Path) -> tuple[str, dict[str, Any]]:
         f"{data.duplicates['groups_with_duplicates']} ({data.duplicates['redundant_files']} redundant files)"
     )
     print("[raytumor] split (files per class):\n" + data.counts().to_string())
+    if "source" in data.manifest.columns and data.manifest["source"].nunique() > 1:
+        print("[raytumor] split (files per source):\n" + data.source_counts().to_string())
+    if data.holdout:
+        summary_ingest["holdout"] = data.holdout
+        (run_dir / "ingest_summary.json").write_text(json.dumps(summary_ingest, indent=2) + "\n")
     return bundle_mod.file_sha256(manifest_path), summary_ingest
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the whole training job; returns a summary with the bundle path and test metrics."""
+def run_training(cfg: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Run the whole training job; returns a summary with the bundle path and test metrics.
+
+    ``callbacks``: extra ``ray.train.UserCallback`` objects (e.g. to see every worker's reports)."""
     from raytumor.runtime import init_ray, train_resources
 
     t0 = time.time()
@@ -643,14 +807,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     data = prepare_split(cfg)
     split_sha, summary_ingest = write_split(data, run_dir)
-    train_ds, val_ds = build_datasets(
-        data.files("train"),
-        data.files("val"),
-        cfg.image_size,
-        cfg.augment_strength,
-        cfg.seed,
-        cfg.s3_endpoint,
-    )
+    check_metric(resolve_metric(cfg.metric, data.classes, data.negative_class), data.files("val"))
+    train_ds, val_ds = build_datasets(data.files("train"), data.files("val"), cfg)
     trainer, metric = make_trainer(
         cfg,
         data.classes,
@@ -660,6 +818,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         name=cfg.run_name,
         storage_path=cfg.storage_path or str(run_dir / "checkpoints"),
         fail_marker=str(run_dir / ".failed_once"),
+        callbacks=callbacks,
     )
     result = trainer.fit()
     sign = -1 if _is_min_metric(metric) else 1
@@ -683,6 +842,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "worker_nodes_per_attempt": final_state.get("worker_nodes", []),
         "val": meta.metrics["val"],
         "test": test,
+        "holdout": data.holdout,
         "ingest": {
             k: summary_ingest[k] for k in ("files_listed", "files_decoded", "files_rejected", "files_ignored")
         },
@@ -699,7 +859,9 @@ def write_test_report(run_dir: Path, data: SplitData, cfg: Any) -> str | None:
     """``raytumor report`` on the held-out test split (a manifest written next to the run)."""
     from raytumor.report import build_report
 
-    test = data.manifest.loc[data.manifest["split"] == "test", ["path", "class_name"]]
+    # source/patient_id travel with the manifest so the report breaks metrics down by source (LOSO runs).
+    cols = ["path", "class_name"] + [c for c in ("source", "patient_id") if c in data.manifest.columns]
+    test = data.manifest.loc[data.manifest["split"] == "test", cols]
     if test.empty:
         return None
     manifest = run_dir / "test_manifest.csv"
@@ -733,14 +895,27 @@ def _measure(preds: pd.DataFrame, meta: Any) -> dict[str, Any]:
     return m
 
 
+DATA_HELP = (
+    "labelled tree ROOT/<class>/<files> (local or s3://), or a CSV/Parquet manifest (path,label[,patient_id,"
+    "source]); repeat for several sources. A row's source is the manifest's source column (text before "
+    "' via ') or else the --data argument; validation then also reports the worst/mean per-source "
+    "metrics (val_source_min_roc_auc, val_source_mean_roc_auc, val_source_min_specificity)"
+)
+HOLDOUT_HELP = (
+    "leave one source out: every file of source KEY (a --data argument, its last path component, or a "
+    "manifest source name) is the test split; the other sources are split train/val only (the --split "
+    "train:val ratio kept), and their files that duplicate a held-out file are dropped (counted in "
+    "ingest_summary.json and the bundle). The held-out source may hold one class only (e.g. healthy scans)"
+)
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d = TrainConfig(data="")
     p = argparse.ArgumentParser(
         description="Fine-tune a brain-MRI tumour classifier on Ray", add_help=add_help
     )
-    p.add_argument(
-        "--data", required=True, help="labelled tree ROOT/<class>/<files> (local or s3://), or manifest"
-    )
+    p.add_argument("--data", required=True, action="append", help=DATA_HELP)
+    p.add_argument("--holdout-source", default=None, metavar="KEY", help=HOLDOUT_HELP)
     p.add_argument("--out", default=d.out, help="runs directory; the run writes to OUT/NAME")
     p.add_argument("--name", default=None, help="run name (default: backbone-size-seed); same name resumes")
     p.add_argument("--backbone", default=d.backbone, help="see `raytumor backbones`")
@@ -759,9 +934,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--augment-strength", type=float, default=d.augment_strength)
     p.add_argument(
+        "--shift-augment",
+        type=float,
+        default=d.shift_augment,
+        help="strength of scanner/source-shift augmentation (blur/sharpen, JPEG, resampling, 90° turns, "
+        "erasing); 0 = off",
+    )
+    p.add_argument(
+        "--preprocess",
+        default=d.preprocess,
+        help="slice preprocessing stored in the bundle and reused when scoring: none, or a comma list of "
+        "crop (crop to the head) and zscore (intensity standardisation inside the head)",
+    )
+    p.add_argument(
         "--metric",
         default=d.metric,
-        help="val metric for best checkpoint / early stopping (e.g. val_roc_auc, val_loss)",
+        help="val metric for best checkpoint / early stopping (e.g. val_roc_auc, val_loss, or "
+        "val_source_min_roc_auc with several sources)",
     )
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)

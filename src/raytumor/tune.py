@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from raytumor.train import TrainConfig
+from raytumor.train import DATA_HELP, HOLDOUT_HELP, TrainConfig, _is_min_metric
 
 # What a search may vary; any other TrainConfig field is fixed for the search with `--set`/`fixed:`.
 TUNABLE = (
@@ -31,6 +31,8 @@ TUNABLE = (
     "weight_decay",
     "batch_size",
     "augment_strength",
+    "shift_augment",
+    "preprocess",
     "freeze_epochs",
     "image_size",
     "dropout",
@@ -55,7 +57,7 @@ SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 
 @dataclass
 class SearchConfig:
-    data: str
+    data: list[str]  # one source per entry; a single str is accepted
     out: str = "runs"
     name: str | None = None
     space: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SPACE))
@@ -74,8 +76,12 @@ class SearchConfig:
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     limit_per_class: int | None = None
     test_data: str | None = None
+    holdout_source: str | None = None  # leave-one-source-out: this source is the test split
     report: bool = True  # HTML report of the winner on the test split
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.data = [self.data] if isinstance(self.data, str) else list(self.data)
 
     @property
     def search_name(self) -> str:
@@ -229,9 +235,7 @@ def trial_driver(config: dict[str, Any], payload: dict[str, Any]) -> None:
     init_ray()
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = replace(TrainConfig(**payload["base"]), **config)
-    train_ds, val_ds = build_datasets(
-        payload["train"], payload["val"], cfg.image_size, cfg.augment_strength, cfg.seed, cfg.s3_endpoint
-    )
+    train_ds, val_ds = build_datasets(payload["train"], payload["val"], cfg)
     path, fs = _storage(payload["trials_storage"], cfg.s3_endpoint)
     trainer, _ = make_trainer(
         cfg,
@@ -293,6 +297,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
 
     from raytumor.runtime import init_ray
     from raytumor.train import (
+        check_metric,
         export_bundle,
         load_checkpoint_files,
         prepare_split,
@@ -321,6 +326,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         limit_per_class=cfg.limit_per_class,
         s3_endpoint=cfg.s3_endpoint,
         test_data=cfg.test_data,
+        holdout_source=cfg.holdout_source,
         seed=cfg.seed,
         max_failures=1,
     )
@@ -333,7 +339,8 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     data = prepare_split(base)
     split_sha, _ = write_split(data, run_dir)
     metric = resolve_metric(cfg.metric, data.classes, data.negative_class)
-    mode = "min" if metric.endswith("loss") else "max"
+    check_metric(metric, data.files("val"))
+    mode = "min" if _is_min_metric(metric) else "max"
 
     storage_root = cfg.storage_path or str(run_dir / "tune")
     tune_path, tune_fs = _storage(storage_root, cfg.s3_endpoint)
@@ -458,9 +465,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description="Search backbones and hyperparameters with Ray Tune (ASHA early stopping)",
         add_help=add_help,
     )
-    p.add_argument(
-        "--data", required=True, help="labelled tree ROOT/<class>/<files> (local or s3://), or manifest"
-    )
+    p.add_argument("--data", required=True, action="append", help=DATA_HELP)
+    p.add_argument("--holdout-source", default=None, metavar="KEY", help=HOLDOUT_HELP)
     p.add_argument("--out", default=d.out, help="runs directory; the search writes to OUT/NAME")
     p.add_argument("--name", default=None, help="search name (default: search); the same name resumes")
     p.add_argument("--config", default=None, help="YAML/JSON file: space:, fixed:, and any option below")
@@ -469,7 +475,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=None, help=f"epochs per trial (default {d.max_epochs})")
     p.add_argument("--grace-period", type=int, default=None, help="ASHA: epochs before a trial can stop")
     p.add_argument("--reduction-factor", type=float, default=None, help="ASHA reduction factor")
-    p.add_argument("--metric", default=None, help="validation metric (default auto: val_roc_auc)")
+    p.add_argument(
+        "--metric",
+        default=None,
+        help="validation metric (default auto: val_roc_auc); val_source_min_roc_auc (with several sources) "
+        "selects for the worst source",
+    )
     p.add_argument("--max-concurrent-trials", type=int, default=None, help="default: what the cluster fits")
     p.add_argument("--workers-per-trial", type=int, default=None)
     p.add_argument("--cpus-per-worker", type=float, default=None)
@@ -501,6 +512,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         "s3_endpoint",
         "limit_per_class",
         "test_data",
+        "holdout_source",
         "seed",
     ):
         if getattr(args, k) is not None:
