@@ -228,6 +228,7 @@ def test_no_phi_in_outputs():
         "kind",
         "slice_index",
         "num_slices",
+        "spacing_mm",  # a float from the header geometry, never a tag value
     }
 
 

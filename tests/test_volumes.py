@@ -50,3 +50,27 @@ def test_sustained_score_respects_gaps_order_and_nan():
     # Shorter than k everywhere: k shrinks to the longest run.
     assert volume_score(np.array([0.2, 0.4]), np.array([0, 1]), 1.0, 10.0)[0] == pytest.approx(0.2)
     assert np.isnan(volume_score(np.array([]), np.array([]), 1.0, 10.0)[0])
+
+
+def test_nifti_spacing_comes_from_the_header():
+    from pathlib import Path
+
+    import nibabel as nib
+
+    from raytumor.formats import decode_scan
+
+    ixi = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi-t1-nichart-42" / "nifti"
+    if not ixi.is_dir():
+        pytest.skip(f"real data {ixi} is absent")
+    path = sorted(ixi.glob("*.nii.gz"))[0]
+    scan = decode_scan(path.read_bytes())
+    assert scan.kind == "volume" and scan.spacing_mm == pytest.approx(2.0)
+    # a resampled copy at 3 mm says so, and the brain range then keeps ~1/1.5 as many slices
+    img = nib.as_closest_canonical(nib.load(path))
+    aff = img.affine.copy()
+    aff[:, 2] *= 1.5
+    scan3 = decode_scan(nib.Nifti1Image(np.asanyarray(img.dataobj), aff).to_bytes())
+    assert scan3.spacing_mm == pytest.approx(3.0)
+    n2 = brain_slice_range(scan.slice_index, scan.spacing_mm).sum()
+    n3 = brain_slice_range(scan3.slice_index, scan3.spacing_mm).sum()
+    assert n3 == pytest.approx(n2 / 1.5, abs=2)
