@@ -63,9 +63,10 @@ class RayNodes:
         self.procs.append(p)
         return p
 
-    def head(self, cpus: int) -> None:
+    def head(self, cpus: int, *extra: str) -> None:
         self.start(
             "head",
+            *extra,
             "--head",
             f"--port={self.port}",
             "--node-ip-address=127.0.0.1",
@@ -83,10 +84,30 @@ class RayNodes:
                 time.sleep(1)
         raise RuntimeError(f"head did not come up; see {self.tmp / 'head.log'}")
 
-    def worker(self, name: str, cpus: int) -> subprocess.Popen:
+    def worker(self, name: str, cpus: int, *extra: str) -> subprocess.Popen:
         return self.start(
-            name, f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}"
+            name, f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", *extra
         )
+
+    def hold(self, name: str, resources: dict[str, float]) -> subprocess.Popen:
+        """A driver holding an actor that reserves ``resources`` until the driver is stopped."""
+        script = (
+            "import time, ray; ray.init(address='auto', logging_level='ERROR')\n"
+            f"@ray.remote(num_cpus=0, resources={resources!r})\n"
+            "class Hold:\n    def ready(self): return True\n"
+            "h = Hold.remote(); ray.get(h.ready.remote()); print('held', flush=True); time.sleep(3600)\n"
+        )
+        log = self.tmp / f"{name}.log"
+        p = subprocess.Popen(
+            [str(BIN / "python"), "-c", script], stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            env=_env(RAY_ADDRESS=self.address), start_new_session=True,
+        )  # fmt: skip
+        self.procs.append(p)
+        deadline = time.time() + 120
+        while "held" not in log.read_text():
+            assert p.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        return p
 
     def alive_nodes(self) -> int:
         out = subprocess.run(
@@ -181,8 +202,13 @@ def test_two_nodes_lose_the_worker_node_and_recover(tmp_path, phantoms):
     checkpoint, and the run resumes from that checkpoint on what is left and finishes."""
     nodes = RayNodes(tmp_path)
     try:
-        nodes.head(cpus=2)
-        node2 = nodes.worker("node2", cpus=1)
+        # Placement is made deterministic with a custom resource rather than left to SPREAD, which is
+        # best-effort (CI once packed both workers on the head): each worker needs one `slot`; the head has
+        # two, one of them held by a blocker actor until the second node goes, and the second node has one.
+        # So the first attempt must use both nodes, and the recovery fits on the head alone.
+        nodes.head(2, '--resources={"slot": 2}')
+        blocker = nodes.hold("blocker", {"slot": 1})  # created while the head is the only node
+        node2 = nodes.worker("node2", 1, '--resources={"slot": 1}')
         deadline = time.time() + 60
         while nodes.alive_nodes() < 2:
             assert time.time() < deadline, "second node did not join"
@@ -192,7 +218,7 @@ def test_two_nodes_lose_the_worker_node_and_recover(tmp_path, phantoms):
             str(BIN / "python"), "jobs/train.py", "--data", str(phantoms), "--out", str(out), "--name", "mn",
             "--num-workers", "2", "--cpus-per-worker", "0.5", "--placement-strategy", "SPREAD",
             "--epochs", "6", "--patience", "6", "--image-size", "64", "--batch-size", "8",
-            "--max-failures", "2", "--warmup-epochs", "0",
+            "--max-failures", "2", "--warmup-epochs", "0", "--worker-resource", "slot=1",
         ]  # fmt: skip
         log = open(tmp_path / "driver.log", "w")  # noqa: SIM115
         driver = subprocess.Popen(
@@ -207,6 +233,7 @@ def test_two_nodes_lose_the_worker_node_and_recover(tmp_path, phantoms):
             assert time.time() < deadline, "no checkpoint before the deadline"
             time.sleep(0.5)
         time.sleep(1.0)  # let the controller register the reported checkpoint
+        nodes.stop(blocker)  # frees the head's second slot for the recovery
         nodes.stop(node2)  # the worker node goes away mid-training
         rc = driver.wait(timeout=700)
         text = (tmp_path / "driver.log").read_text()

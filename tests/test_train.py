@@ -324,3 +324,11 @@ def test_args_parser_round_trip():
     cfg = TrainConfig.from_args(args)
     assert cfg.data == ["a", "m.csv"] and cfg.holdout_source == "a"
     assert "--holdout-source" in get_args_parser().format_help()
+    assert cfg.worker_resources == {}
+    args = get_args_parser().parse_args(
+        ["--data", "a", "--worker-resource", "slot=1", "--worker-resource", "m=0.5"]
+    )
+    assert TrainConfig.from_args(args).worker_resources == {"slot": 1.0, "m": 0.5}
+    for bad in ("slot", "slot=0", "=1", "slot=x", "CPU=2"):
+        with pytest.raises(ValueError, match="worker resource"):
+            TrainConfig.from_args(get_args_parser().parse_args(["--data", "a", "--worker-resource", bad]))

@@ -56,6 +56,9 @@ class TrainConfig:
     use_gpu: str = "auto"
     cpus_per_worker: float | None = None
     placement_strategy: str = "PACK"  # SPREAD puts workers on different nodes
+    # Custom Ray resources each training worker also asks for (e.g. {"trainer_node": 1} to keep training on
+    # nodes started with `ray start --resources`); CPU/GPU come from cpus_per_worker/use_gpu.
+    worker_resources: dict[str, float] = field(default_factory=dict)
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     max_hamming: int | None = None
     test_data: str | None = None
@@ -96,7 +99,27 @@ class TrainConfig:
             kw["split"] = tuple(float(x) for x in kw["split"].split(","))
         if isinstance(kw.get("class_order"), str):
             kw["class_order"] = [c for c in kw["class_order"].split(",") if c]
+        if isinstance(kw.get("worker_resources"), list):
+            kw["worker_resources"] = parse_resources(kw["worker_resources"])
         return cls(**kw)
+
+
+def parse_resources(items: list[str]) -> dict[str, float]:
+    """``["slot=1", "memory=2e9"]`` → ``{"slot": 1.0, "memory": 2e9}``; CPU/GPU have their own flags."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, amount = item.partition("=")
+        name = name.strip()
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value <= 0:
+            raise ValueError(f"worker resource {item!r}: expected NAME=AMOUNT with AMOUNT > 0")
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"worker resource {name}: use --cpus-per-worker / --use-gpu")
+        out[name] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -646,7 +669,11 @@ def make_trainer(
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.use_gpu,
-            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})},
+            resources_per_worker={
+                "CPU": res.cpus_per_worker,
+                **({"GPU": 1} if res.use_gpu else {}),
+                **cfg.worker_resources,
+            },
             placement_strategy=cfg.placement_strategy,
         ),
         run_config=RunConfig(
@@ -965,6 +992,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=d.placement_strategy,
         choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
         help="how Ray places training workers across nodes",
+    )
+    p.add_argument(
+        "--worker-resource",
+        dest="worker_resources",
+        action="append",
+        default=[],
+        metavar="NAME=AMOUNT",
+        help="custom Ray resource each training worker also needs (repeatable), e.g. trainer_node=1",
     )
     p.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions")
     p.add_argument("--max-hamming", type=int, default=None, help="dHash distance for near-duplicates")
