@@ -855,21 +855,8 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
         reasons = dict(listing_errors)
         n_blocks = max(1, -(-len(frame) // cfg.units_per_block))
         ds = ray.data.from_pandas(frame).repartition(n_blocks)
-        ds = ds.map_batches(
-            _read_decode_task,
-            fn_kwargs={
-                "image_size": meta.image_size,
-                "storage": storage,
-                "max_file_bytes": cfg.max_file_bytes,
-                "min_foreground": cfg.min_foreground,
-                "preprocess": meta.preprocess,
-                "volume_range": volume_range,
-                "done_ids": done_ref,
-                "listing_errors": reasons,
-            },
-            batch_size=cfg.units_per_block,
-            batch_format="numpy",
-            num_cpus=r["decode_cpus"],
+        ds = _map_read_decode(
+            ds, cfg, meta, storage, r, volume_range, cfg.units_per_block, done_ids=done_ref, errors=reasons
         )
         size = cfg.num_actors or r["size"]
         ds = ds.map_batches(
@@ -981,6 +968,38 @@ class BNStatsTask:
         return {"state": np.array([buf.getvalue()], dtype=object), "images": np.array([len(images)])}
 
 
+def _map_read_decode(
+    ds: Any,
+    cfg: ScoreConfig,
+    meta: Any,
+    storage: Any,
+    r: dict[str, Any],
+    volume_range: tuple[float, float],
+    batch_size: int,
+    *,
+    done_ids: Any = None,
+    errors: dict[str, str] | None = None,
+) -> Any:
+    """The read/decode stage shared by the AdaBN pass and scoring: same decoding, preprocessing and slice
+    range, so the statistics are those of exactly what the scoring actors will see."""
+    return ds.map_batches(
+        _read_decode_task,
+        fn_kwargs={
+            "image_size": meta.image_size,
+            "storage": storage,
+            "max_file_bytes": cfg.max_file_bytes,
+            "min_foreground": cfg.min_foreground,
+            "preprocess": meta.preprocess,
+            "volume_range": volume_range,
+            "done_ids": done_ids,
+            "listing_errors": errors or {},
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=r["decode_cpus"],
+    )
+
+
 def _adabn_state(
     cfg: ScoreConfig,
     units: Units,
@@ -1020,22 +1039,7 @@ def _adabn_state(
     n_units = len(table) if cfg.adapt_samples <= 0 else min(len(table), cfg.adapt_samples)
     sample = table.sample(n=n_units, random_state=0) if n_units < len(table) else table
     ds = ray.data.from_pandas(sample.reset_index(drop=True)).repartition(max(1, -(-len(sample) // 64)))
-    ds = ds.map_batches(
-        _read_decode_task,
-        fn_kwargs={
-            "image_size": meta.image_size,
-            "storage": storage,
-            "max_file_bytes": cfg.max_file_bytes,
-            "min_foreground": cfg.min_foreground,
-            "preprocess": meta.preprocess,
-            "volume_range": volume_range,
-            "done_ids": None,
-            "listing_errors": {},
-        },
-        batch_size=64,
-        batch_format="numpy",
-        num_cpus=r["decode_cpus"],
-    )
+    ds = _map_read_decode(ds, cfg, meta, storage, r, volume_range, 64)
     ds = ds.map_batches(
         BNStatsTask,
         fn_constructor_kwargs={
