@@ -324,6 +324,29 @@ def test_volumes_per_slice_rows_and_gradcam(ray_session, bundle, navoneel, tmp_p
     pos = df[df["label"] == "yes"]
     assert len(pos) >= 6  # the fitted model calls most tumour scans positive
     assert pos["explain"].notna().all() and df.loc[df["label"] == "no", "explain"].isna().all()
+
+    # `raytumor evaluate --scores`: labels from a manifest, volume rows judged by their volume score
+    from raytumor.evaluate import evaluate_scores
+
+    truth = pd.DataFrame(
+        {"path": df.index, "label": ["no_tumor" if p.endswith(".nii.gz") else "yes" for p in df.index]}
+    )
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    res = evaluate_scores(str(bundle), str(tmp_path / "truth.csv"), str(out), tmp_path / "ev", n_boot=50)
+    vol_m, img_m = res["by_kind"]["volume"], res["by_kind"]["image"]
+    assert vol_m["n"] == 2 and vol_m["false_positives"] == int((vols["label"] == "yes").sum())
+    assert vol_m["specificity"] == pytest.approx((vols["label"] == "no").mean())
+    imgs = df[df["kind"] == "image"]
+    assert img_m["n"] == 12 and img_m["sensitivity"] == pytest.approx((imgs["label"] == "yes").mean())
+    assert res["metrics"]["n"] == 14 and res["adaptation"] == ["none"]
+    preds = pd.read_parquet(tmp_path / "ev" / "predictions.parquet").set_index("path")
+    assert np.allclose(preds.loc[vols.index, "prob_yes"], vols["score"], atol=1e-6)  # not score_max
+    assert np.allclose(preds.loc[imgs.index, "prob_yes"], imgs["prob_yes"], atol=1e-6)
+    pd.concat([truth, pd.DataFrame({"path": [str(tmp_path / "unscored.png")], "label": ["yes"]})]).to_csv(
+        tmp_path / "more.csv", index=False
+    )
+    with pytest.raises(ValueError, match="1 labelled files have no score row"):
+        evaluate_scores(str(bundle), str(tmp_path / "more.csv"), str(out), n_boot=10)
     for rel in pos["explain"]:
         assert "/" not in rel.split("explain/", 1)[1]
         with Image.open(out / rel) as im:

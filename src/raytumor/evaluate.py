@@ -454,6 +454,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="do not exclude files that duplicate the bundle's training/validation files",
     )
+    p.add_argument(
+        "--scores",
+        default=None,
+        metavar="SCORE_OUTPUT",
+        help="evaluate a finished `raytumor score` output instead of predicting (volumes, --adapt/--tta runs): "
+        "metrics pooled, per source and per kind (slices vs volumes)",
+    )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
     p.add_argument(
         "--s3-endpoint", default=None, help="endpoint of an S3-compatible store (or AWS_ENDPOINT_URL)"
@@ -569,6 +576,139 @@ def evaluate_source(
     return result
 
 
+def _local_abspath(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def score_rows_as_predictions(
+    scores: pd.DataFrame, classes: list[str], negative_class: str | None
+) -> pd.DataFrame:
+    """Score rows (``raytumor score`` output) as prediction rows: ``prob_<class>`` are the decision's.
+
+    A volume row's ``prob_*`` are those of its highest-scoring slice, but its label comes from ``score`` (the
+    sustained volume score, see :mod:`raytumor.volumes`): so the no-tumour probability becomes ``1 - score``
+    and the tumour classes share ``score`` in their slice's proportions. Error rows get NaN probabilities
+    (left out of the metrics and counted by :func:`metrics_with_ci`)."""
+    df = scores.copy()
+    cols = [f"prob_{c}" for c in classes]
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"score rows lack {missing}: were they written with another bundle?")
+    probs = df[cols].to_numpy(np.float64, copy=True)
+    if negative_class is not None and "kind" in df.columns and "score" in df.columns:
+        vol = (df["kind"] == "volume").to_numpy() & np.isfinite(df["score"].to_numpy(np.float64))
+        if vol.any():
+            neg = classes.index(negative_class)
+            score = df["score"].to_numpy(np.float64)[vol]
+            pos = np.delete(probs[vol], neg, axis=1)
+            total = pos.sum(1, keepdims=True)
+            share = np.divide(pos, total, out=np.full_like(pos, 1.0 / pos.shape[1]), where=total > 0)
+            probs[vol] = np.insert(share * score[:, None], neg, 1.0 - score, axis=1)
+    if "error" in df.columns:
+        probs[df["error"].notna().to_numpy()] = np.nan
+    df[cols] = probs
+    return df
+
+
+def evaluate_scores(
+    bundle_dir: str | os.PathLike,
+    data: str | Sequence[str],
+    scores_dir: str,
+    out_dir: str | os.PathLike | None = None,
+    threshold: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    s3_endpoint: str | None = None,
+    source_pattern: str | None = None,
+) -> dict[str, Any]:
+    """Metrics of a finished ``raytumor score`` output against the labels of ``data``: no model is run.
+
+    This is how volumes (NIfTI, multi-frame DICOM: one volume-level row each) and test-time adaptation
+    (AdaBN, flip TTA: the rows record which) are evaluated. Every labelled file must have a score row
+    (matched by path); score rows of other files are ignored. Adds ``by_kind``: metrics of the image rows
+    (slice false-positive rate) and of the volume rows (volume false-positive rate) apart. Duplicates of the
+    training data are not excluded here (volumes have no fingerprint): score a de-duplicated archive."""
+    from raytumor.bundle import read_meta
+    from raytumor.ingest import StorageOptions, list_labelled
+    from raytumor.score import read_scores
+
+    t0 = time.time()
+    datas = [data] if isinstance(data, str) else [str(d) for d in data]
+    if not datas or not all(datas):
+        raise ValueError(f"no data source given: {data!r}")
+    rx = compile_source_pattern(source_pattern)
+    meta = read_meta(bundle_dir)
+    classes = list(meta.classes)
+    storage = StorageOptions.from_env(s3_endpoint)
+    listing = list_labelled(datas[0] if len(datas) == 1 else datas, storage)
+    table = listing.files.copy()
+    renames = map_labels(sorted(table["class_name"].unique()), classes, meta.negative_class)
+    table["class_name"] = table["class_name"].map(lambda c: renames.get(c, c))
+    unknown = sorted(set(table["class_name"]) - set(classes))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the bundle's classes {classes}")
+    table["label"] = table["class_name"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
+    if rx is not None:
+        table["source"] = pattern_source_keys(table, datas, rx, storage)
+    table["source"] = table["source"].astype(str)
+    scores = read_scores(scores_dir, storage)
+    if scores.empty:
+        raise ValueError(f"no score rows in {scores_dir}")
+    bundle_ids = sorted(set(scores["bundle_id"].dropna().astype(str)))
+    if bundle_ids and bundle_ids != [meta.bundle_id]:
+        raise ValueError(
+            f"{scores_dir} was scored by bundle(s) {bundle_ids}, not {meta.bundle_id} ({bundle_dir})"
+        )
+    scores = scores.assign(_key=scores["path"].astype(str).map(_local_abspath))
+    if scores["_key"].duplicated().any():
+        raise ValueError(f"{scores_dir} has several rows for one file: not the output of one scoring run")
+    table = table.assign(_key=table["path"].astype(str).map(_local_abspath))
+    unscored = table.loc[~table["_key"].isin(scores["_key"]), "path"]
+    if len(unscored):
+        raise ValueError(
+            f"{len(unscored)} labelled files have no score row in {scores_dir} (e.g. {unscored.iloc[0]}): "
+            "score the same files with `raytumor score` first"
+        )
+    keep = ["path", "label", "source"] + [c for c in ("patient_id",) if c in table.columns]
+    rows = scores.drop(columns=["path", "label", "source", "patient_id"], errors="ignore")
+    preds = (
+        table[keep + ["_key"]].merge(rows, on="_key", how="left", validate="one_to_one").drop(columns="_key")
+    )
+    preds = score_rows_as_predictions(preds, classes, meta.negative_class).sort_values(
+        "path", ignore_index=True
+    )
+    thr = meta.threshold if threshold is None else threshold
+    kinds = preds["kind"].fillna("error").astype(str) if "kind" in preds.columns else None
+    result = {
+        "bundle": str(bundle_dir),
+        "bundle_id": meta.bundle_id,
+        "data": data if isinstance(data, str) else datas,
+        "scores": scores_dir,
+        "source_pattern": rx.pattern if rx is not None else None,
+        "adaptation": sorted(set(preds["adaptation"].dropna().astype(str))) if "adaptation" in preds else [],
+        "metrics": metrics_with_ci(preds, classes, meta.negative_class, thr, n_boot, seed),
+        "by_source": per_source_metrics(preds, classes, meta.negative_class, thr, n_boot, seed),
+        "by_kind": {
+            k: metrics_with_ci(preds[kinds == k], classes, meta.negative_class, thr, n_boot, seed)
+            for k in ("image", "volume")
+            if kinds is not None and (kinds == k).any()
+        },
+        "files": {
+            **listing.summary(),
+            "scored_rows_ignored": int((~scores["_key"].isin(table["_key"])).sum()),
+            "score_errors": int(preds["error"].notna().sum()) if "error" in preds.columns else 0,
+            "evaluated": int(len(preds)),
+        },
+        "seconds": round(time.time() - t0, 1),
+    }
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        preds.to_parquet(out / "predictions.parquet", index=False)
+    return result
+
+
 def format_table(metrics: dict[str, Any], by_source: dict[str, dict[str, Any]] | None = None) -> str:
     """The pooled metrics with CIs, then (with ``by_source``) one line per source."""
     ci = metrics.get("ci95", {})
@@ -591,13 +731,13 @@ def format_table(metrics: dict[str, Any], by_source: dict[str, dict[str, Any]] |
     return "\n".join(lines)
 
 
-def format_source_lines(by_source: dict[str, dict[str, Any]]) -> str:
+def format_source_lines(by_source: dict[str, dict[str, Any]], key: str = "source") -> str:
     """n, accuracy, ROC-AUC, sensitivity, specificity and false positives per source; the (long) key last."""
 
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:.4f}"
 
-    lines = [f"{'n':>7}{'accuracy':>10}{'roc_auc':>9}{'sensitivity':>13}{'specificity':>13}{'FP':>6}  source"]
+    lines = [f"{'n':>7}{'accuracy':>10}{'roc_auc':>9}{'sensitivity':>13}{'specificity':>13}{'FP':>6}  {key}"]
     for key, m in by_source.items():
         fp = m.get("false_positives")
         lines.append(
@@ -612,8 +752,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     data = args.data[0] if len(args.data) == 1 else args.data  # one source: a string, as before
     compile_source_pattern(args.source_pattern)  # fail on a bad pattern before starting Ray
-    init_ray()
     out = args.out or os.path.join(str(args.bundle), "evaluation")
+    if args.scores:
+        res = evaluate_scores(
+            args.bundle, data, args.scores, out, threshold=args.threshold, n_boot=args.n_boot, seed=args.seed,
+            s3_endpoint=args.s3_endpoint, source_pattern=args.source_pattern,
+        )  # fmt: skip
+        f = res["files"]
+        print(
+            f"files listed {f['files_listed']}, evaluated {f['evaluated']} ({f['score_errors']} error rows), "
+            f"score rows of unlisted files ignored {f['scored_rows_ignored']}; adaptation {res['adaptation']}"
+        )
+        print(format_table(res["metrics"], res["by_source"]))
+        if res["by_kind"]:
+            print("\nper kind (image = one slice per file, volume = volume rule):")
+            print(format_source_lines(res["by_kind"], key="kind"))
+        print(f"metrics written to {os.path.join(out, 'metrics.json')}")
+        return res
+    init_ray()
     res = evaluate_source(
         args.bundle,
         data,
