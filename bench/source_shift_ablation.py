@@ -92,11 +92,15 @@ def train_row(args: argparse.Namespace, name: str) -> Path:
         report=False,
     )
     t0 = time.time()
-    if name in LEAKY_ROWS:
-        from raytumor import split
+    from raytumor import split
 
+    grouping = split.find_duplicate_groups
+    if name in LEAKY_ROWS:  # for this row only: later rows in the same process group near-duplicates again
         split.find_duplicate_groups = _exact_duplicate_groups
-    summary = run_training(cfg)
+    try:
+        summary = run_training(cfg)
+    finally:
+        split.find_duplicate_groups = grouping
     print(f"[ablation] trained {name} in {time.time() - t0:.0f} s: test {summary['test']}", flush=True)
     return run_dir / "bundle"
 
