@@ -332,3 +332,7 @@ def test_args_parser_round_trip():
     for bad in ("slot", "slot=0", "=1", "slot=x", "CPU=2"):
         with pytest.raises(ValueError, match="worker resource"):
             TrainConfig.from_args(get_args_parser().parse_args(["--data", "a", "--worker-resource", bad]))
+    # a dict (Tune's `--set worker_resources={slot: 1}`, a search YAML) gets the same checks
+    assert TrainConfig(data="a", worker_resources={"slot": 1}).worker_resources == {"slot": 1.0}
+    with pytest.raises(ValueError, match="worker resource"):
+        TrainConfig(data="a", worker_resources={"GPU": 1})

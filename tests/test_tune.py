@@ -65,6 +65,8 @@ def test_search_file_and_flags(tmp_path):
             "resnet18,efficientnet_lite0",
             "--set",
             "label_smoothing=0.05",
+            "--set",
+            "worker_resources={slot: 1}",
             "--max-epochs",
             "4",
         ]
@@ -73,7 +75,12 @@ def test_search_file_and_flags(tmp_path):
     assert cfg.num_samples == 3 and cfg.max_epochs == 4  # flags beat the file
     assert cfg.space["backbone"] == {"choice": ["resnet18", "efficientnet_lite0"]}
     assert cfg.space["image_size"] == [96, 128]
-    assert cfg.fixed == {"dropout": 0.1, "label_smoothing": 0.05}
+    assert cfg.fixed == {"dropout": 0.1, "label_smoothing": 0.05, "worker_resources": {"slot": 1}}
+    from dataclasses import replace
+
+    from raytumor.train import TrainConfig
+
+    assert replace(TrainConfig(data="d"), **cfg.fixed).worker_resources == {"slot": 1.0}  # as each trial
     (tmp_path / "bad.yaml").write_text("num_sample: 3\n")
     with pytest.raises(ValueError, match="unknown keys"):
         load_search_file(str(tmp_path / "bad.yaml"))

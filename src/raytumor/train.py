@@ -82,6 +82,10 @@ class TrainConfig:
         parse_spec(self.preprocess)  # a typo fails here, not in a Ray task minutes later
         if self.shift_augment < 0:
             raise ValueError(f"shift_augment must be >= 0, got {self.shift_augment}")
+        if isinstance(self.worker_resources, list):  # ["NAME=AMOUNT", ...] from the command line
+            self.worker_resources = parse_resources(self.worker_resources)
+        # a dict from a Tune `--set worker_resources={...}` or YAML gets the same checks
+        self.worker_resources = parse_resources([f"{k}={v}" for k, v in dict(self.worker_resources).items()])
 
     @property
     def run_name(self) -> str:
@@ -99,8 +103,6 @@ class TrainConfig:
             kw["split"] = tuple(float(x) for x in kw["split"].split(","))
         if isinstance(kw.get("class_order"), str):
             kw["class_order"] = [c for c in kw["class_order"].split(",") if c]
-        if isinstance(kw.get("worker_resources"), list):
-            kw["worker_resources"] = parse_resources(kw["worker_resources"])
         return cls(**kw)
 
 
