@@ -488,6 +488,25 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _data_list(data: str | Sequence[str]) -> list[str]:
+    datas = [data] if isinstance(data, str) else [str(d) for d in data]
+    if not datas or not all(datas):
+        raise ValueError(f"no data source given: {data!r}")
+    return datas
+
+
+def _write_evaluation(out_dir: str | os.PathLike | None, result: dict[str, Any], preds: pd.DataFrame) -> None:
+    """metrics.json and predictions.parquet (without the fingerprint thumbnails) into ``out_dir``, if given."""
+    if not out_dir:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    preds.drop(columns=[c for c in ("thumb", "thumb_crop") if c in preds.columns]).to_parquet(
+        out / "predictions.parquet", index=False
+    )
+
+
 def evaluate_source(
     bundle_dir: str | os.PathLike,
     data: str | Sequence[str],
@@ -507,9 +526,7 @@ def evaluate_source(
     from raytumor.ingest import StorageOptions, build_catalogue
 
     t0 = time.time()
-    datas = [data] if isinstance(data, str) else [str(d) for d in data]
-    if not datas or not all(datas):
-        raise ValueError(f"no data source given: {data!r}")
+    datas = _data_list(data)
     rx = compile_source_pattern(source_pattern)  # a bad pattern fails before any decoding
     meta = read_meta(bundle_dir)
     classes = list(meta.classes)
@@ -566,13 +583,7 @@ def evaluate_source(
         "excluded_files": table.loc[excluded, "path"].tolist()[:1000],
         "seconds": round(time.time() - t0, 1),
     }
-    if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        preds.drop(columns=[c for c in ("thumb", "thumb_crop") if c in preds.columns]).to_parquet(
-            out / "predictions.parquet", index=False
-        )
+    _write_evaluation(out_dir, result, preds)
     return result
 
 
@@ -633,20 +644,17 @@ def evaluate_scores(
     from raytumor.score import read_scores
 
     t0 = time.time()
-    datas = [data] if isinstance(data, str) else [str(d) for d in data]
-    if not datas or not all(datas):
-        raise ValueError(f"no data source given: {data!r}")
+    datas = _data_list(data)
     rx = compile_source_pattern(source_pattern)
     meta = read_meta(bundle_dir)
     classes = list(meta.classes)
     storage = StorageOptions.from_env(s3_endpoint)
     listing = list_labelled(datas[0] if len(datas) == 1 else datas, storage)
     table = listing.files.copy()
-    renames = map_labels(sorted(table["class_name"].unique()), classes, meta.negative_class)
-    table["class_name"] = table["class_name"].map(lambda c: renames.get(c, c))
-    unknown = sorted(set(table["class_name"]) - set(classes))
-    if unknown:
-        raise ValueError(f"labels {unknown} are not among the bundle's classes {classes}")
+    # map_labels names every listed label (or raises on one it cannot map)
+    table["class_name"] = table["class_name"].map(
+        map_labels(table["class_name"].unique(), classes, meta.negative_class)
+    )
     table["label"] = table["class_name"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
     if rx is not None:
         table["source"] = pattern_source_keys(table, datas, rx, storage)
@@ -701,11 +709,7 @@ def evaluate_scores(
         },
         "seconds": round(time.time() - t0, 1),
     }
-    if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        preds.to_parquet(out / "predictions.parquet", index=False)
+    _write_evaluation(out_dir, result, preds)
     return result
 
 
@@ -731,13 +735,13 @@ def format_table(metrics: dict[str, Any], by_source: dict[str, dict[str, Any]] |
     return "\n".join(lines)
 
 
-def format_source_lines(by_source: dict[str, dict[str, Any]], key: str = "source") -> str:
+def format_source_lines(by_source: dict[str, dict[str, Any]], what: str = "source") -> str:
     """n, accuracy, ROC-AUC, sensitivity, specificity and false positives per source; the (long) key last."""
 
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:.4f}"
 
-    lines = [f"{'n':>7}{'accuracy':>10}{'roc_auc':>9}{'sensitivity':>13}{'specificity':>13}{'FP':>6}  {key}"]
+    lines = [f"{'n':>7}{'accuracy':>10}{'roc_auc':>9}{'sensitivity':>13}{'specificity':>13}{'FP':>6}  {what}"]
     for key, m in by_source.items():
         fp = m.get("false_positives")
         lines.append(
@@ -766,7 +770,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(format_table(res["metrics"], res["by_source"]))
         if res["by_kind"]:
             print("\nper kind (image = one slice per file, volume = volume rule):")
-            print(format_source_lines(res["by_kind"], key="kind"))
+            print(format_source_lines(res["by_kind"], what="kind"))
         print(f"metrics written to {os.path.join(out, 'metrics.json')}")
         return res
     init_ray()

@@ -82,10 +82,11 @@ class TrainConfig:
         parse_spec(self.preprocess)  # a typo fails here, not in a Ray task minutes later
         if self.shift_augment < 0:
             raise ValueError(f"shift_augment must be >= 0, got {self.shift_augment}")
-        if isinstance(self.worker_resources, list):  # ["NAME=AMOUNT", ...] from the command line
-            self.worker_resources = parse_resources(self.worker_resources)
-        # a dict from a Tune `--set worker_resources={...}` or YAML gets the same checks
-        self.worker_resources = parse_resources([f"{k}={v}" for k, v in dict(self.worker_resources).items()])
+        # ["NAME=AMOUNT", ...] from the command line, or a dict from Tune's --set / a YAML: the same checks
+        res = self.worker_resources
+        self.worker_resources = parse_resources(
+            res if isinstance(res, list) else [f"{k}={v}" for k, v in dict(res).items()]
+        )
 
     @property
     def run_name(self) -> str:
