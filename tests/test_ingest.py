@@ -118,6 +118,28 @@ def test_decode_batch_reports_every_row(tmp_path):
     assert out["image"][1:].max() == 0  # failed rows keep the tensor shape, never used
 
 
+def test_gzip_scans_reach_the_decoder_as_stored(tmp_path):
+    """A .nii.gz is read as stored (pyarrow would inflate it by name): the NIfTI decoder's bounded gunzip
+    sees it, the content hash is of the file, and a truncated download is a truncated scan."""
+    import hashlib
+
+    import nibabel as nib
+
+    from raytumor.ingest import read_bytes
+
+    arr = (np.arange(48 * 40, dtype=np.int16).reshape(48, 40, 1) % 300).astype(np.int16)
+    good = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(good))
+    raw = good.read_bytes()
+    assert raw[:2] == b"\x1f\x8b" and read_bytes(str(good)) == raw
+    trunc = tmp_path / "cut.nii.gz"
+    trunc.write_bytes(raw[: len(raw) // 2])
+    out = decode_batch({"path": np.array([str(good), str(trunc)], dtype=object)}, image_size=32)
+    assert out["error"][0] is None and out["format"][0] == "nifti"
+    assert out["sha256"][0] == hashlib.sha256(raw).hexdigest()
+    assert "NIfTI" in out["error"][1] and "unreadable" not in out["error"][1], out["error"][1]
+
+
 def test_catalogue_bad_inputs_not_fatal(ray_session, tmp_path):
     for cls in ("no", "yes"):
         (tmp_path / cls).mkdir()

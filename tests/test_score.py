@@ -347,6 +347,24 @@ def test_volumes_per_slice_rows_and_gradcam(ray_session, bundle, navoneel, tmp_p
     )
     with pytest.raises(ValueError, match="1 labelled files have no score row"):
         evaluate_scores(str(bundle), str(tmp_path / "more.csv"), str(out), n_boot=10)
+
+    # `raytumor report --scores`: the same rows in the HTML report, slices and volumes apart; the
+    # Grad-CAM gallery shows single images only (the healthy volumes are the only negatives here).
+    from raytumor.report import get_args_parser
+    from raytumor.report import main as report_main
+
+    rargs = get_args_parser().parse_args(
+        ["--bundle", str(bundle), "--data", str(tmp_path / "truth.csv"), "--scores", str(out),
+         "--out", str(tmp_path / "rep"), "--n-boot", "50", "--gallery", "3"]
+    )  # fmt: skip
+    rep = report_main(rargs)
+    assert rep["by_kind"]["volume"]["false_positives"] == vol_m["false_positives"]
+    assert rep["by_kind"]["image"]["n"] == 12 and rep["n"] == 14 and rep["adaptation"] == ["none"]
+    assert rep["metrics"]["sensitivity"] == pytest.approx(res["metrics"]["sensitivity"])
+    assert rep["gallery"]["false_positives"] == []
+    assert all(it["path"] in imgs.index for it in rep["gallery"]["false_negatives"])
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert 'id="by-kind"' in page and "volumes (volume rule)" in page and str(out) in page
     for rel in pos["explain"]:
         assert "/" not in rel.split("explain/", 1)[1]
         with Image.open(out / rel) as im:

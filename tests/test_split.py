@@ -387,6 +387,36 @@ def test_split_groups_stratified_no_straddling_and_deterministic() -> None:
     assert (split.split_groups(df, groups, seed=6) != s).any()
 
 
+def test_split_groups_stratified_by_source() -> None:
+    """A second source's patient groups reach every split in proportion, however its group sizes compare
+    with the first source's (before: a site's 20 healthy patients of 17 slices all landed in train, behind
+    the first source's big near-duplicate groups), and the first source's split does not change."""
+    rng = np.random.default_rng(1)
+    a, ga = _grouped_frame(rng)
+    a = a.assign(source="hospital_a")
+    b = pd.DataFrame(
+        {"sha256": [f"b{i:05d}" for i in range(340)], "label": 0, "source": "site_b",
+         "patient_id": [f"p{i // 17}" for i in range(340)]}
+    )  # fmt: skip
+    df = pd.concat([a, b], ignore_index=True)
+    groups = np.r_[ga, ga.max() + 1 + np.arange(340)]  # patient ids merge each site-b patient's 17 slices
+    s = split.split_groups(df, groups, seed=0)
+    assert split.leakage(df, s, split.patient_groups(df, groups))["straddling_groups"] == 0
+    per_patient = pd.Series(s[len(a) :]).groupby(b["patient_id"].to_numpy()).agg(set)
+    assert per_patient.map(len).eq(1).all()
+    site = per_patient.map(lambda x: next(iter(x))).value_counts()
+    assert site["train"] == 14 and site["val"] == 3 and site["test"] == 3, site.to_dict()
+    for label in (0, 1):  # the first source is still split 70/15/15 per class
+        m = (df["source"] == "hospital_a").to_numpy() & (df["label"] == label).to_numpy()
+        for name, frac in zip(split.SPLIT_NAMES, (0.7, 0.15, 0.15), strict=True):
+            assert abs((s[m] == name).mean() - frac) < 0.02, (label, name)
+    # adding a source leaves the first source's split as it was alone (comparable test sets), and one
+    # source is the class-only split
+    alone = split.split_groups(a, ga, seed=0)
+    assert (s[: len(a)] == alone).all()
+    assert (alone == split.split_groups(a.drop(columns="source"), ga, seed=0)).all()
+
+
 def test_split_groups_majority_label_and_custom_fractions() -> None:
     df = pd.DataFrame({"sha256": [f"{i:04d}" for i in range(40)], "label": [0] * 20 + [1] * 20})
     groups = np.arange(40)

@@ -14,6 +14,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "score": ("raytumor.score", "batch-score a folder/bucket/archive of scans: one row per file, resumable"),
     "report": ("raytumor.report", "self-contained HTML evaluation report of a bundle on labelled data"),
     "evaluate": ("raytumor.evaluate", "metrics of a bundle on labelled data, with 95%% CIs"),
+    "slices": ("raytumor.slices", "export axial training slices (PNG + manifest) from volumes"),
     "demo": ("raytumor.demo", "synthetic phantoms -> train -> evaluate, on a fresh machine"),
 }
 

@@ -101,8 +101,11 @@ def to_uri(scheme_of: str, path: str) -> str:
 
 
 def read_bytes(uri: str, storage: StorageOptions | None = None) -> bytes:
+    """The file's bytes as stored. ``compression=None``: pyarrow would otherwise inflate ``*.gz`` (a
+    ``.nii.gz``) by its name, unbounded and before the decoders' size-limited gunzip, and report a truncated
+    download as an unreadable file rather than a truncated scan."""
     fs, path = get_filesystem(uri, storage)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         return f.read()
 
 

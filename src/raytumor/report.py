@@ -436,34 +436,35 @@ def build_report(
     s3_endpoint: str | None = None,
     exclude_duplicates: bool = True,
     source_pattern: str | None = None,
+    scores: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``bundle_dir`` on ``data`` (one or more sources) and write report.html, report.json,
     metrics.json and PNGs.
 
-    Needs Ray (``evaluate_source`` predicts with Ray Data). Returns the report dict (as ``report.json``)
-    with an ``outputs`` entry listing the files written. ``by_source`` holds metrics.json's per-source
-    metrics when :func:`show_by_source` says they add something (else None).
+    Needs Ray (``evaluate_source`` predicts with Ray Data), unless ``scores`` names a finished
+    ``raytumor score`` output of the same files: then its rows are the predictions (``evaluate_scores``:
+    volume rows judged by their volume score, test-time adaptation as scored) and ``by_kind`` holds the
+    slice and volume metrics apart. Returns the report dict (as ``report.json``) with an ``outputs`` entry
+    listing the files written. ``by_source`` holds metrics.json's per-source metrics when
+    :func:`show_by_source` says they add something (else None).
     """
     from raytumor import calibrate
     from raytumor.bundle import read_meta
-    from raytumor.evaluate import evaluate_source, tumour_binary
+    from raytumor.evaluate import evaluate_scores, evaluate_source, tumour_binary
     from raytumor.ingest import StorageOptions
     from raytumor.predict import predict_labels
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = read_meta(bundle_dir)
-    res = evaluate_source(
-        bundle_dir,
-        data,
-        out,
-        threshold=None,
-        exclude_duplicates=exclude_duplicates,
-        n_boot=n_boot,
-        seed=seed,
-        s3_endpoint=s3_endpoint,
-        source_pattern=source_pattern,
+    common = dict(
+        threshold=None, n_boot=n_boot, seed=seed, s3_endpoint=s3_endpoint, source_pattern=source_pattern
     )
+    if scores:
+        res = evaluate_scores(bundle_dir, data, scores, out, **common)
+        exclude_duplicates = False  # a score output is taken as it is (volumes have no fingerprint)
+    else:
+        res = evaluate_source(bundle_dir, data, out, exclude_duplicates=exclude_duplicates, **common)
     metrics = res["metrics"]
     preds = pd.read_parquet(out / "predictions.parquet")  # the rows metrics.json was computed from
     classes = list(meta.classes)
@@ -472,6 +473,12 @@ def build_report(
     probs = preds[[f"prob_{c}" for c in classes]].to_numpy(dtype=np.float32)
     labels = preds["label"].to_numpy().astype(np.int64)
     paths = preds["path"].astype(str).to_numpy()
+    # Grad-CAM overlays are of single images: a volume row (or an error row) has no picture to explain.
+    is_image = (
+        preds["kind"].astype(str).eq("image").to_numpy()
+        if "kind" in preds.columns
+        else np.ones(len(preds), bool)
+    )
     y, s = tumour_binary(labels, probs, classes, meta.negative_class)
     score_for_pred = s if s is not None else np.full(len(labels), np.nan)
     # The predictor's labelling rule at the threshold metrics.json used.
@@ -507,11 +514,14 @@ def build_report(
             "source_pattern": res.get("source_pattern"),
         },
         "files": res["files"],
-        "rejected_files": res["rejected_files"],
-        "excluded_files": res["excluded_files"],
+        "rejected_files": res.get("rejected_files", []),
+        "excluded_files": res.get("excluded_files", []),
+        "scores": scores,
+        "adaptation": res.get("adaptation"),
         "metrics": metrics,
         "n": int(metrics.get("n", len(labels))),
         "by_source": res["by_source"] if show_by_source(res["data"], res.get("by_source")) else None,
+        "by_kind": res.get("by_kind") or None,
     }
     binary = y is not None and len(y) > 0
     ci = metrics.get("ci95", {})
@@ -615,7 +625,7 @@ def build_report(
     }
 
     if binary:
-        gal = _gallery_items(paths, labels, pred, y, s, thr, gallery)
+        gal = _gallery_items(paths, labels, pred, y, np.where(is_image, s, np.nan), thr, gallery)
         storage = StorageOptions.from_env(s3_endpoint)
         figures.update(_render_gallery(bundle_dir, meta, gal, storage))
         rep["gallery"] = gal
@@ -766,6 +776,18 @@ def render_html(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
                 ("excluded as duplicates of training data", f.get("excluded_duplicates_of_training")),
                 ("rejected files (could not be decoded)", f.get("files_rejected")),
                 ("files listed", f.get("files_listed")),
+                *(
+                    [
+                        ("predictions from score output", rep["scores"]),
+                        (
+                            "test-time adaptation (as scored)",
+                            ", ".join(rep.get("adaptation") or []) or "none",
+                        ),
+                        ("score error rows", f.get("score_errors")),
+                    ]
+                    if rep.get("scores")
+                    else []
+                ),
                 ("bootstrap resamples (95% CI)", rep["settings"]["n_boot"]),
             ]
         )
@@ -818,6 +840,30 @@ def render_html(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
             "scans called no tumour (FP rate = 1 \u2212 specificity). Bootstrap 95% CIs resample whole "
             f"patients where the data names them (patient_id: {clustered} of {len(bs)} sources), else "
             "single scans.</p>"
+        )
+        add("</section>")
+
+    # 2c. slices vs volumes (a score output with volume rows)
+    bk = rep.get("by_kind")
+    if bk:
+        add('<section id="by-kind"><h2>Slices and volumes</h2>')
+        names = {"image": "slices (one image per file)", "volume": "volumes (volume rule)"}
+        rows = []
+        for key, km in bk.items():
+            kci = km.get("ci95") or {}
+            rows.append(
+                [names.get(key, key), km.get("n"), km.get("positives"), km.get("roc_auc"),
+                 km.get("sensitivity"), _ci(kci.get("sensitivity")), km.get("specificity"),
+                 _ci(kci.get("specificity")), km.get("false_positives"), km.get("fp_rate")]
+            )  # fmt: skip
+        head = ["kind", "n", "positives", "ROC AUC", "sensitivity", "sensitivity 95% CI", "specificity",
+                "specificity 95% CI", "false positives", "FP rate"]  # fmt: skip
+        add(_table(head, rows, "by-kind"))
+        add(
+            '<p class="sub">A NIfTI or multi-frame DICOM file is one volume row, judged by its volume score '
+            "(the tumour score sustained over adjacent slices, see <code>raytumor score --help</code>), not by "
+            "its most suspicious slice; every other file is one slice. The volume false-positive rate is the "
+            "share of healthy volumes flagged as a whole.</p>"
         )
         add("</section>")
 
@@ -973,6 +1019,12 @@ def render_html(rep: dict[str, Any], figures: dict[str, bytes]) -> str:
         "positive it shows what looked like tumour. Heat maps show where the evidence came from, not "
         "that it is clinically meaningful.</p>"
     )
+    if rep.get("scores"):
+        add(
+            '<p class="sub">Predictions come from a score output: single-image rows only (volumes are not '
+            "shown here), and the maps are of the bundle's model as stored, without any test-time "
+            "adaptation the scoring run applied.</p>"
+        )
     gal = rep.get("gallery")
     if gal is None:
         add('<p class="note">No single tumour score: no error gallery.</p>')
@@ -1076,6 +1128,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="do not exclude files that duplicate the bundle's training/validation files",
     )
+    p.add_argument(
+        "--scores",
+        default=None,
+        metavar="SCORE_OUTPUT",
+        help="report on a finished `raytumor score` output of the same files instead of predicting (no Ray): "
+        "volumes (NIfTI, multi-frame DICOM) as volume rows with slice and volume false-positive rates, "
+        "test-time adaptation as it was scored. Files are not de-duplicated against the training data",
+    )
     return p
 
 
@@ -1084,7 +1144,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from raytumor.runtime import init_ray
 
     compile_source_pattern(args.source_pattern)  # fail on a bad pattern before starting Ray
-    init_ray()
+    if not args.scores:
+        init_ray()
     rep = build_report(
         args.bundle,
         args.data[0] if len(args.data) == 1 else args.data,
@@ -1096,6 +1157,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         s3_endpoint=args.s3_endpoint,
         exclude_duplicates=not args.keep_duplicates,
         source_pattern=args.source_pattern,
+        scores=args.scores,
     )
     print(f"report written to {rep['outputs']['html']}")
     print(f"metrics written to {rep['outputs']['metrics_json']}")

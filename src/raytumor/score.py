@@ -334,7 +334,7 @@ class ReadDecode:
                 data = self._zip_member(source, str(batch["member"][i]), int(batch["member_n"][i]))
             else:
                 fs, path = get_filesystem(source, self.storage)
-                with fs.open_input_stream(path) as f:
+                with fs.open_input_stream(path, compression=None) as f:  # raw bytes: see read_bytes
                     data = _read_limited(f, self.max_bytes)
         except _TooLarge as e:
             return _decoded_row(uid, self.image_size, None, f"too large: {e}", 0)
@@ -373,7 +373,10 @@ class ReadDecode:
         seen: Counter = Counter()
         n = 0
         try:
-            with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
+            with (
+                fs.open_input_stream(path, compression=None) as raw,
+                tarfile.open(fileobj=raw, mode="r|*") as tf,
+            ):
                 for m in tf:
                     if m.isdir():
                         continue

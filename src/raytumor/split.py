@@ -782,13 +782,17 @@ def split_groups(
     seed: int = 0,
     label_col: str = "label",
 ) -> np.ndarray:
-    """'train'/'val'/'test' per row; every group lands in one split, stratified by class.
+    """'train'/'val'/'test' per row; every group lands in one split, stratified by class (and by source).
 
     Rows with the same non-null ``patient_id`` (per ``source``) are merged into one group first
     (:func:`patient_groups`), so one patient's scans never straddle splits.
-    A group's class is its majority label (ties: smallest label). Per class, groups are sorted by a content
-    key (min sha256) and shuffled with a generator seeded by (seed, class), so the result does not depend
-    on row order. Groups larger than one file go first, largest first, each to the split furthest below
+    A group's class is its majority label (ties: smallest label); with several sources (a ``source``
+    column), its source is its majority source and each (class, source) is split on its own, so every
+    source reaches validation and test in proportion (not, say, a whole site's healthy scans in train
+    because its patient groups happened to come first). Per stratum, groups are sorted by a content key
+    (min sha256) and shuffled with a generator seeded by (seed, class), so the result does not depend on
+    row order, and a source's split is the one it gets alone (adding a source changes no other source's
+    split unless a duplicate group joins them). Groups larger than one file go first, largest first, each to the split furthest below
     its target image count; single files then fill the remaining targets. Every split with a non-zero
     fraction gets at least one group of each class when the class has enough groups.
     """
@@ -810,13 +814,25 @@ def split_groups(
     counts = np.bincount(gid * len(cols) + lab, minlength=ng * len(cols)).reshape(ng, len(cols))
     major = counts.argmax(axis=1)  # ties: the smallest label
     size = counts.sum(axis=1)
+    # Majority source of each group (ties: the smallest source key); one stratum when a single source.
+    srcs: list[str] = [""]
+    gsrc = np.zeros(ng, dtype=np.int64)
+    if "source" in df.columns:
+        src, names = pd.factorize(pd.Series(df["source"].to_numpy(), dtype=object).astype(str), sort=True)
+        if len(names) > 1:
+            sc = np.bincount(gid * len(names) + src, minlength=ng * len(names)).reshape(ng, len(names))
+            srcs, gsrc = [str(n) for n in names], sc.argmax(axis=1)
     key = _group_keys(df, gid, ng)
     active = np.flatnonzero(frac > 0)
     priority = np.argsort(np.argsort(-frac, kind="stable"), kind="stable")  # 0 = largest fraction
     assign = np.full(ng, -1, dtype=np.int64)
-    for c, cls in enumerate(cols):
-        g = np.flatnonzero(major == c)
+    for (c, cls), si in itertools.product(enumerate(cols), range(len(srcs))):
+        g = np.flatnonzero((major == c) & (gsrc == si))
+        if not len(g):
+            continue
         g = g[np.argsort(key[g], kind="stable")]
+        # Seeded by (seed, class) only: a source's split is the one it gets alone, so adding a source
+        # leaves the others' test sets as they were (comparable runs) unless duplicates join them.
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(str(cls).encode())])
         g = g[rng.permutation(len(g))]
         target = frac * size[g].sum()

@@ -1,0 +1,6 @@
+"""Entry point for `ray job submit -- python jobs/slices.py ...` (same as `raytumor slices`)."""
+
+from raytumor.slices import get_args_parser, main
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

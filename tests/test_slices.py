@@ -1,0 +1,126 @@
+"""`raytumor slices`: volumes -> axial training slices + manifest (real IXI T1 volumes)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import shared_dataset
+from PIL import Image
+
+from raytumor.cli import main as cli_main
+from raytumor.slices import SlicesConfig, export_slices, patient_id_of, pick_slices
+
+
+def test_pick_slices_rule():
+    z = np.arange(100)  # canonical z, inferior -> superior; vertex slice = 99
+    got = z[pick_slices(z, 1.0, every_mm=5.0)]
+    # 10-110 mm below the vertex (z 89 down to 0), one every 5 mm from the top of that range
+    assert got.max() == 89 and got.min() == 4 and np.all(np.diff(got) == 5)
+    # 2 mm slices: z 94 (10 mm) down to 44 (110 mm), every ceil(5 / 2) = 3 slices
+    assert np.array_equal(z[pick_slices(z, 2.0, every_mm=5.0)], np.arange(94, 43, -3)[::-1])
+    assert len(pick_slices(z, 1.0, every_mm=0.0)) == 90  # every slice in range
+    assert len(pick_slices(z, None, every_mm=5.0)) == 100  # no spacing: no mm rule at all
+    assert np.all(np.diff(z[pick_slices(z, 3.0, every_mm=5.0)]) == 2)  # ceil(5 / 3) slices: 6 mm apart
+
+
+def test_patient_id_from_file_name():
+    assert patient_id_of("IXI012-HH-1211_T1.nii.gz", None) == "IXI012-HH-1211_T1"
+    assert patient_id_of("scan.DCM", None) == "scan"
+    assert patient_id_of("IXI012-HH-1211_T1.nii.gz", re.compile(r"^(IXI\d+)")) == "IXI012"
+    assert patient_id_of("p7_t1.nii", re.compile(r"p\d+")) == "p7"  # no group: the whole match
+    with pytest.raises(ValueError, match="does not match the file name"):
+        patient_id_of("anon.nii.gz", re.compile(r"^(IXI\d+)"))
+    assert patient_id_of("IM0001.dcm", None, folder="series7") == "series7"  # 2-D files: their folder
+    assert patient_id_of("p7_IM1.dcm", re.compile(r"p\d+"), folder="series7") == "p7"  # the pattern wins
+
+
+def test_export_real_volumes(tmp_path):
+    ixi = shared_dataset("ixi-t1-nichart-42")
+    ref = pd.read_csv(ixi / "manifest.csv")
+    vols = sorted((ixi / "nifti").glob("*.nii.gz"))[:2]
+    (tmp_path / "IXI999-broken.nii.gz").write_bytes(vols[0].read_bytes()[:300])  # a truncated download
+    listing = [str(v) for v in vols] + [str(tmp_path / "IXI999-broken.nii.gz"), str(tmp_path / "gone.nii.gz")]
+    pd.DataFrame({"path": listing}).to_csv(tmp_path / "in.csv", index=False)
+    out = tmp_path / "out"
+    rc = cli_main(
+        ["slices", "--input", str(tmp_path / "in.csv"), "--out", str(out), "--label", "no_tumor",
+         "--source", "IXI local", "--patient-pattern", r"^(IXI\d+)"]
+    )  # fmt: skip
+    assert rc == 0
+    man = pd.read_csv(out / "manifest.csv")
+    errors = pd.read_csv(out / "errors.csv").set_index("path")["error"]
+    # every input is exported or named with a reason
+    assert set(errors.index) == {str(tmp_path / "IXI999-broken.nii.gz"), str(tmp_path / "gone.nii.gz")}
+    assert (
+        errors[str(tmp_path / "gone.nii.gz")] == "not found"
+        and "NIfTI" in errors[str(tmp_path / "IXI999-broken.nii.gz")]
+    )
+    assert set(man["volume"]) == {str(v) for v in vols}
+    # patient ids as the dataset's own manifest names them
+    want = ref.assign(name=ref["path"].map(lambda p: Path(p).name)).set_index("name")["patient_id"]
+    assert (man["patient_id"] == man["volume"].map(lambda v: want[Path(v).name])).all()
+    for _, g in man.groupby("volume"):
+        below = g.sort_values("slice_index", ascending=False)["mm_below_vertex"].to_numpy()
+        assert below.min() >= 10 and below.max() <= 110 and np.allclose(np.diff(below), 6.0)  # 2 mm, every 5
+        assert len(g) >= 15  # the whole cerebrum down to the posterior fossa, not a handful of slices
+    assert (man["label"] == "no_tumor").all() and man["source"].str.startswith("IXI local via ").all()
+    for p in man["path"]:
+        with Image.open(out / p) as im:
+            assert im.format == "PNG" and im.mode == "L"
+
+    # Orientation and slice index: the exported slice z matches the dataset's own PNG of that z.
+    export_slices(
+        SlicesConfig(input=[str(vols[0])], out=str(tmp_path / "all"), label="no", every_mm=0, depth_mm=0)
+    )
+    stem = vols[0].name.removesuffix(".nii.gz")
+    pngs = sorted((ixi / "no_tumor").glob(f"{stem.removesuffix('_T1')}_ax*.png"))
+    assert pngs
+    for png in pngs[:3]:
+        z = int(png.stem.rsplit("_ax", 1)[1])
+        mine = np.asarray(Image.open(tmp_path / "all" / "no" / f"{stem}_z{z:03d}.png"), float).ravel()
+        theirs = np.asarray(Image.open(png).convert("L"), float).ravel()
+        other = np.asarray(Image.open(tmp_path / "all" / "no" / f"{stem}_z{z - 12:03d}.png"), float).ravel()
+        assert np.corrcoef(mine, theirs)[0, 1] > 0.99 > np.corrcoef(other, theirs)[0, 1]
+
+    # the manifest is training data as it stands: source name, patient ids, label, resolvable paths
+    from raytumor.ingest import list_labelled
+
+    files = list_labelled(str(out / "manifest.csv")).files
+    assert set(files["source"]) == {"IXI local"} and set(files["class_name"]) == {"no_tumor"}
+    assert files["patient_id"].nunique() == 2 and all(Path(p).is_file() for p in files["path"])
+
+
+def test_bad_label_and_clash(tmp_path):
+    with pytest.raises(ValueError, match="plain folder name"):
+        export_slices(SlicesConfig(input=[str(tmp_path)], out=str(tmp_path / "o"), label="../up"))
+    ixi = shared_dataset("ixi-t1-nichart-42")
+    v = sorted((ixi / "nifti").glob("*.nii.gz"))[0]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / v.name).symlink_to(v)
+    with pytest.raises(ValueError, match="same slice name"):
+        export_slices(
+            SlicesConfig(
+                input=[str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "o"), label="no"
+            )
+        )
+
+
+def test_two_d_series_is_one_patient(tmp_path):
+    """One file per slice (single-frame DICOM series, PNG stacks): every file exported, patient = folder."""
+    series = tmp_path / "in" / "series7"
+    series.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(series / f"IM{i:04d}.png")
+    s = export_slices(SlicesConfig(input=[str(tmp_path / "in")], out=str(tmp_path / "o"), label="no"))
+    man = pd.read_csv(tmp_path / "o" / "manifest.csv")
+    assert s["slices"] == 3 and s["patients"] == 1 and set(man["patient_id"]) == {"series7"}
+    assert man["mm_below_vertex"].isna().all() and set(man["source"].str.split(" via ").str[0]) == {"in"}
+    for p, src in zip(man["path"], man["volume"], strict=True):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / p)), np.asarray(Image.open(src)))
