@@ -402,7 +402,7 @@ def main() -> None:
         "| slice FP lowest 3 / upper 7 per subject | IXI volume spec (FP/42) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    blank = " |" * 11
+    blank = " |" * 12
     for name in [n for n in all_rows if n in results]:
         if name in SIDE_ROWS and not any("*side rows*" in x for x in lines):
             lines.append("| *side rows*" + blank)
