@@ -40,6 +40,9 @@ KNOWN_LIMITS = [
     "Small evaluation sets give wide confidence intervals; the 95% bootstrap intervals on this page "
     "resample patients where the data names them (patient_id) and scans otherwise, treating those as "
     "independent, which near-duplicates that escaped detection make optimistic.",
+    "Anatomy coverage: healthy slices at levels the training negatives never showed (skull base, posterior "
+    "fossa) are often called tumour. Adding a few healthy scans of the site at every level to training "
+    "(raytumor slices) is what removed this on another hospital's data; appearance fixes did not.",
     "Labels are folder names from the data source, not verified against pathology.",
 ]
 INTENDED_USE = (
