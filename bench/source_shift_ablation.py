@@ -22,7 +22,7 @@ healthy, such a model could learn "looks like IXI = healthy"; each row's in-sour
 scored in IXI's style (grey, IXI's resolution: longer side 120 px, and IXI's intensity histogram), where
 that shortcut would cost sensitivity. Run::
 
-    python bench/source_shift_ablation.py --out /tmp/ablation          # ~2.2 h on 2 idle CPU cores
+    python bench/source_shift_ablation.py --out /tmp/ablation          # ~3.5 h on 2 idle CPU cores
 
 It prints a Markdown table and writes ``OUT/ablation.json``; ``--only`` picks rows, and finished
 rows are reused on a rerun (delete ``OUT/<row>`` to redo one).
