@@ -38,7 +38,7 @@ def main() -> None:
 
     from raytumor.model import create_model
     from raytumor.phantoms import make_phantom
-    from raytumor.train import _cosine_lambda, train_one_epoch
+    from raytumor.train import cosine_lambda, train_one_epoch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
@@ -60,7 +60,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = create_model(name, 2, weights="none").to(device, memory_format=torch.channels_last)
         opt = torch.optim.AdamW(model.param_groups(1e-3, 3e-4, 1e-4))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_lambda(args.steps + args.warmup, 2))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(args.steps + args.warmup, 2))
         train_one_epoch(model, opt, sched, batches(args.warmup), device)  # cudnn autotune, allocator warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()

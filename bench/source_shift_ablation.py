@@ -142,7 +142,8 @@ def train_row(
 def score_set(
     bundle: Path, source: str, out: Path, adapt: str, tta: str, depth_mm: float | None = None
 ) -> pd.DataFrame:
-    from raytumor.score import ScoreConfig, read_scores, score
+    from raytumor.results import read_scores
+    from raytumor.score import ScoreConfig, score
 
     if not (out / "summary.json").is_file():
         cfg = ScoreConfig(bundle=str(bundle), input=source, output=str(out), adapt=adapt, tta=tta)
@@ -154,7 +155,7 @@ def score_set(
 
 def in_source_metrics(bundle: Path, scores: pd.DataFrame, manifest: pd.DataFrame) -> dict[str, Any]:
     from raytumor.bundle import read_meta
-    from raytumor.evaluate import compute_metrics
+    from raytumor.metrics import compute_metrics
 
     meta = read_meta(bundle)
     truth = manifest[["path", "label"]].rename(columns={"label": "truth"})  # scores have a `label` too

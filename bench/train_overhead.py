@@ -29,7 +29,7 @@ def plain_loop(files: list[str], labels: np.ndarray, args, threads: int) -> list
     from raytumor.augment import AugmentConfig, augment_batch, store_size
     from raytumor.formats import decode_image, fit_square
     from raytumor.model import create_model
-    from raytumor.train import _cosine_lambda, train_one_epoch
+    from raytumor.train import cosine_lambda, train_one_epoch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def plain_loop(files: list[str], labels: np.ndarray, args, threads: int) -> list
     model = create_model(args.backbone, 2, weights=args.weights).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.param_groups(1e-3, 3e-4, 1e-4))
     steps = len(files) // args.batch_size
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_lambda(steps * args.epochs, steps // 3))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(steps * args.epochs, steps // 3))
     aug = AugmentConfig().to_dict()
     rng = np.random.default_rng(0)
 

@@ -187,7 +187,7 @@ def test_ray_job_submit_tune_to_a_local_head(tmp_path, phantoms):
         ]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-        from raytumor.score import read_scores
+        from raytumor.results import read_scores
 
         n_files = sum(1 for p in phantoms.rglob("*") if p.is_file())
         df = read_scores(str(scores))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchmetrics.functional as tmf
 
-from raytumor.evaluate import _binary_vectorised, bootstrap_ci, compute_metrics, format_table
+from raytumor.evaluate import format_table
+from raytumor.metrics import _binary_vectorised, bootstrap_ci, compute_metrics
 
 CLASSES = ["no", "yes"]
 
@@ -242,7 +246,7 @@ def _frame(source, label, score, patient=None):
 
 
 def test_per_source_metrics_by_hand():
-    from raytumor.evaluate import metrics_with_ci, per_source_metrics
+    from raytumor.metrics import metrics_with_ci, per_source_metrics
 
     # A: TP 0.7, FN 0.4, FP 0.6, TN 0.2; B: five healthy scans, one (0.8) called tumour
     df = _frame(
@@ -275,7 +279,7 @@ def test_per_source_metrics_by_hand():
 
 
 def test_all_tumour_source_gets_sensitivity_only():
-    from raytumor.evaluate import per_source_metrics
+    from raytumor.metrics import per_source_metrics
 
     by = per_source_metrics(_frame(["T"] * 4, [1] * 4, [0.9, 0.3, 0.8, 0.7]), CLASSES, "no", 0.5, n_boot=200)
     t = by["T"]
@@ -290,7 +294,7 @@ def test_all_tumour_source_gets_sensitivity_only():
 def test_patient_cluster_bootstrap_is_wider_than_per_scan():
     """30 patients x 12 scans; a patient's scans share its score (plus a little noise): resampling scans
     counts 360 independent cases where there are 30."""
-    from raytumor.evaluate import per_source_metrics
+    from raytumor.metrics import per_source_metrics
 
     rng = np.random.default_rng(4)
     y_pat = np.repeat([0, 1], 15)
@@ -309,14 +313,14 @@ def test_patient_cluster_bootstrap_is_wider_than_per_scan():
     # ids are per source: "P00" of another source is another patient
     two = df.copy()
     two.loc[two.index[::2], "source"] = "S2"
-    from raytumor.evaluate import cluster_ids
+    from raytumor.groups import cluster_ids
 
     ids, what = cluster_ids(two)
     assert what == "patients" and len(np.unique(ids)) == 60
 
 
 def test_format_table_lists_sources():
-    from raytumor.evaluate import metrics_with_ci, per_source_metrics
+    from raytumor.metrics import metrics_with_ci, per_source_metrics
 
     df = _frame(
         ["A"] * 4 + ["IXI T1"] * 5, [0, 0, 1, 1, 0, 0, 0, 0, 0], [0.2, 0.6, 0.7, 0.4, 0.1, 0.3, 0.8, 0.2, 0.4]
@@ -340,3 +344,53 @@ def test_evaluate_args_take_several_sources():
     assert a.data == ["x/", "m.csv"] and a.source_pattern == "(a)"
     a = get_args_parser().parse_args(["--bundle", "b", "--data", "x/"])
     assert a.data == ["x/"] and a.source_pattern is None
+
+
+@pytest.mark.ray
+def test_evaluate_a_bundle_in_a_bucket(ray_session, s3_server, s3_client, tmp_path, capsys):
+    """`raytumor evaluate --bundle s3://...` fetches the bundle (it used to read bundle.json from the local
+    disk at the URI's path and fail); the metrics equal those of the same bundle evaluated locally."""
+    from raytumor.bundle import BundleMeta, save_bundle
+    from raytumor.cli import main as cli_main
+    from raytumor.model import create_model, normalization
+    from raytumor.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "data", n_per_class=12, size=64, seed=5)
+    mean, std = normalization("efficientnet_lite0")
+    torch_model = create_model("efficientnet_lite0", 2, weights="none", dropout=0.0)
+    meta = BundleMeta(backbone="efficientnet_lite0", classes=["no", "yes"], negative_class="no", image_size=48,
+                      mean=list(mean), std=list(std))  # fmt: skip
+    local = save_bundle(tmp_path / "bundle", torch_model.state_dict(), meta)
+    s3_client.create_bucket(Bucket="models")
+    for f in local.iterdir():
+        s3_client.upload_file(str(f), "models", f"b1/{f.name}")
+    data = str(tmp_path / "data")
+    for bundle, out in (("s3://models/b1", tmp_path / "remote"), (str(local), tmp_path / "local")):
+        cli_main(["evaluate", "--bundle", bundle, "--data", data, "--out", str(out), "--s3-endpoint", s3_server,
+                  "--n-boot", "200"])  # fmt: skip
+    assert "metrics written to" in capsys.readouterr().out
+    remote = json.loads((tmp_path / "remote" / "metrics.json").read_text())
+    here = json.loads((tmp_path / "local" / "metrics.json").read_text())
+    assert remote["bundle_id"] == here["bundle_id"] == meta.bundle_id
+    assert remote["metrics"]["n"] == here["metrics"]["n"] == 24
+    assert remote["metrics"]["roc_auc"] == pytest.approx(here["metrics"]["roc_auc"], abs=1e-6)
+    assert remote["metrics"]["ci95"] == here["metrics"]["ci95"]
+
+
+def test_average_precision_interval_resamples_groups():
+    """metrics_with_ci gives AP and its interval, resampling duplicate groups like every other metric."""
+    from raytumor.metrics import average_precision, metrics_with_ci
+
+    rng = np.random.default_rng(3)
+    y = np.repeat(rng.permutation(np.arange(40) % 2), 5)  # 40 groups of 5 near-copies
+    s = np.clip(0.35 + 0.3 * y + np.repeat(rng.normal(0, 0.25, 40), 5) + rng.normal(0, 0.01, 200), 0, 1)
+    df = pd.DataFrame(
+        {"path": [f"f{i:03d}" for i in range(200)], "label": y, "prob_no": 1 - s, "prob_yes": s}
+    )
+    per_scan = metrics_with_ci(df, ["no", "yes"], "no", 0.5, n_boot=400)
+    grouped = metrics_with_ci(df.assign(group=np.arange(200) // 5), ["no", "yes"], "no", 0.5, n_boot=400)
+    assert per_scan["average_precision"] == pytest.approx(average_precision(y, s))
+    lo, hi = grouped["ci95"]["average_precision"]
+    lo1, hi1 = per_scan["ci95"]["average_precision"]
+    assert lo <= grouped["average_precision"] <= hi and lo1 <= per_scan["average_precision"] <= hi1
+    assert grouped["ci95_resampling"] == "duplicate groups" and (hi - lo) > 1.5 * (hi1 - lo1)

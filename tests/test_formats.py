@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import struct
 import zipfile
@@ -18,7 +17,6 @@ from PIL import Image, ImageFile
 from raytumor.formats import (
     DECODERS,
     DecodeError,
-    content_sha256,
     decode_image,
     fit_square,
     sniff_format,
@@ -374,10 +372,6 @@ def test_jpeg_draft_is_faithful_and_only_when_much_larger():
     diff = np.abs(fit_square(full.pixels, 224).astype(int) - fit_square(drafted.pixels, 224))
     assert diff.mean() < 1.0 and diff.max() <= 8
     assert decode_image(data, draft_size=500).pixels.shape == (1200, 1600)  # 2x500 > 1600/2: no draft
-
-
-def test_content_sha256():
-    assert content_sha256(b"abc") == hashlib.sha256(b"abc").hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- real data

@@ -10,14 +10,13 @@ import pytest
 from PIL import Image
 
 from raytumor.ingest import (
-    StorageOptions,
     build_catalogue,
     class_layout,
     decode_batch,
-    get_filesystem,
     is_negative_name,
     list_labelled,
 )
+from raytumor.storage import StorageOptions, get_filesystem
 
 
 def _png(value: int = 128, size=(40, 30), mode: str = "L") -> bytes:
@@ -125,7 +124,7 @@ def test_gzip_scans_reach_the_decoder_as_stored(tmp_path):
 
     import nibabel as nib
 
-    from raytumor.ingest import read_bytes
+    from raytumor.storage import read_bytes
 
     arr = (np.arange(48 * 40, dtype=np.int16).reshape(48, 40, 1) % 300).astype(np.int16)
     good = tmp_path / "slice.nii.gz"
@@ -159,6 +158,31 @@ def test_catalogue_bad_inputs_not_fatal(ray_session, tmp_path):
     }
     assert cat.classes == ["no", "yes"] and cat.negative_class == "no"
     assert set(cat.ok["label"]) == {0, 1}
+
+
+def test_catalogue_phantoms(ray_session, phantoms):
+    """A SYNTHETIC folder with the real sets' oddities: every file decodes, formats are sniffed from the
+    bytes (PNG named .jpg), modes as stored, the readme outside the class folders is ignored, not fatal."""
+    from raytumor.formats import sniff_format
+
+    files = sorted(p for p in phantoms.glob("*/*") if p.is_file())
+    formats = pd.Series([sniff_format(p.read_bytes()) for p in files]).value_counts().to_dict()
+    modes = {}
+    for p in files:
+        with Image.open(p) as im:
+            modes[im.mode] = modes.get(im.mode, 0) + 1
+    assert set(modes) == {"L", "RGB", "RGBA", "P"} and set(formats) == {"jpeg", "png"}
+    cat = build_catalogue(str(phantoms))
+    s = cat.summary()
+    assert s["files_listed"] == s["files_decoded"] == len(files) and s["files_rejected"] == 0
+    assert s["per_class"] == {c: len(list((phantoms / c).iterdir())) for c in ("no", "yes")}
+    assert s["formats"] == formats and s["modes"] == modes
+    assert s["ignored_reasons"] == {"not inside a class folder": 1}  # SYNTHETIC_README.txt at the root
+    t = cat.table.set_index("path")
+    png_named_jpg = [p for p in files if p.suffix == ".jpg" and sniff_format(p.read_bytes()) == "png"]
+    assert png_named_jpg and (t.loc[[str(p) for p in png_named_jpg], "format"] == "png").all()
+    assert cat.classes == ["no", "yes"] and cat.negative_class == "no"
+    assert cat.table["sha256"].nunique() == len(files)  # no duplicates among phantoms
 
 
 def test_catalogue_real_navoneel(ray_session, navoneel):

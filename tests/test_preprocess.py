@@ -358,17 +358,17 @@ def test_spec_parsing_round_trip() -> None:
             parse_spec(bad)
 
 
-def test_one_preprocessing_path_for_training_evaluation_and_scoring(tmp_path) -> None:
+def test_one_preprocessing_path_for_training_evaluation_and_scoring(phantoms: Path, tmp_path) -> None:
     """The bundle records the steps; ingest (training/evaluation) and score decode through the same
-    function, so a scan reaches the model identically on every path. All off is the old fit_square."""
+    function, so a scan reaches the model identically on every path. All off is the old fit_square.
+    (SYNTHETIC phantoms: the paths must agree on any scan.)"""
     from raytumor.bundle import BundleMeta, read_meta, save_bundle
     from raytumor.ingest import decode_batch
-    from raytumor.score import _decoded_row
+    from raytumor.score.decode import decoded_row as _decoded_row
 
-    root = SHARED / "br35h-3000"
-    if not root.is_dir():
-        pytest.skip(f"real data {root} is absent (expected ../shared/data/br35h-3000 beside the repo)")
-    files = [str(p) for p in sorted(root.glob("*/*.jpg"))[::500]]
+    # one period of the phantoms' file-type schedule: JPEG, grey/RGB/RGBA/palette PNG, PNG named .jpg
+    files = sorted(str(p) for p in (phantoms / "yes").iterdir() if int(p.stem.split("_")[1]) < 20)
+    assert len(files) == 20
     cfg = parse_spec("crop,zscore")
     size = 96
     batch = decode_batch({"path": np.array(files, dtype=object)}, image_size=size, preprocess=cfg.to_dict())

@@ -1,9 +1,10 @@
-"""``raytumor report``: one real bundle (ImageNet EfficientNet-Lite0 + a head fitted on navoneel-253 features),
-one Ray-backed report build shared by the module, then checks of the page, report.json and a Chromium render."""
+"""``raytumor report``: one real bundle (ImageNet EfficientNet-Lite0 + a head fitted on SYNTHETIC phantom
+features, conftest.head_bundle), one Ray-backed report build shared by the module, then checks of the page,
+report.json and a Chromium render. The checks are of the report's own consistency, which holds on any images,
+so they need no ../shared/data."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -14,117 +15,33 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
-from raytumor import report
+from raytumor import metrics, report
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = 96
 GALLERY = 4
 TARGET = 0.95
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _decode_navoneel(root: Path) -> pd.DataFrame:
-    from raytumor import split
-    from raytumor.formats import decode_image, fit_square
-
-    rows = []
-    for p in sorted(root.glob("*/*")):
-        if p.parent.name not in ("yes", "no") or not p.is_file():
-            continue
-        data = p.read_bytes()
-        pixels = decode_image(data, draft_size=SIZE).pixels
-        rows.append(
-            {
-                "path": str(p),
-                "label": p.parent.name,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "image": fit_square(pixels, SIZE),
-                **split.fingerprint(pixels),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def _build_bundle(root: Path, work: Path) -> tuple[Path, Path]:
-    """A real bundle without Ray training: frozen ImageNet features, head fitted with Adam on ~half the files
-    (whole sha256 groups, so exact duplicates never straddle the halves); the other half is the manifest."""
-    from raytumor.bundle import BundleMeta, save_bundle
-    from raytumor.model import create_model, normalization
-
-    df = _decode_navoneel(root)
-    # Alternate whole sha256 groups per class between the halves (sha order is content-random).
-    half = {}
-    for _, g in df.groupby("label"):
-        for i, sha in enumerate(sorted(g["sha256"].unique())):
-            half[sha] = "train" if i % 2 == 0 else "eval"
-    df["split"] = df["sha256"].map(half)
-    train, ev = df[df["split"] == "train"], df[df["split"] == "eval"]
-
-    torch.manual_seed(0)
-    model = create_model("efficientnet_lite0", 2, weights="imagenet", dropout=0.0).eval()
-    with torch.no_grad():
-        feats = model.forward_features(torch.from_numpy(np.stack(train["image"].to_numpy())))
-    y = torch.tensor((train["label"] == "yes").to_numpy(), dtype=torch.int64)
-    head = model.head[-1]
-    opt = torch.optim.Adam(head.parameters(), lr=3e-3, weight_decay=1e-3)
-    for _ in range(300):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(head(feats), y).backward()
-        opt.step()
-
-    mean, std = normalization("efficientnet_lite0")
-    counts = {"train": train["label"].value_counts().to_dict(), "test": ev["label"].value_counts().to_dict()}
-    # Fake but plausible per-epoch history (the head above was fitted in one go, not per epoch): the report
-    # only plots what a real run's history.csv carries (train.py's metric names).
-    history = pd.DataFrame(
-        {
-            "epoch": range(5),
-            "train_loss": [0.66, 0.52, 0.44, 0.40, 0.37],
-            "val_loss": [0.61, 0.50, 0.46, 0.45, 0.47],
-            "val_roc_auc": [0.74, 0.82, 0.86, 0.87, 0.86],
-            "val_accuracy": [0.66, 0.74, 0.78, 0.80, 0.79],
-            "frozen_backbone": [True, True, False, False, False],
-        }
-    )
-    meta = BundleMeta(
-        backbone="efficientnet_lite0",
-        classes=["no", "yes"],
-        negative_class="no",
-        image_size=SIZE,
-        mean=list(mean),
-        std=list(std),
-        threshold=0.5,  # stands in for a validation-chosen operating threshold
-        temperature=1.5,  # stands in for a fitted temperature (so the report shows before/after)
-        metrics={"val": {"val_roc_auc": 0.87, "val_accuracy": 0.80, "val_n": 40}, "best_epoch": 3},
-        train_config={"epochs": 5, "batch_size": 32, "seed": 0, "image_size": SIZE},
-        data={
-            "source": str(root),
-            "split_counts": counts,
-            "duplicate_groups": int((df["sha256"].value_counts() > 1).sum()),
-        },
-    )
-    fp_cols = ["path", "sha256", "dhash", "thumb", "dhash_crop", "thumb_crop"]
-    bundle = save_bundle(work / "bundle", model.state_dict(), meta, train[fp_cols], history)
-    manifest = work / "eval.csv"
-    ev[["path", "label"]].to_csv(manifest, index=False)
-    return bundle, manifest
-
-
 @pytest.fixture(scope="module")
-def built(ray_session, navoneel, tmp_path_factory):
-    work = tmp_path_factory.mktemp("report")
-    bundle, manifest = _build_bundle(navoneel, work)
-    out = work / "out"
+def built(ray_session, head_bundle, tmp_path_factory):
+    """The report of the session's head-fitted bundle on its held-out half (a manifest)."""
+    out = tmp_path_factory.mktemp("report") / "out"
     rep = report.build_report(
-        bundle, str(manifest), out, target_sensitivity=TARGET, n_boot=300, gallery=GALLERY, seed=0
+        head_bundle.bundle,
+        str(head_bundle.manifest),
+        out,
+        target_sensitivity=TARGET,
+        n_boot=300,
+        gallery=GALLERY,
+        seed=0,
     )
     return {
         "rep": rep,
         "out": out,
-        "bundle": bundle,
+        "bundle": head_bundle.bundle,
         "html": (out / "report.html").read_text(encoding="utf-8"),
         "json": json.loads((out / "report.json").read_text()),
         "metrics": json.loads((out / "metrics.json").read_text()),
@@ -150,12 +67,18 @@ def test_curves_match_hand_computation():
     s = np.array([0.1, 0.4, 0.35, 0.8, 0.4, 0.9, 0.4, 0.2])
     pos, neg = s[y == 1], s[y == 0]
     auc = np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg])
-    roc = report.roc_curve(y, s)
+    roc = metrics.roc_curve(y, s)
     assert np.trapezoid(roc["tpr"], roc["fpr"]) == pytest.approx(auc)
     # AP by hand: thresholds 0.9 (P 1, R .25), 0.8 (1, .5), 0.4 (3/5, .75), 0.35 (4/6, 1)
-    assert report.average_precision(y, s) == pytest.approx(0.25 + 0.25 + 0.25 * 3 / 5 + 0.25 * 4 / 6)
-    lo, hi = report.bootstrap_ap(y, s, 200, 0)
-    assert lo <= hi and report.bootstrap_ap(y, s, 200, 0) == [lo, hi]
+    assert metrics.average_precision(y, s) == pytest.approx(0.25 + 0.25 + 0.25 * 3 / 5 + 0.25 * 4 / 6)
+    lo, hi = _bootstrap_ap(y, s, 200, 0)
+    assert lo <= hi and _bootstrap_ap(y, s, 200, 0) == [lo, hi]
+
+
+def _bootstrap_ap(y: np.ndarray, s: np.ndarray, n_boot: int, seed: int) -> list[float | None]:
+    """The AP interval of metrics.bootstrap_ci (the report's old bootstrap_ap is gone)."""
+    probs = np.c_[1 - s, s]
+    return metrics.bootstrap_ci(y, probs, ["no", "yes"], "no", 0.5, n_boot, seed)["average_precision"]
 
 
 def test_args_parser_defaults():
@@ -237,6 +160,196 @@ def test_by_source_section_from_metrics(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Report fixes, Ray-free: a tiny bundle (no weights: gallery=0 never loads the model) and evaluation rows
+# given by hand, or a score output written by hand and read by the real evaluate_scores.
+
+
+def _tiny_bundle(path: Path, **meta_kw) -> Path:
+    from raytumor.bundle import BundleMeta, save_bundle
+
+    kw = dict(backbone="tiny", classes=["no", "yes"], negative_class="no", image_size=32, mean=[0.5],
+              std=[0.25], threshold=0.5)  # fmt: skip
+    return save_bundle(path, {}, BundleMeta(**{**kw, **meta_kw}))
+
+
+def _fake_evaluation(monkeypatch, preds: pd.DataFrame) -> None:
+    """``evaluate.evaluate_source`` replaced by one that writes ``preds`` and their metrics (as it would)."""
+    from raytumor import evaluate
+
+    def fake_evaluate_source(bundle_dir, data_, out_dir, **kw):
+        out = Path(out_dir)
+        preds.to_parquet(out / "predictions.parquet", index=False)
+        m = metrics.metrics_with_ci(preds, ["no", "yes"], "no", 0.5, kw["n_boot"], kw["seed"])
+        res = {"data": data_, "source_pattern": None, "metrics": m, "by_source": None, "rejected_files": [],
+               "files": {"files_listed": len(preds), "files_decoded": len(preds), "files_rejected": 0,
+                         "excluded_duplicates_of_training": 0, "evaluated": len(preds)},
+               "excluded_files": []}  # fmt: skip
+        (out / "metrics.json").write_text(json.dumps(res, default=str))
+        return res
+
+    monkeypatch.setattr(evaluate, "evaluate_source", fake_evaluate_source)
+
+
+def _preds(n_patients: int = 0, n: int = 60, seed: int = 0) -> pd.DataFrame:
+    """Binary prediction rows; with ``n_patients``, consecutive rows are scans of one patient with one
+    label and nearly one score (correlated evidence, as slices of one head are)."""
+    rng = np.random.default_rng(seed)
+    if n_patients:
+        per = n // n_patients
+        ys = np.repeat(rng.permutation(np.arange(n_patients) % 2), per)
+        base = np.repeat(rng.normal(0, 0.25, n_patients), per)
+        score = np.clip(0.3 + 0.35 * ys + base + rng.normal(0, 0.01, len(ys)), 0, 1)
+        pid = [f"P{i // per:03d}" for i in range(len(ys))]
+    else:
+        ys = np.arange(n) % 2
+        score, pid = np.clip(0.3 + 0.4 * ys + rng.normal(0, 0.2, n), 0, 1), [None] * n
+    score = score.astype(np.float32)
+    return pd.DataFrame({"path": [f"/x/{i:03d}.png" for i in range(len(ys))], "label": ys, "source": "/x",
+                         "patient_id": pid, "prob_no": 1 - score, "prob_yes": score, "score": score})  # fmt: skip
+
+
+def _section_of(page: str, sid: str) -> str:
+    part = page[page.index(f'id="{sid}"') :]
+    return part[: part.index("</section>")]
+
+
+def test_model_card_shows_the_hyperparameters_the_bundle_was_trained_with(tmp_path, monkeypatch):
+    """Old page: "augment" (no such train_config field) so no augmentation at all, and lr with the page's
+    3 decimals (0.00154 -> "0.002"); a Tune winner's searched values are the ones shown, and marked."""
+    train_config = {"epochs": 6, "batch_size": 16, "lr": 0.001, "backbone_lr": 3e-4, "augment_strength": 0.7,
+                    "shift_augment": 0.5, "preprocess": "crop,zscore", "seed": 0, "image_size": 32,
+                    "data": ["/somewhere"], "num_workers": 2}  # fmt: skip
+    search = {"trial_id": "t0003", "trials": 6, "config": {"lr": 0.00154, "augment_strength": 0.7}}
+    bundle = _tiny_bundle(tmp_path / "b", train_config=train_config, metrics={"search": search})
+    _fake_evaluation(monkeypatch, _preds())
+    rep = report.build_report(bundle, "/x", tmp_path / "out", n_boot=50, gallery=0)
+    card = _section_of((tmp_path / "out" / "report.html").read_text(encoding="utf-8"), "model-card")
+    assert "<td>lr</td><td>0.00154</td><td>search (trial t0003)</td>" in card
+    assert "<td>augment_strength</td><td>0.7</td><td>search (trial t0003)</td>" in card
+    assert "<td>shift_augment</td><td>0.5</td><td>train config</td>" in card
+    assert "<td>preprocess</td><td>crop,zscore</td>" in card and "<td>backbone_lr</td><td>0.0003</td>" in card
+    assert "0.002" not in card and "num_workers" not in card  # operational fields are not hyperparameters
+    mc = rep["model_card"]
+    assert mc["train_config"]["lr"] == 0.00154 and mc["tuned_by_search"] == ["augment_strength", "lr"]
+
+
+def test_unfitted_threshold_is_not_called_validation_fitted(tmp_path, monkeypatch):
+    """Old page: "bundle (validation)" and "chosen on the validation split" for any bundle, also one whose
+    threshold was never fitted (no calibration record), next to a calibration section saying uncalibrated."""
+    _fake_evaluation(monkeypatch, _preds())
+    rep = report.build_report(_tiny_bundle(tmp_path / "b"), "/x", tmp_path / "out", n_boot=50, gallery=0)
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "validation" not in _section_of(page, "threshold") and "validation" not in _section_of(
+        page, "summary"
+    )
+    assert "<td>bundle default (not fitted)</td>" in _section_of(page, "threshold")
+    assert "uncalibrated" in page and "operating threshold is the unfitted default" in page
+    ta = rep["threshold_analysis"]
+    assert not ta["bundle_threshold_fitted"] and "not fitted" in ta["bundle_threshold_source"]
+    # The same bundle with a threshold fitted on validation (as raytumor train records it) says so.
+    cal = {
+        "temperature": 1.0,
+        "threshold": 0.5,
+        "target_sensitivity": 0.95,
+        "reason": None,
+        "fitted_on": "val",
+    }
+    bundle = _tiny_bundle(tmp_path / "fitted", metrics={"calibration": cal})
+    rep = report.build_report(bundle, "/x", tmp_path / "out2", n_boot=50, gallery=0)
+    section = _section_of((tmp_path / "out2" / "report.html").read_text(encoding="utf-8"), "threshold")
+    assert "<td>bundle (validation)</td>" in section and "chosen on the validation split" in section
+    assert rep["threshold_analysis"]["bundle_threshold_fitted"]
+    # A calibration that found no tumours in validation kept the default: not fitted either.
+    bundle = _tiny_bundle(tmp_path / "nopos", metrics={"calibration": {**cal, "reason": "no positive cases"}})
+    rep = report.build_report(bundle, "/x", tmp_path / "out3", n_boot=50, gallery=0)
+    assert not rep["threshold_analysis"]["bundle_threshold_fitted"]
+    assert "no positive cases" in rep["threshold_analysis"]["bundle_threshold_source"]
+
+
+def test_ap_interval_is_metrics_group_aware_one(tmp_path, monkeypatch):
+    """The AP interval is metrics.json's cluster bootstrap (whole patients), not a scan-level one: old
+    report.json had a scan bootstrap of its own (metrics.json had no AP interval), too narrow here."""
+    preds = _preds(n_patients=12, n=96)
+    _fake_evaluation(monkeypatch, preds)
+    rep = report.build_report(_tiny_bundle(tmp_path / "b"), "/x", tmp_path / "out", n_boot=300, gallery=0)
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    c = rep["curves"]
+    assert m["ci95_resampling"] == "patients" and c["ci95_resampling"] == "patients"
+    assert c["average_precision"] == m["average_precision"] is not None
+    assert (
+        c["average_precision_ci95"] == m["ci95"]["average_precision"]
+        and None not in c["average_precision_ci95"]
+    )
+    probs = preds[["prob_no", "prob_yes"]].to_numpy(np.float32)
+    scans = metrics.bootstrap_ci(preds["label"].to_numpy(), probs, ["no", "yes"], "no", 0.5, 300, 0)
+    width = np.diff(c["average_precision_ci95"])[0]
+    assert width > np.diff(scans["average_precision"])[0]  # 12 patients are not 96 independent scans
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert f"<td>{report._ci(c['average_precision_ci95'])}</td>" in _section_of(page, "curves")
+
+
+@pytest.fixture()
+def score_output(tmp_path) -> dict:
+    """A hand-written `raytumor score` output of 12 labelled files (a manifest) plus one unlisted file:
+    one labelled file and the unlisted one are error rows."""
+    bundle = _tiny_bundle(tmp_path / "bundle")
+    bundle_id = json.loads((bundle / "bundle.json").read_text())["bundle_id"]
+    rng = np.random.default_rng(1)
+    ys = np.r_[np.zeros(5, int), np.ones(7, int)]
+    s = np.clip(0.3 + 0.4 * ys + rng.normal(0, 0.15, 12), 0, 1).astype(np.float32)
+    paths = [str(tmp_path / f"f{i:02d}.png") for i in range(12)] + [str(tmp_path / "junk.bin")]
+    err: list[str | None] = [None] * 13
+    err[7], err[12] = "not an image", "unreadable"  # f07 is a labelled tumour scan
+    s = np.r_[s, np.nan].astype(np.float32)
+    s[[7, 12]] = np.nan
+    rows = pd.DataFrame({"path": paths, "prob_no": 1 - s, "prob_yes": s, "score": s,
+                         "label": [None if e else ("yes" if v >= 0.5 else "no") for v, e in zip(s, err, strict=True)],
+                         "kind": [None if e else "image" for e in err], "adaptation": "none",
+                         "bundle_id": bundle_id, "error": err})  # fmt: skip
+    (tmp_path / "scores" / "scores").mkdir(parents=True)
+    rows.to_parquet(tmp_path / "scores" / "scores" / "part-00000.parquet", index=False)
+    truth = pd.DataFrame({"path": paths[:12], "label": np.where(ys == 1, "yes", "no")})
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    out = tmp_path / "out"
+    rep = report.build_report(
+        bundle, str(tmp_path / "truth.csv"), out, n_boot=50, gallery=0, scores=str(tmp_path / "scores")
+    )
+    return {"rep": rep, "page": (out / "report.html").read_text(encoding="utf-8"), "ys": ys}
+
+
+def test_score_output_counts_are_of_the_evaluated_rows(score_output):
+    """Old page: "decoded, class no/yes 0/0" (a score output decodes nothing here) beside the evaluated
+    counts, "scans evaluated 12" beside n = 11, and the per-class table counted the error row as a
+    no-tumour prediction (a false negative the confusion matrix does not have)."""
+    rep, page = score_output["rep"], score_output["page"]
+    assert rep["n"] == rep["metrics"]["n"] == 11
+    assert rep["evaluated_per_class"] == {"no": 5, "yes": 6}
+    assert [r["n"] for r in rep["per_class"]] == [5, 6]
+    (tn, fp), (fn, tp) = rep["metrics"]["confusion_matrix"]
+    yes = rep["per_class"][1]
+    assert [yes["tp"], yes["fn"], yes["fp"], yes["tn"]] == [tp, fn, fp, tn]
+    data = _section_of(page, "splits")
+    assert "decoded" not in data
+    assert "<th>scans evaluated</th><td>11</td>" in data
+    assert (
+        "<th>evaluated, class no</th><td>5</td>" in data and "<th>evaluated, class yes</th><td>6</td>" in data
+    )
+
+
+def test_score_output_error_rows_counted(score_output):
+    """Old page: one "score error rows" figure, the labelled files' only (0 when the broken file is one the
+    labels do not name); the output's own error rows are counted too, and the labelled one apart."""
+    rep, page = score_output["rep"], score_output["page"]
+    so = rep["score_output"]
+    assert (so["error_rows"], so["error_rows_labelled"], so["rows_of_unlisted_files"]) == (2, 1, 1)
+    assert rep["files"]["score_errors"] == 1
+    for sid in ("summary", "splits"):
+        section = _section_of(page, sid)
+        assert "<th>error rows in the score output (all files)</th><td>2</td>" in section
+        assert "<th>labelled files with an error row (not evaluated)</th><td>1</td>" in section
+
+
+# ----------------------------------------------------------------------------------------------------------
 # One real report
 
 
@@ -283,7 +396,7 @@ def test_numbers_agree_with_metrics_json(built):
 
 @pytest.mark.ray
 def test_target_sensitivity_threshold_reaches_target(built):
-    from raytumor.evaluate import tumour_binary
+    from raytumor.metrics import tumour_binary
 
     p = built["preds"]
     probs = p[["prob_no", "prob_yes"]].to_numpy(dtype=np.float32)
@@ -375,29 +488,34 @@ def test_chromium_screenshot(built, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ixi() -> Path:
-    path = REPO.parent / "shared" / "data" / "ixi-t1-nichart-42"  # as conftest.shared_dataset
-    if not (path / "manifest.csv").is_file():
-        pytest.skip(f"real data {path} is absent (expected ../shared/data/ixi-t1-nichart-42 beside the repo)")
-    return path
+def healthy_manifest(tmp_path_factory) -> tuple[Path, str]:
+    """(manifest, source key): 20 SYNTHETIC tumour-free slices of 10 "patients", label ``no_tumor``, with the
+    columns of a real dataset manifest (path, label, patient_id, source "NAME via provenance")."""
+    from raytumor.phantoms import make_phantom
+
+    root = tmp_path_factory.mktemp("healthy")
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(20):
+        path = root / "no_tumor" / f"P{i // 2:02d}_ax{i % 2}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(make_phantom(rng, size=128)).save(path)
+        rows.append(
+            (str(path), "no_tumor", f"P{i // 2:02d}", "SYNTHETIC T1 (phantom) via raytumor.phantoms seed 7")
+        )
+    manifest = root / "healthy20.csv"
+    pd.DataFrame(rows, columns=["path", "label", "patient_id", "source"]).to_csv(manifest, index=False)
+    return manifest, "SYNTHETIC T1 (phantom)"
 
 
 @pytest.mark.ray
-def test_two_sources_by_source(ixi, built, tmp_path):
-    """One evaluation of two sources: a labelled folder (navoneel files the bundle did not train on) and
-    20 IXI healthy slices (10 patients, label ``no_tumor``), the bundle's classes being no/yes."""
+def test_two_sources_by_source(healthy_manifest, built, tmp_path):
+    """One evaluation of two sources: a labelled folder (files the bundle did not train on) and a manifest
+    of 20 healthy slices (10 patients, label ``no_tumor``), the bundle's classes being no/yes."""
     import html as html_mod
     import shutil
 
-    rows = pd.read_csv(ixi / "manifest.csv", dtype=str)
-    rows = rows[rows["path"].str.endswith(".png")]
-    rows = (
-        rows[rows["patient_id"].isin(sorted(rows["patient_id"].unique())[:10])].groupby("patient_id").head(2)
-    )
-    rows = rows.assign(path=[str(ixi / p) for p in rows["path"]])
-    assert len(rows) == 20
-    manifest = tmp_path / "ixi20.csv"
-    rows.to_csv(manifest, index=False)
+    manifest, key = healthy_manifest
     folder = tmp_path / "site"
     ev = built["preds"].sort_values("path")
     for label, name in ((0, "no"), (1, "yes")):
@@ -411,7 +529,6 @@ def test_two_sources_by_source(ixi, built, tmp_path):
     )
     res = json.loads((out / "metrics.json").read_text())
     preds = pd.read_parquet(out / "predictions.parquet")
-    key = "IXI T1 (2mm, uint8 downsampled)"
     by = res["by_source"]
     assert set(by) == {str(folder), key}
     assert res["files"]["class_aliases"] == {"no_tumor": "no"}
@@ -423,7 +540,13 @@ def test_two_sources_by_source(ixi, built, tmp_path):
     called_negative = float((ix["pred"] == 0).mean())
     assert m["specificity"] == pytest.approx(called_negative)
     assert m["false_positives"] == int((ix["pred"] == 1).sum())
-    assert m["ci95_resampling"] == "patients" and by[str(folder)]["ci95_resampling"] == "scans"
+    # Each source's interval resamples its own clusters (groups.cluster_ids): the manifest's patients, which
+    # the folder has none of (duplicate groups are clusters too when evaluation carries them).
+    from raytumor.groups import cluster_ids
+
+    for source_key, rows in preds.groupby("source"):
+        assert by[source_key]["ci95_resampling"] == cluster_ids(rows)[1]
+    assert m["ci95_resampling"].endswith("patients") and "patients" not in by[str(folder)]["ci95_resampling"]
     site = by[str(folder)]
     assert (site["n"], site["positives"]) == (10, 5) and site["roc_auc"] is not None
 

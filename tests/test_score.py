@@ -1,5 +1,8 @@
-"""Batch scoring: listing (folders, archives, manifests), one row per unit, real images, S3, bad input,
-volumes, Grad-CAM, resume after a killed run."""
+"""Batch scoring: listing (folders, archives, manifests), one row per unit, S3, bad input, volumes, Grad-CAM,
+resume after a killed run.
+
+Everything here is pipeline behaviour that holds on any images, so it runs on SYNTHETIC phantoms and the
+session's head-fitted bundle (conftest.head_bundle) and needs no ../shared/data."""
 
 from __future__ import annotations
 
@@ -20,28 +23,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import HEAD_SIZE, write_phantom_volume
 from PIL import Image
 from torchmetrics.functional.classification import binary_auroc
 
 from raytumor import formats
-from raytumor.bundle import BundleMeta, fetch_bundle, load_bundle, save_bundle
-from raytumor.ingest import StorageOptions
-from raytumor.model import create_model, normalization
+from raytumor.bundle import fetch_bundle, load_bundle, save_bundle
 from raytumor.predict import forward_probs
-from raytumor.score import (
-    ScoreConfig,
-    archive_kind,
-    list_units,
-    read_scores,
-    score,
-)
+from raytumor.results import read_scores
+from raytumor.score import ScoreConfig, score
+from raytumor.storage import StorageOptions, archive_kind, list_units
 
-REPO = Path(__file__).resolve().parents[1]
-SIZE = 96
+SIZE = HEAD_SIZE
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fixtures: a real (head-fitted) bundle, and a corpus of every kind of bad input
+# Fixtures: a head-fitted bundle, and a corpus of every kind of bad input
 
 
 def _load_gray(path: Path, size: int = SIZE) -> np.ndarray:
@@ -50,37 +47,11 @@ def _load_gray(path: Path, size: int = SIZE) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def bundle(navoneel, tmp_path_factory) -> Path:
-    """EfficientNet-Lite0 with ImageNet features (from the wheel) and a head fitted on navoneel-253.
-
-    Fitting the head on frozen features takes seconds and gives a model whose scores mean something, so
-    positives exist for Grad-CAM and the tumour/no split is testable.
-    """
-    torch.manual_seed(0)
-    model = create_model("efficientnet_lite0", 2, weights="imagenet", dropout=0.0).eval()
-    paths = sorted((navoneel / "no").iterdir()) + sorted((navoneel / "yes").iterdir())
-    y = torch.tensor(
-        [0] * len(list((navoneel / "no").iterdir())) + [1] * len(list((navoneel / "yes").iterdir()))
-    )
-    x = torch.from_numpy(np.stack([_load_gray(p) for p in paths]))
-    with torch.no_grad():
-        feats = torch.cat([model.forward_features(x[i : i + 64]) for i in range(0, len(x), 64)])
-    head = model.head[1]
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-    for _ in range(300):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(head(feats), y).backward()
-        opt.step()
-    mean, std = normalization("efficientnet_lite0")
-    meta = BundleMeta(
-        backbone="efficientnet_lite0",
-        classes=["no", "yes"],
-        negative_class="no",
-        image_size=SIZE,
-        mean=list(mean),
-        std=list(std),
-    )
-    return save_bundle(tmp_path_factory.mktemp("bundle") / "b", model.state_dict(), meta)
+def bundle(head_bundle) -> Path:
+    """EfficientNet-Lite0 with ImageNet features and a head fitted on half the phantoms (temperature 1.5,
+    threshold 0.5): scores that mean something, so positives exist for Grad-CAM and the tumour/no split is
+    testable. Built once per session (conftest.build_head_bundle), shared with test_report."""
+    return head_bundle.bundle
 
 
 def _png(img: Image.Image) -> bytes:
@@ -102,14 +73,17 @@ def _nibabel_file(name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bad_corpus(navoneel, tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
-    """A folder with good, odd and broken files; returns (root, {unit id: expected error substring or None})."""
+def bad_corpus(phantoms, tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
+    """A folder with good, odd and broken files: (root, {unit id: expected error substring or None})."""
     root = tmp_path_factory.mktemp("corpus")
-    jpgs = sorted((navoneel / "yes").glob("*.jpg"))
+    jpgs = sorted((phantoms / "yes").glob("*.jpg"))
     real = next(p for p in jpgs if formats.sniff_format(p.read_bytes()) == "jpeg").read_bytes()
-    # a real PNG named .jpg (PROVENANCE.md lists six in no/)
-    real_png = (navoneel / "no" / "No15.jpg").read_bytes()
-    assert formats.sniff_format(real_png) == "png"
+    # a PNG named .jpg (phantoms write some, as real sets ship them)
+    real_png = next(
+        p.read_bytes()
+        for p in sorted((phantoms / "no").glob("*.jpg"))
+        if formats.sniff_format(p.read_bytes()) == "png"
+    )
     gray = _load_gray(jpgs[0], 200)
     exp: dict[str, str | None] = {}
 
@@ -221,25 +195,30 @@ def test_list_units_from_manifest(bad_corpus, tmp_path):
 
 
 @pytest.mark.ray
-def test_scores_a_real_folder_exactly_like_the_model(ray_session, bundle, navoneel, tmp_path):
+def test_scores_a_folder_exactly_like_the_model(ray_session, head_bundle, tmp_path):
+    bundle, root = head_bundle.bundle, head_bundle.root
     out = tmp_path / "out"
-    s = score(ScoreConfig(bundle=str(bundle), input=str(navoneel), output=str(out), csv=True))
-    files = sorted(p for p in navoneel.rglob("*") if p.is_file())
+    s = score(ScoreConfig(bundle=str(bundle), input=str(root), output=str(out), csv=True))
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    n_images = len(head_bundle.train) + len(head_bundle.eval)
     df = read_scores(str(out))
-    # rows in == rows out, one per file (PROVENANCE.md becomes an error row, not a lost file)
+    # rows in == rows out, one per file (SYNTHETIC_README.txt becomes an error row, not a lost file)
     assert len(df) == len(files) == s["rows"] and df["path"].is_unique and s["missing_rows"] == 0
     images = df[df["error"].isna()]
-    assert len(images) == 253 and s["scored"] == 253 and s["errors"] == len(files) - 253
-    # the Ray path computes the same probabilities as the model applied directly
+    assert len(images) == n_images and s["scored"] == n_images and s["errors"] == len(files) - n_images == 1
+    # the Ray path computes the same probabilities as the model applied directly (at the bundle's temperature)
     b = load_bundle(bundle, device="cpu")
+    assert b.meta.temperature == 1.5
     sample = images.sample(24, random_state=0)
     x = np.stack([_load_gray(Path(p)) for p in sample["path"]])
-    direct = forward_probs(b.model, x, b.device)[:, 1].numpy()
+    direct = forward_probs(b.model, x, b.device, b.meta.temperature)[:, 1].numpy()
     np.testing.assert_allclose(sample["prob_yes"].to_numpy(), direct, atol=1e-4)
     np.testing.assert_allclose(sample["score"], sample["prob_yes"], atol=1e-6)
-    # the score means tumour: the fitted model separates the folders
-    truth = torch.tensor(images["path"].str.contains("/yes/").to_numpy())
-    assert binary_auroc(torch.tensor(images["score"].to_numpy()), truth).item() > 0.85
+    # the score means tumour: the fitted model separates the folders of the files its head was fitted on
+    fitted = images[images["path"].isin(head_bundle.train["path"])]
+    assert len(fitted) == len(head_bundle.train)
+    truth = torch.tensor(fitted["path"].str.contains("/yes/").to_numpy())
+    assert binary_auroc(torch.tensor(fitted["score"].to_numpy()), truth).item() > 0.85
     assert set(images["label"]) <= {"no", "yes"} and (images["label"] == "yes").sum() == s["positives"]
     assert (df["bundle_id"] == b.meta.bundle_id).all() and df["scored_at"].notna().all()
     # no scan metadata in the table, only what the contract lists
@@ -288,15 +267,15 @@ def test_bad_input_corpus_rows_in_equal_rows_out(ray_session, bundle, bad_corpus
 
 
 @pytest.mark.ray
-def test_volumes_per_slice_rows_and_gradcam(ray_session, bundle, navoneel, tmp_path):
-    ixi = REPO.parent / "shared" / "data" / "ixi-t1-nichart-42" / "nifti"
-    if not ixi.is_dir():
-        pytest.skip(f"real data {ixi} is absent")
+def test_volumes_per_slice_rows_and_gradcam(ray_session, head_bundle, tmp_path):
+    bundle = head_bundle.bundle
     src = tmp_path / "in"
     src.mkdir()
-    for p in sorted(ixi.glob("*.nii.gz"))[:2]:
-        (src / p.name).symlink_to(p)
-    for p in sorted((navoneel / "yes").iterdir())[:12]:
+    # two healthy 2 mm volumes (100 head slices under 20 empty ones), 12 tumour scans the head was fitted on
+    for seed in (0, 1):
+        write_phantom_volume(src / f"phantom{seed}_T1.nii.gz", seed=seed)
+    fitted_yes = head_bundle.train.loc[head_bundle.train["label"] == "yes", "path"]
+    for p in map(Path, sorted(fitted_yes)[:12]):
         (src / p.name).symlink_to(p)
     out = tmp_path / "out"
     s = score(ScoreConfig(bundle=str(bundle), input=str(src), output=str(out), slice_rows=True, explain=True))
@@ -310,11 +289,12 @@ def test_volumes_per_slice_rows_and_gradcam(ray_session, bundle, navoneel, tmp_p
 
     for path, row in vols.iterrows():
         mine = slices[slices["path"] == path].reset_index(drop=True)
-        # IXI volumes are 2 mm: only slices 10-110 mm below the vertex are scored, 5 contiguous needed
+        # 2 mm volumes: only slices 10-110 mm below the vertex are scored, 5 contiguous needed
         z = mine["slice"].to_numpy()
-        top = formats.decode_scan((ixi / Path(path).name).read_bytes()).slice_index.max()
+        top = formats.decode_scan(Path(path).read_bytes()).slice_index.max()
+        assert top == 99  # the empty slices above the head are not the vertex
         assert ((top - z) * 2.0 >= 10).all() and ((top - z) * 2.0 <= 110).all()
-        assert 45 <= len(mine) <= 51
+        assert len(mine) == 51  # every slice in range: z 44..94
         vs, j = volume_score(mine["score"].to_numpy(), z, 2.0, 10.0)
         assert row["score"] == pytest.approx(vs, abs=1e-6) and row["slice"] == z[j]
         assert row["score_max"] == pytest.approx(mine["score"].max(), abs=1e-6)
@@ -372,9 +352,9 @@ def test_volumes_per_slice_rows_and_gradcam(ray_session, bundle, navoneel, tmp_p
 
 
 @pytest.mark.ray
-def test_s3_bucket_in_and_out(ray_session, bundle, navoneel, s3_server, s3_client, tmp_path):
+def test_s3_bucket_in_and_out(ray_session, bundle, phantoms, s3_server, s3_client, tmp_path):
     s3_client.create_bucket(Bucket="scans")
-    files = sorted((navoneel / "yes").iterdir())[:20] + sorted((navoneel / "no").iterdir())[:20]
+    files = sorted((phantoms / "yes").iterdir())[:20] + sorted((phantoms / "no").iterdir())[:20]
     for p in files:
         s3_client.upload_file(str(p), "scans", f"archive/{p.parent.name}/{p.name}")
     zbuf = io.BytesIO()
@@ -416,24 +396,24 @@ def test_s3_bucket_in_and_out(ray_session, bundle, navoneel, s3_server, s3_clien
 
 
 @pytest.mark.ray
-def test_output_of_another_bundle_is_not_mixed(ray_session, bundle, tmp_path, navoneel):
+def test_output_of_another_bundle_is_not_mixed(ray_session, bundle, tmp_path, phantoms):
     out = tmp_path / "out"
     (out).mkdir()
     (out / "run.json").write_text(
-        json.dumps({"bundle_id": "other", "input": str(navoneel), "threshold": 0.5})
+        json.dumps({"bundle_id": "other", "input": str(phantoms), "threshold": 0.5})
     )
     with pytest.raises(ValueError, match="--overwrite"):
-        score(ScoreConfig(bundle=str(bundle), input=str(navoneel), output=str(out)))
+        score(ScoreConfig(bundle=str(bundle), input=str(phantoms), output=str(out)))
 
 
 @pytest.mark.slow
-def test_resume_after_killed_run_scores_only_the_rest(bundle, br35h, tmp_path):
+def test_resume_after_killed_run_scores_only_the_rest(bundle, tmp_path):
     """Kill a real `raytumor score` process mid-run (SIGKILL, whole process group), rerun the same command."""
+    from raytumor.phantoms import write_phantom_dataset
+
     src = tmp_path / "in"
-    src.mkdir()
-    for cls in ("yes", "no"):
-        for p in sorted((br35h / cls).iterdir())[:300]:
-            (src / f"{cls}_{p.name}").symlink_to(p)
+    write_phantom_dataset(src, n_per_class=300, size=128, seed=1)
+    (src / "SYNTHETIC_README.txt").unlink()  # 600 images, no error row
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "raytumor.cli", "score", "--bundle", str(bundle), "--input", str(src),
@@ -472,38 +452,38 @@ def test_resume_after_killed_run_scores_only_the_rest(bundle, br35h, tmp_path):
     )
 
 
-def test_predictor_applies_the_bundles_temperature_and_threshold(bundle, navoneel, tmp_path):
+def test_predictor_applies_the_bundles_temperature_and_threshold(bundle, phantoms, tmp_path):
     """In-process (no Ray): labels follow the stored operating threshold, probabilities its temperature."""
     from raytumor.bundle import read_meta
-    from raytumor.score import ScorePredictor, _columns, _decoded_row
+    from raytumor.score.actors import ScorePredictor
+    from raytumor.score.decode import columns as _columns
+    from raytumor.score.decode import decoded_row as _decoded_row
 
     meta = read_meta(bundle)
+    t0 = meta.temperature
     meta.threshold, meta.temperature = 0.9, 2.0
     calibrated = save_bundle(tmp_path / "cal", load_bundle(bundle, device="cpu").model.state_dict(), meta)
-    files = sorted((navoneel / "yes").iterdir())[:16] + sorted((navoneel / "no").iterdir())[:16]
+    files = sorted((phantoms / "yes").iterdir())[:16] + sorted((phantoms / "no").iterdir())[:16]
     rows = [_decoded_row(str(p), SIZE, p.read_bytes(), None, 0.05) for p in files]
     plain = ScorePredictor(str(bundle), batch_size=8)(_columns(rows)).to_pandas()
     cal = ScorePredictor(str(calibrated), batch_size=8)(_columns(rows)).to_pandas()
-    # softmax(z / 2) from softmax(z): the same ranking, probabilities pulled towards 0.5
+    # softmax(z / 2) from softmax(z / t0): the same ranking, probabilities pulled towards 0.5
     from raytumor.calibrate import rescale_probs
 
-    expect = rescale_probs(plain[["prob_no", "prob_yes"]].to_numpy(np.float64), 1.0, 2.0)[:, 1]
+    expect = rescale_probs(plain[["prob_no", "prob_yes"]].to_numpy(np.float64), t0, 2.0)[:, 1]
     np.testing.assert_allclose(cal["score"], expect, atol=1e-4)
     assert ((cal["score"] >= 0.9) == (cal["label"] == "yes")).all()
     assert (cal["label"] == "yes").sum() < (plain["label"] == "yes").sum()
 
 
-def test_adabn_and_flip_tta_rows_record_the_adaptation(ray_session, bundle, navoneel, tmp_path):
+def test_adabn_and_flip_tta_rows_record_the_adaptation(ray_session, bundle, phantoms, tmp_path):
     """--adapt adabn --tta flip: a first pass measures BN statistics on the input (saved, reused on
     resume), every row says which adaptation scored it, and the scores are those of the adapted model."""
     from raytumor.adapt import apply_bn_state, flip_tta_probs
 
-    ixi = REPO.parent / "shared" / "data" / "ixi-t1-nichart-42" / "no_tumor"
-    if not ixi.is_dir():
-        pytest.skip(f"real data {ixi} is absent")
     src = tmp_path / "in"
     src.mkdir()
-    files = sorted(ixi.glob("*.png"))[:40]
+    files = sorted((phantoms / "no").iterdir())[:40]
     for p in files:
         (src / p.name).symlink_to(p)
     out = tmp_path / "out"
@@ -519,10 +499,11 @@ def test_adabn_and_flip_tta_rows_record_the_adaptation(ray_session, bundle, navo
     loaded = load_bundle(bundle, device="cpu")
     adapted = apply_bn_state(loaded.model, state)
     x = np.stack([_load_gray(p) for p in files])
-    expect = flip_tta_probs(adapted, x, torch.device("cpu"))[:, 1].numpy()
+    t = loaded.meta.temperature
+    expect = flip_tta_probs(adapted, x, torch.device("cpu"), temperature=t)[:, 1].numpy()
     got = df.loc[[str(src / p.name) for p in files], "score"].to_numpy()
     np.testing.assert_allclose(got, expect, atol=1e-4)
-    plain = forward_probs(loaded.model, x, torch.device("cpu"))[:, 1].numpy()
+    plain = forward_probs(loaded.model, x, torch.device("cpu"), t)[:, 1].numpy()
     assert np.abs(plain - expect).max() > 1e-3  # adaptation changed the scores
     # The same output with another adaptation is refused; the same command resumes (nothing new).
     with pytest.raises(ValueError, match="adaptation"):

@@ -17,7 +17,9 @@ import pytest
 from PIL import Image
 
 from raytumor import split
-from raytumor.split import _components, _near_value_pairs, hamming
+from raytumor.groups import components as _components
+from raytumor.groups import dense_ids
+from raytumor.split import _near_value_pairs, hamming
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FP_COLS = ["dhash", "thumb", "dhash_crop", "thumb_crop"]
@@ -574,7 +576,7 @@ def test_patient_groups_union_duplicates_and_patients_per_source() -> None:
     # row 5 joins {0,1} through patient A/p1; B/p1 (row 6) and B/p2 (7, 8) are other patients
     assert g[0] == g[1] == g[5] and len({g[0], g[6], g[7], g[3]}) == 4 and g[7] == g[8]
     assert g[2] != g[4] and g[4] not in (g[0], g[3])  # blank / null ids link nothing
-    assert (split.patient_groups(df.drop(columns="patient_id"), dup) == split._dense_ids(dup)).all()
+    assert (split.patient_groups(df.drop(columns="patient_id"), dup) == dense_ids(dup)).all()
     # without a source column the ids are global: B/p1 joins A/p1
     g2 = split.patient_groups(df.drop(columns="source"), dup)
     assert g2[6] == g2[1] and g2[3] == g2[7] == g2[8]

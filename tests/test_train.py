@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,9 +15,9 @@ import pandas as pd
 import pytest
 
 from raytumor.bundle import load_bundle, read_meta
+from raytumor.config import from_args
 from raytumor.split import HOLDOUT_DUPLICATE
 from raytumor.train import (
-    SOURCE_METRICS,
     TrainConfig,
     check_metric,
     get_args_parser,
@@ -24,6 +26,7 @@ from raytumor.train import (
     run_training,
     source_metrics,
 )
+from raytumor.train.loop import SOURCE_METRICS
 
 pytestmark = pytest.mark.ray
 
@@ -33,6 +36,24 @@ IXI_KEY = "IXI T1 (2mm, uint8 downsampled)"
 
 def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def kill_worker_once(epoch: int, marker: Path):
+    """A worker callback (runs inside Ray Train workers) that kills the last rank's process mid-way through
+    ``epoch``, once (``marker`` remembers), like a lost node; FailureConfig must then recover."""
+
+    def callback(info: dict) -> None:
+        if info["epoch"] != epoch or info["rank"] != info["world"] - 1 or marker.exists():
+            return
+        if info["step"] == info["steps_per_epoch"] // 2:
+            # The controller collects reported checkpoints on its health-check poll (2 s): a crash within
+            # that window of the last report would lose that checkpoint, so die after it.
+            time.sleep(max(0.0, 5.0 - info["seconds"]))
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            os._exit(1)
+
+    return callback
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +104,10 @@ def ddp_run(ray_session, navoneel, br35h_subset, tmp_path_factory):
         num_workers=2,
         patience=5,
         max_failures=1,
-        fail_at_epoch=1,
         seed=0,
     )
-    summary = run_training(cfg, callbacks=[RecordReports(str(reports))])
+    die = kill_worker_once(epoch=1, marker=cfg.run_dir / ".failed_once")
+    summary = run_training(cfg, callbacks=[RecordReports(str(reports))], worker_callbacks=[die])
     return cfg, summary, [json.loads(line) for line in reports.read_text().splitlines()]
 
 
@@ -118,6 +139,18 @@ def test_ddp_run_writes_a_loadable_bundle(ddp_run):
     assert (Path(summary["report"]).parent / "report.json").is_file()
     (tn, fp_), (fn, tp) = test["confusion_matrix"]
     assert test["sensitivity"] == pytest.approx(tp / (tp + fn))
+
+
+def test_bundle_and_report_cis_agree_on_the_test_split(ddp_run):
+    """The bundle's test metrics and the report's on the same split are one computation: same rows, same
+    clusters (duplicate groups), same seed, so the same intervals (they used to resample differently)."""
+    _, summary, _ = ddp_run
+    test = read_meta(summary["bundle"]).metrics["test"]
+    rep = json.loads((Path(summary["report"]).parent / "metrics.json").read_text())["metrics"]
+    assert rep["n"] == test["n"] and rep["ci95_resampling"] == test["ci95_resampling"] == "duplicate groups"
+    for k in ("roc_auc", "sensitivity", "specificity", "average_precision"):
+        assert rep[k] == pytest.approx(test[k], abs=1e-6), k
+        assert rep["ci95"][k] == pytest.approx(test["ci95"][k], abs=1e-6), k
 
 
 def test_worker_failure_recovered_from_checkpoint(ddp_run):
@@ -221,8 +254,9 @@ def test_resume_after_interrupted_run_three_classes(ray_session, tmp_path):
         patience=5,
         seed=1,
     )
+    cfg = TrainConfig(**base, max_failures=0)
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker death in its own error types
-        run_training(TrainConfig(**base, max_failures=0, fail_at_epoch=1))
+        run_training(cfg, worker_callbacks=[kill_worker_once(epoch=1, marker=cfg.run_dir / ".failed_once")])
     summary = run_training(TrainConfig(**base, max_failures=0))
     assert summary["resumed_at_epochs"] == [1]
     hist = pd.read_csv(Path(summary["bundle"]) / "history.csv")
@@ -313,7 +347,7 @@ def test_resolve_source_and_check_metric():
 
 def test_args_parser_round_trip():
     args = get_args_parser().parse_args(["--data", "d", "--split", "0.8,0.1,0.1", "--class-order", "no,yes"])
-    cfg = TrainConfig.from_args(args)
+    cfg = from_args(TrainConfig, args)
     assert (
         cfg.split == (0.8, 0.1, 0.1)
         and cfg.class_order == ["no", "yes"]
@@ -321,17 +355,17 @@ def test_args_parser_round_trip():
     )
     assert cfg.data == ["d"] and cfg.holdout_source is None and TrainConfig(data="x").data == ["x"]
     args = get_args_parser().parse_args(["--data", "a", "--data", "m.csv", "--holdout-source", "a"])
-    cfg = TrainConfig.from_args(args)
+    cfg = from_args(TrainConfig, args)
     assert cfg.data == ["a", "m.csv"] and cfg.holdout_source == "a"
     assert "--holdout-source" in get_args_parser().format_help()
     assert cfg.worker_resources == {}
     args = get_args_parser().parse_args(
         ["--data", "a", "--worker-resource", "slot=1", "--worker-resource", "m=0.5"]
     )
-    assert TrainConfig.from_args(args).worker_resources == {"slot": 1.0, "m": 0.5}
+    assert from_args(TrainConfig, args).worker_resources == {"slot": 1.0, "m": 0.5}
     for bad in ("slot", "slot=0", "=1", "slot=x", "CPU=2"):
         with pytest.raises(ValueError, match="worker resource"):
-            TrainConfig.from_args(get_args_parser().parse_args(["--data", "a", "--worker-resource", bad]))
+            from_args(TrainConfig, get_args_parser().parse_args(["--data", "a", "--worker-resource", bad]))
     # a dict (Tune's `--set worker_resources={slot: 1}`, a search YAML) gets the same checks
     assert TrainConfig(data="a", worker_resources={"slot": 1}).worker_resources == {"slot": 1.0}
     with pytest.raises(ValueError, match="worker resource"):

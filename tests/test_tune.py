@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from raytumor.train import TrainConfig
 from raytumor.tune import (
     DEFAULT_SPACE,
     SearchConfig,
@@ -78,13 +79,12 @@ def test_search_file_and_flags(tmp_path):
     assert cfg.fixed == {"dropout": 0.1, "label_smoothing": 0.05, "worker_resources": {"slot": 1}}
     from dataclasses import replace
 
-    from raytumor.train import TrainConfig
-
     assert replace(TrainConfig(data="d"), **cfg.fixed).worker_resources == {"slot": 1.0}  # as each trial
     (tmp_path / "bad.yaml").write_text("num_sample: 3\n")
     with pytest.raises(ValueError, match="unknown keys"):
         load_search_file(str(tmp_path / "bad.yaml"))
-    assert cfg.data == ["d"] and cfg.holdout_source is None and SearchConfig(data="x").data == ["x"]
+    assert cfg.train.data == ["d"] and cfg.train.holdout_source is None
+    assert SearchConfig(train=TrainConfig(data="x")).train.data == ["x"]
 
 
 def test_several_sources_holdout_and_cross_source_objective(tmp_path):
@@ -99,8 +99,8 @@ def test_several_sources_holdout_and_cross_source_objective(tmp_path):
         "val_source_min_roc_auc",
     ]
     cfg = config_from_args(get_args_parser().parse_args(argv))
-    assert cfg.data == ["a", "b.csv"] and cfg.holdout_source == "b.csv"
-    assert cfg.metric == "val_source_min_roc_auc"
+    assert cfg.train.data == ["a", "b.csv"] and cfg.train.holdout_source == "b.csv"
+    assert cfg.train.metric == "val_source_min_roc_auc"
     # the leaderboard ranks by the cross-source metric, higher first, each trial at its best epoch
     hist = {
         "t1": {"val_source_min_roc_auc": [0.6, 0.8, 0.7], "val_roc_auc": [0.9, 0.95, 0.97]},
@@ -134,12 +134,16 @@ def test_several_sources_holdout_and_cross_source_objective(tmp_path):
 @pytest.mark.ray
 def test_concurrency_leaves_ray_data_a_cpu(ray_session):
     """On 2 CPUs one 2-worker trial runs at a time: a second would take Ray Data's last CPU (ray#54305)."""
-    r = trial_resources(SearchConfig(data="x", num_samples=8))
+    r = trial_resources(SearchConfig(train=TrainConfig(data="x"), num_samples=8))
     assert r["num_workers"] == 2 and r["cpus_per_worker"] == 0.5
     assert r["max_concurrent_trials"] == 1
-    capped = trial_resources(SearchConfig(data="x", num_samples=8, max_concurrent_trials=4))
+    capped = trial_resources(
+        SearchConfig(train=TrainConfig(data="x"), num_samples=8, max_concurrent_trials=4)
+    )
     assert capped["max_concurrent_trials"] == 1
-    one = trial_resources(SearchConfig(data="x", num_samples=1, workers_per_trial=1, cpus_per_worker=0.25))
+    one = trial_resources(
+        SearchConfig(train=TrainConfig(data="x", cpus_per_worker=0.25), num_samples=1, workers_per_trial=1)
+    )
     assert one["max_concurrent_trials"] == 1  # never more trials at once than there are trials
 
 

@@ -52,17 +52,14 @@ def test_sustained_score_respects_gaps_order_and_nan():
     assert np.isnan(volume_score(np.array([]), np.array([]), 1.0, 10.0)[0])
 
 
-def test_nifti_spacing_comes_from_the_header():
-    from pathlib import Path
-
+def test_nifti_spacing_comes_from_the_header(tmp_path):
     import nibabel as nib
+    from conftest import write_phantom_volume
 
     from raytumor.formats import decode_scan
 
-    ixi = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi-t1-nichart-42" / "nifti"
-    if not ixi.is_dir():
-        pytest.skip(f"real data {ixi} is absent")
-    path = sorted(ixi.glob("*.nii.gz"))[0]
+    # a SYNTHETIC 2 mm volume (header facts, not anatomy, are under test): 100 head slices, 200 mm
+    path = write_phantom_volume(tmp_path / "phantom_T1.nii.gz", spacing_mm=2.0)
     scan = decode_scan(path.read_bytes())
     assert scan.kind == "volume" and scan.spacing_mm == pytest.approx(2.0)
     # a resampled copy at 3 mm says so, and the brain range then keeps ~1/1.5 as many slices

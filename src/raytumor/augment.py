@@ -1,4 +1,5 @@
-"""CPU augmentation for Ray Data ``map_batches`` and the deterministic eval/inference preprocessing.
+"""CPU augmentation of training batches for Ray Data ``map_batches`` (evaluation and scoring never augment:
+they use :func:`raytumor.preprocess.model_inputs`).
 
 Batches use Ray Data's numpy format: ``batch["image"]`` is (B, H, W) uint8 grayscale; every other column
 passes through untouched. Training images are stored at :func:`store_size` (a bit larger than the model
@@ -186,18 +187,6 @@ def _with_images(batch: Mapping[str, Any], images: torch.Tensor) -> dict[str, An
     out = dict(batch)
     out["image"] = images.squeeze(1).contiguous().numpy()
     return out
-
-
-def eval_batch(batch: Mapping[str, Any], *, image_size: int) -> dict[str, Any]:
-    """Deterministic eval/inference preprocessing: (B, image_size, image_size) uint8.
-
-    Images normally arrive at image_size already (ingest decodes them so) and pass through unchanged;
-    anything else is resized with :func:`resize_images`.
-    """
-    images = batch["image"]
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (image_size,) * 2:
-        return dict(batch)  # the normal case: nothing to do, no copy
-    return _with_images(batch, resize_images(_images_tensor(images), image_size))
 
 
 def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
@@ -522,7 +511,6 @@ __all__ = [
     "adjust_gamma",
     "augment_batch",
     "bias_fields",
-    "eval_batch",
     "gaussian_blur_batch",
     "jpeg_roundtrip",
     "resize_images",

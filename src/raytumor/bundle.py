@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.fs as pafs
 import torch
+
+from raytumor import __version__
+from raytumor.metrics import tumour_score
+from raytumor.model import create_model
+from raytumor.storage import get_filesystem
 
 BUNDLE_FORMAT = 1
 MODEL_FILE = "model.pt"
@@ -59,21 +65,13 @@ class BundleMeta:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def tumour_score_index(self) -> int | None:
-        """Index whose probability is the tumour score, or None when it is 1 - P(negative)."""
-        if self.negative_class is not None:
-            return None
-        return 1 if self.num_classes == 2 else None
-
 
 def package_versions() -> dict[str, str]:
     import ray
     import torchvision
 
-    import raytumor
-
     return {
-        "raytumor": raytumor.__version__,
+        "raytumor": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "ray": ray.__version__,
@@ -137,10 +135,6 @@ def fetch_bundle(uri: str | os.PathLike, storage: Any = None) -> Path:
     uri = str(uri)
     if "://" not in uri or uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
-    import pyarrow.fs as pafs
-
-    from raytumor.ingest import get_filesystem
-
     fs, path = get_filesystem(uri, storage)
     info = fs.get_file_info(f"{path}/{MODEL_FILE}")
     if info.type != pafs.FileType.File:
@@ -189,8 +183,6 @@ class LoadedBundle:
 
 def load_bundle(path: str | os.PathLike, device: str | torch.device | None = None) -> LoadedBundle:
     """Load a bundle's model in eval mode on ``device`` (CUDA when available by default), channels_last."""
-    from raytumor.model import create_model
-
     path = Path(path)
     meta = read_meta(path)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,10 +194,9 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
 
 
 def tumour_scores(probs: torch.Tensor | Any, meta: BundleMeta) -> Any:
-    """The scalar tumour score per row from class probabilities (N, C)."""
-    if meta.negative_class is not None:
-        return 1.0 - probs[:, meta.classes.index(meta.negative_class)]
-    idx = meta.tumour_score_index()
-    if idx is None:
+    """The scalar tumour score per row of class probabilities (N, C) by the bundle's classes
+    (:func:`raytumor.metrics.tumour_score`); ValueError when they define none."""
+    s = tumour_score(probs, meta.classes, meta.negative_class)
+    if s is None:
         raise ValueError("no negative class and more than 2 classes: no single tumour score")
-    return probs[:, idx]
+    return s

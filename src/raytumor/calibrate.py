@@ -15,7 +15,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-from raytumor.evaluate import tumour_binary
+from raytumor.metrics import tumour_binary
 
 T_MIN, T_MAX = 0.05, 100.0
 _EPS = 1e-30  # floor before log: a saturated softmax gives exact zeros; float32 keeps ~1e-38, so margins up to ~69 survive

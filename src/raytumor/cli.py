@@ -7,41 +7,63 @@ import sys
 from collections.abc import Callable
 from importlib import import_module
 
-# name -> (module, help); modules expose get_args_parser(add_help) and main(args)
+import raytumor
+from raytumor.config import HelpFormatter, apply_config_file
+from raytumor.model import list_backbones
+
+# name -> (module, help); modules expose get_args_parser(add_help) and main(args). Modules are imported when
+# the parser is built, so `raytumor --help` stays fast (Ray itself is imported only by a stage's work).
 STAGES: dict[str, tuple[str, str]] = {
     "train": ("raytumor.train", "fine-tune a classifier on a labelled folder/bucket/manifest"),
     "tune": ("raytumor.tune", "search backbones and hyperparameters with Ray Tune (ASHA)"),
     "score": ("raytumor.score", "batch-score a folder/bucket/archive of scans: one row per file, resumable"),
     "report": ("raytumor.report", "self-contained HTML evaluation report of a bundle on labelled data"),
-    "evaluate": ("raytumor.evaluate", "metrics of a bundle on labelled data, with 95%% CIs"),
+    "evaluate": ("raytumor.evaluate", "metrics of a bundle on labelled data, with 95 percent CIs"),
     "slices": ("raytumor.slices", "export axial training slices (PNG + manifest) from volumes"),
-    "demo": ("raytumor.demo", "synthetic phantoms -> train -> evaluate, on a fresh machine"),
+    "demo": ("raytumor.demo", "synthetic phantoms -> tune -> train -> score -> report, on a fresh machine"),
 }
 
 
 def _backbones(_: argparse.Namespace) -> None:
-    from raytumor.model import list_backbones
-
     for name in list_backbones():
         print(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; ``parser.stage_parsers`` maps each stage to its sub-parser."""
     p = argparse.ArgumentParser(prog="raytumor", description="Brain-MRI tumour classifiers on Ray")
+    p.add_argument("--version", action="version", version=f"raytumor {raytumor.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    stages: dict[str, argparse.ArgumentParser] = {}
     for name, (module, help_) in STAGES.items():
         mod = import_module(module)
         sp = sub.add_parser(
-            name, help=help_, parents=[mod.get_args_parser(add_help=False)], description=help_
+            name,
+            help=help_,
+            parents=[mod.get_args_parser(add_help=False)],
+            description=help_,
+            formatter_class=HelpFormatter,
         )
         sp.set_defaults(func=mod.main)
+        stages[name] = sp
     sp = sub.add_parser("backbones", help="list the backbones the model factory builds")
     sp.set_defaults(func=_backbones)
+    p.stage_parsers = stages  # type: ignore[attr-defined]
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    config = pre.parse_known_args(argv)[0].config
+    if config and command in parser.stage_parsers and command != "tune":  # tune reads its search file
+        # YAML as defaults, the command line over it (timm's way); options the file gives are not required.
+        sp = parser.stage_parsers[command]
+        apply_config_file(sp, config, [a.dest for a in sp._actions])
+    args = parser.parse_args(argv)
     func: Callable = args.func
     func(args)
     return 0

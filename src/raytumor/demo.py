@@ -12,114 +12,132 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from raytumor.config import from_args, opt, stage_parser
+from raytumor.evaluate import format_table
+from raytumor.phantoms import write_phantom_dataset
+from raytumor.report import build_report
+from raytumor.runtime import init_ray
+from raytumor.score import ScoreConfig, score
+from raytumor.train import TrainConfig, run_training
+from raytumor.tune import SearchConfig, run_search
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    out: str = opt("demo_out", "output folder")
+    n_per_class: int = opt(300, "phantoms per class")
+    n_corrupt: int = opt(3, "broken files mixed in, to show bad-input handling")
+    backbones: str = opt(
+        "efficientnet_lite0,efficientnet_lite1", "comma-separated backbones the small search tries"
+    )
+    weights: str = opt("imagenet", "imagenet | none | path to a state dict")
+    image_size: int = opt(128, "model input size in pixels")
+    tune_epochs: int = opt(2, "epochs per trial of the small search")
+    epochs: int = opt(8, "epochs of the winner's training run")
+    num_workers: int | None = opt(None, "training workers (default: 2 on CPU, one per GPU)")
+    skip_tune: bool = opt(False, "train the first backbone without a search")
+    seed: int = opt(0)
+
+    @property
+    def backbone_list(self) -> list[str]:
+        return [b for b in self.backbones.split(",") if b]
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Synthesise labelled brain-MRI phantoms (SYNTHETIC), then tune, train, score and report",
-        add_help=add_help,
+    return stage_parser(
+        DemoConfig,
+        "Synthesise labelled brain-MRI phantoms (SYNTHETIC), then tune -> train -> score -> report",
+        add_help,
     )
-    p.add_argument("--out", default="demo_out", help="output folder")
-    p.add_argument("--n-per-class", type=int, default=300, help="phantoms per class")
-    p.add_argument(
-        "--n-corrupt", type=int, default=3, help="broken files mixed in, to show bad-input handling"
-    )
-    p.add_argument(
-        "--backbones", default="efficientnet_lite0,efficientnet_lite1", help="searched by the small tune"
-    )
-    p.add_argument("--weights", default="imagenet")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--tune-epochs", type=int, default=2, help="epochs per trial of the small search")
-    p.add_argument("--epochs", type=int, default=8, help="epochs of the winner's training run")
-    p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--skip-tune", action="store_true", help="train the first backbone without a search")
-    p.add_argument("--seed", type=int, default=0)
-    return p
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    from raytumor.evaluate import format_table
-    from raytumor.phantoms import write_phantom_dataset
-    from raytumor.report import build_report
-    from raytumor.runtime import init_ray
-    from raytumor.score import ScoreConfig, score
-    from raytumor.train import TrainConfig, run_training
-    from raytumor.tune import run_search
-
-    t0 = time.time()
-    out = Path(args.out).resolve()
-    data = out / "phantoms"
-    print(f"[demo] writing SYNTHETIC brain-MRI phantoms (not patient data) to {data}")
-    info = write_phantom_dataset(data, n_per_class=args.n_per_class, seed=args.seed, n_corrupt=args.n_corrupt)
-    holdout = out / "phantoms_holdout"
-    write_phantom_dataset(holdout, n_per_class=max(20, args.n_per_class // 4), seed=args.seed + 1000)
-    init_ray()
-    backbones = [b for b in args.backbones.split(",") if b]
-    base = TrainConfig(
+def _train_config(cfg: DemoConfig, data: Path, out: Path) -> TrainConfig:
+    return TrainConfig(
         data=str(data),
         out=str(out / "runs"),
         name="demo",
-        backbone=backbones[0],
-        weights=args.weights,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        num_workers=args.num_workers,
+        backbone=cfg.backbone_list[0],
+        weights=cfg.weights,
+        image_size=cfg.image_size,
+        epochs=cfg.epochs,
+        num_workers=cfg.num_workers,
         batch_size=32,
         lr=3e-3,  # phantoms are far from ImageNet: a higher LR than the real-data default
         backbone_lr=1e-3,
-        patience=args.epochs,
-        seed=args.seed,
+        patience=cfg.epochs,
+        seed=cfg.seed,
     )
 
-    search = None
-    if not args.skip_tune and len(backbones) > 1:
-        print(
-            f"[demo] 1/4 small Ray Tune search over {backbones} ({args.tune_epochs} epochs per trial, ASHA)"
-        )
-        search = run_search(_search_config(args, data, out, backbones))
-        best = search["best_config"]
-        print(f"[demo]   winner: {best}  (leaderboard {search['leaderboard']})")
-        base = replace(base, backbone=best["backbone"], lr=float(best.get("lr", base.lr)))
 
-    print(f"[demo] 2/4 training {base.backbone} for {base.epochs} epochs on 2 Ray workers")
-    summary = run_training(base)
-    print("[demo]   held-out test split of the training folder:")
-    print(format_table(summary["test"]))
+def _search_config(cfg: DemoConfig, base: TrainConfig) -> SearchConfig:
+    return SearchConfig(
+        train=replace(base, name="demo-search", report=False),
+        # one trial per backbone (grid), a learning rate sampled for each
+        space={"backbone": {"grid": cfg.backbone_list}, "lr": {"loguniform": [1e-3, 5e-3]}},
+        fixed={"image_size": cfg.image_size, "batch_size": 32, "backbone_lr": 1e-3, "weights": cfg.weights},
+        num_samples=1,
+        max_epochs=cfg.tune_epochs,
+    )
 
-    # A folder as it arrives for scoring: new scans plus the kind of junk real archives hold.
+
+def _score_inbox(out: Path, holdout: Path, corrupt: list[str], bundle: str) -> dict[str, Any]:
+    """Score a folder as it arrives: new scans plus the kind of junk real archives hold."""
     inbox = out / "inbox"
     shutil.rmtree(inbox, ignore_errors=True)
     shutil.copytree(holdout, inbox)
-    for p in info.get("corrupt", []):
+    for p in corrupt:
         shutil.copy(p, inbox / Path(p).name)
-    print(
-        f"[demo] 3/4 batch scoring {inbox} (holdout phantoms + {len(info.get('corrupt', []))} broken files)"
-    )
+    print(f"[demo] 3/4 batch scoring {inbox} (holdout phantoms + {len(corrupt)} broken files)")
     scores = score(
-        ScoreConfig(
-            bundle=summary["bundle"], input=str(inbox), output=str(out / "scores"), csv=True, explain=True
-        )
+        ScoreConfig(bundle=bundle, input=str(inbox), output=str(out / "scores"), csv=True, explain=True)
     )
     print(
         f"[demo]   {scores['rows']} rows: {scores['scored']} scored, {scores['errors']} errors "
         f"{scores['error_reasons']}, {scores['positives']} positive"
     )
+    return scores
 
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    t0 = time.time()
+    out = Path(cfg.out).resolve()
+    data = out / "phantoms"
+    print(f"[demo] writing SYNTHETIC brain-MRI phantoms (not patient data) to {data}")
+    info = write_phantom_dataset(data, n_per_class=cfg.n_per_class, seed=cfg.seed, n_corrupt=cfg.n_corrupt)
+    holdout = out / "phantoms_holdout"
+    write_phantom_dataset(holdout, n_per_class=max(20, cfg.n_per_class // 4), seed=cfg.seed + 1000)
+    init_ray()
+    base = _train_config(cfg, data, out)
+    search = None
+    if not cfg.skip_tune and len(cfg.backbone_list) > 1:
+        print(
+            f"[demo] 1/4 small Ray Tune search over {cfg.backbone_list} ({cfg.tune_epochs} epochs per trial, ASHA)"
+        )
+        search = run_search(_search_config(cfg, base))
+        best = search["best_config"]
+        print(f"[demo]   winner: {best}  (leaderboard {search['leaderboard']})")
+        base = replace(base, backbone=best["backbone"], lr=float(best.get("lr", base.lr)))
+    print(f"[demo] 2/4 training {base.backbone} for {base.epochs} epochs on 2 Ray workers")
+    summary = run_training(base)
+    print("[demo]   held-out test split of the training folder:")
+    print(format_table(summary["test"]))
+    corrupt = [str(p) for p in info.get("corrupt", [])]
+    scores = _score_inbox(out, holdout, corrupt, summary["bundle"])
     print(f"[demo] 4/4 evaluation report on the independently generated holdout set {holdout}")
-    rep = build_report(summary["bundle"], str(holdout), out / "report", seed=args.seed)
-    m = rep["metrics"]
-    print(format_table(m))
-
+    rep = build_report(summary["bundle"], str(holdout), out / "report", seed=cfg.seed)
+    print(format_table(rep["metrics"]))
     result = {
         "synthetic_data": str(data),
-        "corrupt_files": [str(p) for p in info.get("corrupt", [])],
+        "corrupt_files": corrupt,
         "search": search and {k: search[k] for k in ("run_dir", "leaderboard", "best_config", "trials")},
         "run_dir": summary["run_dir"],
         "bundle": summary["bundle"],
         "test_metrics": summary["test"],
+        "test_report": summary.get("report"),
         "scores": str(out / "scores"),
         "score_summary": {k: scores[k] for k in ("rows", "scored", "errors", "positives")},
         "report": str(out / "report" / "report.html"),
@@ -127,29 +145,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "wall_seconds": round(time.time() - t0, 1),
     }
     (out / "demo_summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"[demo] done in {result['wall_seconds']:.0f}s (SYNTHETIC data).")
-    if search:
-        print(f"[demo]   search leaderboard: {search['leaderboard']}")
-    print(f"[demo]   bundle:             {summary['bundle']}")
-    print(f"[demo]   run folder:         {summary['run_dir']} (split manifest, ingest summary, duplicates)")
-    print(f"[demo]   test-split report:  {summary.get('report')}")
-    print(f"[demo]   scores:             {out / 'scores'} (scores.csv, explain/ Grad-CAM PNGs)")
-    print(f"[demo]   holdout report:     {result['report']}")
     return result
 
 
-def _search_config(args: argparse.Namespace, data: Path, out: Path, backbones: list[str]) -> Any:
-    from raytumor.tune import SearchConfig
-
-    return SearchConfig(
-        data=str(data),
-        out=str(out / "runs"),
-        name="demo-search",
-        # one trial per backbone (grid), a learning rate sampled for each
-        space={"backbone": {"grid": backbones}, "lr": {"loguniform": [1e-3, 5e-3]}},
-        fixed={"image_size": args.image_size, "batch_size": 32, "backbone_lr": 1e-3, "weights": args.weights},
-        num_samples=1,
-        max_epochs=args.tune_epochs,
-        report=False,
-        seed=args.seed,
-    )
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    result = run_demo(from_args(DemoConfig, args))
+    out = Path(result["scores"]).parent
+    print(f"[demo] done in {result['wall_seconds']:.0f}s (SYNTHETIC data).")
+    if result["search"]:
+        print(f"[demo]   search leaderboard: {result['search']['leaderboard']}")
+    print(f"[demo]   bundle:             {result['bundle']}")
+    print(f"[demo]   run folder:         {result['run_dir']} (split manifest, ingest summary, duplicates)")
+    print(f"[demo]   test-split report:  {result['test_report']}")
+    print(f"[demo]   scores:             {out / 'scores'} (scores.csv, explain/ Grad-CAM PNGs)")
+    print(f"[demo]   holdout report:     {result['report']}")
+    return result

@@ -20,190 +20,22 @@ import os
 import re
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import torchmetrics.functional as tmf
 
-BINARY_METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "ppv", "npv", "f1")
-# Undefined (None) on a set holding only tumour or only no-tumour scans, like ROC-AUC and the rate of the
-# missing class; accuracy then equals specificity (or sensitivity).
-SINGLE_CLASS_UNDEFINED = ("ppv", "npv", "f1")
-
-
-def tumour_binary(labels: np.ndarray, probs: np.ndarray, classes: list[str], negative_class: str | None):
-    """Collapse labels/probabilities to tumour (1) vs none (0) and the tumour score."""
-    labels = np.asarray(labels)
-    probs = np.asarray(probs, dtype=np.float64)
-    if negative_class is not None:
-        neg = classes.index(negative_class)
-        return (labels != neg).astype(np.int64), 1.0 - probs[:, neg]
-    if len(classes) == 2:
-        return (labels == 1).astype(np.int64), probs[:, 1]
-    return None, None
-
-
-def compute_metrics(
-    labels: np.ndarray,
-    probs: np.ndarray,
-    classes: list[str],
-    negative_class: str | None = None,
-    threshold: float = 0.5,
-) -> dict[str, Any]:
-    """Accuracy, ROC-AUC, sensitivity, specificity, PPV, NPV, F1 and the confusion matrix.
-
-    Binary sets use the tumour score at ``threshold``; sets with more classes add macro metrics on the
-    arg-max prediction (and the tumour-vs-none view when a no-tumour class exists).
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float32)
-    out: dict[str, Any] = {"n": int(len(labels)), "threshold": float(threshold)}
-    if len(labels) == 0:
-        return out
-    y, s = tumour_binary(labels, probs, classes, negative_class)
-    if y is not None:
-        out.update(_binary_point(y, s, threshold))
-    if len(classes) > 2:
-        p, t = torch.from_numpy(probs), torch.from_numpy(labels)
-        c = len(classes)
-        out["mc_accuracy"] = float(tmf.accuracy(p, t, task="multiclass", num_classes=c, average="micro"))
-        out["mc_balanced_accuracy"] = float(
-            tmf.recall(p, t, task="multiclass", num_classes=c, average="macro")
-        )
-        out["mc_f1_macro"] = float(tmf.f1_score(p, t, task="multiclass", num_classes=c, average="macro"))
-        out["mc_roc_auc_macro"] = _safe(
-            lambda: float(tmf.auroc(p, t, task="multiclass", num_classes=c, average="macro"))
-        )
-        out["mc_confusion_matrix"] = tmf.confusion_matrix(p, t, task="multiclass", num_classes=c).tolist()
-        if y is None:
-            out["accuracy"] = out["mc_accuracy"]
-    return out
-
-
-def _safe(fn) -> float | None:
-    try:
-        v = fn()
-        return None if np.isnan(v) else v
-    except (ValueError, RuntimeError):
-        return None
-
-
-def _binary_point(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, Any]:
-    # Threshold metrics from the confusion counts with `score >= threshold` (torchmetrics uses `>`), the
-    # same rule as the bootstrap and the predictor; torchmetrics gives the threshold-free ROC-AUC.
-    v = {k: float(a[0]) for k, a in _binary_vectorised(y[None], s[None], threshold, with_auc=False).items()}
-    pred = s >= threshold
-    tp, tn = int((pred & (y == 1)).sum()), int((~pred & (y == 0)).sum())
-    fp, fn = int((pred & (y == 0)).sum()), int((~pred & (y == 1)).sum())
-    both = 0 < y.sum() < len(y)
-    auc = (
-        float(tmf.auroc(torch.from_numpy(s.astype(np.float32)), torch.from_numpy(y), task="binary"))
-        if both
-        else None
-    )
-    if not both:  # one class only: PPV/NPV/F1 are trivially 0 or 1, not evidence about the model
-        v.update({k: np.nan for k in SINGLE_CLASS_UNDEFINED})
-    return {
-        **{k: (None if np.isnan(x) else x) for k, x in v.items()},
-        "roc_auc": auc,
-        "confusion_matrix": [[tn, fp], [fn, tp]],  # rows: truth none/tumour; cols: predicted none/tumour
-        "positives": int(y.sum()),
-        "negatives": int((y == 0).sum()),
-    }
-
-
-def _binary_vectorised(
-    y: np.ndarray, s: np.ndarray, threshold: float, with_auc: bool = True
-) -> dict[str, np.ndarray]:
-    """Binary metrics for many resamples at once: y, s are (R, N)."""
-    pred = s >= threshold
-    pos = y == 1
-    tp = (pred & pos).sum(1).astype(float)
-    tn = (~pred & ~pos).sum(1).astype(float)
-    fp = (pred & ~pos).sum(1).astype(float)
-    fn = (~pred & pos).sum(1).astype(float)
-    n = y.shape[1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = {
-            "accuracy": (tp + tn) / n,
-            "sensitivity": tp / (tp + fn),
-            "specificity": tn / (tn + fp),
-            "ppv": tp / (tp + fp),
-            "npv": tn / (tn + fn),
-            "f1": 2 * tp / (2 * tp + fp + fn),
-        }
-        if not with_auc:
-            return out
-        # ROC-AUC as the Mann–Whitney U statistic with mid-ranks for ties.
-        order = np.argsort(s, axis=1, kind="stable")
-        ss = np.take_along_axis(s, order, 1)
-        ranks = np.empty_like(ss, dtype=float)
-        for r in range(s.shape[0]):  # rankdata per row; scipy handles ties
-            ranks[r] = _midranks(ss[r])
-        inv = np.empty_like(order)
-        np.put_along_axis(inv, order, np.arange(n)[None, :].repeat(s.shape[0], 0), 1)
-        r_orig = np.take_along_axis(ranks, inv, 1)
-        n_pos = pos.sum(1).astype(float)
-        n_neg = n - n_pos
-        out["roc_auc"] = ((r_orig * pos).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return out
-
-
-def _midranks(sorted_vals: np.ndarray) -> np.ndarray:
-    n = len(sorted_vals)
-    ranks = np.arange(1, n + 1, dtype=float)
-    _, start, counts = np.unique(sorted_vals, return_index=True, return_counts=True)
-    for st, c in zip(start[counts > 1], counts[counts > 1], strict=False):
-        ranks[st : st + c] = st + (c + 1) / 2
-    return ranks
-
-
-def bootstrap_ci(
-    labels: np.ndarray,
-    probs: np.ndarray,
-    classes: list[str],
-    negative_class: str | None = None,
-    threshold: float = 0.5,
-    n_boot: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-    groups: np.ndarray | None = None,
-) -> dict[str, list[float | None]]:
-    """Percentile bootstrap 1-alpha intervals for the binary metrics.
-
-    Resamples scans with replacement, or with ``groups`` whole duplicate groups (a cluster bootstrap):
-    near-duplicates are not independent evidence, and counting them as such narrows the interval.
-    """
-    y, s = tumour_binary(labels, probs, classes, negative_class)
-    if y is None or len(y) == 0:
-        return {}
-    rng = np.random.default_rng(seed)
-    chunks = []
-    if groups is not None and len(np.unique(groups)) < len(y):
-        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
-        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
-        for _ in range(n_boot):  # replicates differ in size: one at a time
-            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-            chunks.append(_binary_vectorised(y[idx][None], s[idx][None], threshold))
-    else:
-        for start in range(0, n_boot, 200):  # bounded memory for large test sets
-            idx = rng.integers(0, len(y), size=(min(200, n_boot - start), len(y)))
-            chunks.append(_binary_vectorised(y[idx], s[idx], threshold))
-    single = y.min() == y.max()
-    out: dict[str, list[float | None]] = {}
-    for k in chunks[0]:
-        v = np.concatenate([np.atleast_1d(c[k]) for c in chunks])
-        v = v[np.isfinite(v)]
-        out[k] = (
-            [float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))]
-            if len(v) and not (single and k in SINGLE_CLASS_UNDEFINED)
-            else [None, None]
-        )
-    return out
-
+from raytumor import split
+from raytumor.bundle import FINGERPRINTS_FILE, fetch_bundle, read_meta
+from raytumor.config import add_options, from_args, opt, stage_parser
+from raytumor.ingest import build_catalogue, decode_dataset, is_negative_name, list_labelled, source_key
+from raytumor.metrics import BINARY_METRICS, metrics_with_ci, per_source_metrics
+from raytumor.predict import Predictor
+from raytumor.results import read_scores
+from raytumor.runtime import init_ray, predictor_resources
+from raytumor.storage import StorageOptions, is_manifest, read_manifest
 
 # ----------------------------------------------------------------------------------------------------------
 # Labels and sources of evaluation data
@@ -216,8 +48,6 @@ def map_labels(names: Iterable[str], classes: Sequence[str], negative_class: str
     ``normal``, ...) maps to the bundle's negative class, since every source spells "no tumour" its own
     way. Anything else is an error: guessing which tumour class ``tumour`` means would invent labels.
     """
-    from raytumor.ingest import is_negative_name
-
     out: dict[str, str] = {}
     unmapped: list[str] = []
     for name in sorted({str(n) for n in names}):
@@ -253,8 +83,6 @@ def source_key_of(value: Any, default: str, pattern: str | re.Pattern | None = N
     data argument). With ``pattern``: its first group, else the whole match, searched in the raw value (the
     data argument when there is none); no match, or an empty one, falls back to the rule above.
     """
-    from raytumor.ingest import source_key
-
     rx = compile_source_pattern(pattern)
     if rx is None:
         return source_key(value, default)
@@ -273,20 +101,13 @@ def raw_source_values(data: Sequence[str], storage: Any = None) -> dict[str, tup
     Listing keeps only the derived key; ``--source-pattern`` needs the full provenance string (the IXI
     subject, scanner or commit in it). Folder rows are absent: their raw source is the data argument.
     """
-    from raytumor.ingest import MANIFEST_SUFFIXES, get_filesystem, list_labelled
-
     out: dict[str, tuple[Any, str]] = {}
     for d in data:
-        if not d.lower().endswith(MANIFEST_SUFFIXES):
+        if not is_manifest(d):
             continue
-        fs, path = get_filesystem(d, storage)
-        with fs.open_input_file(path) as f:
-            df = pd.read_csv(f, dtype=str) if d.lower().endswith(".csv") else pd.read_parquet(f)
-        if "source" not in df.columns:
-            continue
-        # list_labelled resolves the paths and keeps the manifest's row order.
-        paths = list_labelled(d, storage).files["path"]
-        out.update(zip(paths, zip(df["source"].tolist(), [d] * len(df), strict=True), strict=True))
+        df = read_manifest(d, storage)
+        if "source" in df.columns:
+            out.update(zip(df["path"], zip(df["source"].tolist(), [d] * len(df), strict=True), strict=True))
     return out
 
 
@@ -304,106 +125,7 @@ def pattern_source_keys(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Metrics of prediction tables: pooled and per source (pure pandas/numpy: evaluate, report, train)
-
-
-def cluster_ids(df: pd.DataFrame) -> tuple[np.ndarray | None, str]:
-    """Bootstrap clusters of prediction rows and what they are: a patient's scans (``patient_id``, scoped
-    by ``source``) and a duplicate group (``group``) are one cluster each; (None, "scans") without either.
-
-    Scans of one patient are correlated evidence; resampling them one by one narrows the interval.
-    """
-    from raytumor import split
-
-    pid = df["patient_id"] if "patient_id" in df.columns else None
-    has_pid = pid is not None and bool((pid.notna() & (pid.astype(str).str.strip() != "")).any())
-    has_group = "group" in df.columns
-    if not has_pid and not has_group:
-        return None, "scans"
-    base = df["group"].to_numpy() if has_group else np.arange(len(df))
-    flat = df.reset_index(drop=True)
-    ids = split.patient_groups(flat, base) if has_pid else pd.factorize(base)[0]
-    what = " + ".join(w for w, on in (("duplicate groups", has_group), ("patients", has_pid)) if on)
-    return np.asarray(ids, dtype=np.int64), what
-
-
-def metrics_with_ci(
-    df: pd.DataFrame,
-    classes: list[str],
-    negative_class: str | None,
-    threshold: float,
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """:func:`compute_metrics` plus ``ci95`` (cluster bootstrap, see :func:`cluster_ids`) of prediction
-    rows: ``label`` (index into ``classes``), ``prob_<class>``; optional ``path``, ``source``,
-    ``patient_id``, ``group``. Rows without finite probabilities (failed at prediction) are left out and
-    counted. Adds ``false_positives`` and ``fp_rate`` (share of no-tumour scans called tumour)."""
-    if "path" in df.columns:  # the bootstrap's draws depend on row order: make it the same every run
-        df = df.sort_values("path", kind="stable")
-    probs = df[[f"prob_{c}" for c in classes]].to_numpy(dtype=np.float32)
-    ok = np.isfinite(probs).all(1)
-    df, probs = df[ok], probs[ok]
-    labels = df["label"].to_numpy().astype(np.int64)
-    m = compute_metrics(labels, probs, classes, negative_class, threshold)
-    groups, what = cluster_ids(df)
-    m["ci95"] = bootstrap_ci(labels, probs, classes, negative_class, threshold, n_boot, seed, groups=groups)
-    m["ci95_resampling"] = what
-    if "confusion_matrix" in m:
-        (tn, fp), _ = m["confusion_matrix"]
-        m["false_positives"] = int(fp)
-        m["fp_rate"] = float(fp / (tn + fp)) if tn + fp else None
-    if not ok.all():
-        m["failed_predictions"] = int((~ok).sum())
-    return m
-
-
-def per_source_metrics(
-    df: pd.DataFrame,
-    classes: list[str],
-    negative_class: str | None,
-    threshold: float,
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> dict[str, dict[str, Any]]:
-    """{source key: :func:`metrics_with_ci`} over the rows of each value of ``df["source"]``.
-
-    A source holding one class gets the metrics that class defines (a folder of healthy scans: specificity,
-    its CI and the false-positive count; sensitivity and ROC-AUC None). Works on any prediction table with a
-    ``source`` column: ``raytumor evaluate``'s predictions.parquet, or a leave-one-source-out run's test
-    split.
-    """
-    if "source" not in df.columns:
-        raise ValueError(f"per-source metrics need a 'source' column (have {list(df.columns)})")
-    src = df["source"].astype(str)
-    return {
-        key: metrics_with_ci(df[src == key], classes, negative_class, threshold, n_boot, seed)
-        for key in sorted(src.unique())
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Predicting a set of files with a bundle (Ray Data: decode on CPU tasks, model on an actor pool)
-
-
-def predictor_resources() -> dict[str, Any]:
-    """Actor count/CPUs for Predictor actors from the cluster, leaving CPUs for decoding."""
-    import ray
-
-    res = ray.cluster_resources()
-    cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
-    if gpus:
-        return {"size": gpus, "num_gpus": 1, "num_cpus": 1, "threads": None, "decode_cpus": 1}
-    # On CPUs, model replicas beat intra-op threads: ResNet-18 on 2 cores runs 45 img/s per 1-thread
-    # process (90 for two) but 81 img/s as one 2-thread process. Replicas of 1 thread on small machines,
-    # 2 threads on larger ones (fewer copies of the model in memory).
-    threads = 1 if cpus <= 4 else 2
-    size = max(1, cpus // threads)
-    # Reserve half the CPUs for the actors, leaving the rest to decode and write tasks (decoding is ~15x
-    # cheaper than the forward pass, so the actors' threads may use every core). Decode tasks ask for
-    # the same CPUs as an actor so Ray Data fuses them into it: each replica decodes its own batches.
-    per = round(max(0.25, cpus * 0.5 / size), 3)
-    return {"size": size, "num_gpus": 0, "num_cpus": per, "threads": threads, "decode_cpus": per}
 
 
 def predict_files(
@@ -414,10 +136,6 @@ def predict_files(
 ) -> pd.DataFrame:
     """Score every row of ``files`` (needs ``path``): one output row per input row, errors kept."""
     from ray.data import ActorPoolStrategy
-
-    from raytumor.bundle import read_meta
-    from raytumor.ingest import decode_dataset
-    from raytumor.predict import Predictor
 
     meta = read_meta(bundle_dir)
     r = predictor_resources()
@@ -440,52 +158,62 @@ def predict_files(
 # raytumor evaluate
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Metrics of a model bundle on labelled folders, buckets or manifests, pooled and per source",
-        add_help=add_help,
+@dataclass(kw_only=True)
+class SourceOptions:
+    """Labelled data and how its rows get source keys; shared by ``raytumor evaluate`` and ``report``."""
+
+    data: list[str] = opt(
+        help="labelled tree ROOT/<class>/<files>, s3://..., or CSV/Parquet manifest (path,label[,patient_id,"
+        "source]); repeat to evaluate several sources at once. Labels map onto the bundle's classes by name; "
+        "no-tumour names (no_tumor, normal, ...) map to its no-tumour class",
+        required=True,
     )
-    p.add_argument("--bundle", required=True, help="model bundle directory (written by raytumor train)")
-    add_source_args(p)
-    p.add_argument("--out", default=None, help="output directory for metrics.json and predictions.parquet")
-    p.add_argument("--threshold", type=float, default=None, help="override the bundle's operating threshold")
-    p.add_argument(
-        "--keep-duplicates",
-        action="store_true",
-        help="do not exclude files that duplicate the bundle's training/validation files",
+    source_pattern: str | None = opt(
+        None,
+        "source key of a row: first group (else the whole match) of REGEX in the manifest's source value "
+        "(or the --data argument). Default: the source value up to ' via ', else the --data argument",
+        metavar="REGEX",
     )
-    p.add_argument(
-        "--scores",
-        default=None,
-        metavar="SCORE_OUTPUT",
-        help="evaluate a finished `raytumor score` output instead of predicting (volumes, --adapt/--tta runs): "
+
+    def __post_init__(self) -> None:
+        self.data = _data_list(self.data)
+        compile_source_pattern(self.source_pattern)  # a bad pattern fails before any work starts
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(SourceOptions):
+    bundle: str = opt(
+        help="model bundle: a directory or s3://|gs:// URI (from raytumor train/tune)", required=True
+    )
+    out: str | None = opt(
+        None, "output directory for metrics.json and predictions.parquet (default: BUNDLE/evaluation)"
+    )
+    threshold: float | None = opt(None, "override the bundle's operating threshold")
+    keep_duplicates: bool = opt(
+        False, "do not exclude files that duplicate the bundle's training/validation files"
+    )
+    scores: str | None = opt(
+        None,
+        "evaluate a finished `raytumor score` output instead of predicting (volumes, --adapt/--tta runs): "
         "metrics pooled, per source and per kind (slices vs volumes)",
+        metavar="SCORE_OUTPUT",
     )
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
-    p.add_argument(
-        "--s3-endpoint", default=None, help="endpoint of an S3-compatible store (or AWS_ENDPOINT_URL)"
+    n_boot: int = opt(1000, "bootstrap resamples for the 95 percent confidence intervals")
+    s3_endpoint: str | None = opt(None)
+    seed: int = opt(0)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    return stage_parser(
+        EvaluateConfig,
+        "Metrics of a model bundle on labelled folders, buckets or manifests, pooled and per source",
+        add_help,
     )
-    p.add_argument("--seed", type=int, default=0)
-    return p
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
     """``--data`` (repeatable) and ``--source-pattern``, shared by ``raytumor evaluate`` and ``report``."""
-    p.add_argument(
-        "--data",
-        required=True,
-        action="append",
-        help="labelled tree ROOT/<class>/<files>, s3://..., or CSV/Parquet manifest (path,label[,patient_id,"
-        "source]); repeat to evaluate several sources at once. Labels map onto the bundle's classes by name; "
-        "no-tumour names (no_tumor, normal, ...) map to its no-tumour class",
-    )
-    p.add_argument(
-        "--source-pattern",
-        default=None,
-        metavar="REGEX",
-        help="source key of a row: first group (else the whole match) of REGEX in the manifest's source value "
-        "(or the --data argument). Default: the source value up to ' via ', else the --data argument",
-    )
+    add_options(p, SourceOptions)
 
 
 def _data_list(data: str | Sequence[str]) -> list[str]:
@@ -521,18 +249,15 @@ def evaluate_source(
     """Metrics of ``bundle_dir`` on one or more labelled sources: pooled (``metrics``) and per source key
     (``by_source``), both with 95% bootstrap CIs; writes metrics.json and predictions.parquet (with a
     ``source`` column) to ``out_dir``. A single-class source (a folder of healthy scans) is fine."""
-    from raytumor import split
-    from raytumor.bundle import FINGERPRINTS_FILE, read_meta
-    from raytumor.ingest import StorageOptions, build_catalogue
-
     t0 = time.time()
     datas = _data_list(data)
     rx = compile_source_pattern(source_pattern)  # a bad pattern fails before any decoding
+    storage = StorageOptions.from_env(s3_endpoint)
+    bundle_uri, bundle_dir = str(bundle_dir), fetch_bundle(bundle_dir, storage)  # one local copy per node
     meta = read_meta(bundle_dir)
     classes = list(meta.classes)
-    storage = StorageOptions.from_env(s3_endpoint)
     cat = build_catalogue(
-        datas[0] if len(datas) == 1 else datas,
+        datas,
         storage,
         classes,
         label_map=lambda names: map_labels(names, classes, meta.negative_class),
@@ -552,10 +277,13 @@ def evaluate_source(
     if exclude_duplicates and fp_file.is_file():
         excluded = split.match_reference(table, pd.read_parquet(fp_file))
     used = table[~excluded].reset_index(drop=True)
+    # Duplicate groups among the evaluated files: the bootstrap resamples them whole, as it does for the
+    # bundle's test split (a near-copy is no independent evidence).
+    used["group"] = split.find_duplicate_groups(used)
     # Only path/label/row travel through Ray Data; source and patient_id are joined back by row. A text
     # column with nulls (folder rows have no patient_id) came back from Ray 2.60 in a pandas block that
     # pandas 3.1 cannot row-index (IndexError on df[mask]).
-    carry = [c for c in ("source", "patient_id") if c in used.columns]
+    carry = [c for c in ("source", "patient_id", "group") if c in used.columns]
     preds = predict_files(
         bundle_dir, used[["path", "label"]].assign(_row=np.arange(len(used))), storage=storage
     )
@@ -567,7 +295,7 @@ def evaluate_source(
     metrics = metrics_with_ci(preds, classes, meta.negative_class, thr, n_boot, seed)
     by_source = per_source_metrics(preds, classes, meta.negative_class, thr, n_boot, seed)
     result = {
-        "bundle": str(bundle_dir),
+        "bundle": bundle_uri,
         "bundle_id": meta.bundle_id,
         "data": data if isinstance(data, str) else datas,
         "source_pattern": rx.pattern if rx is not None else None,
@@ -621,45 +349,11 @@ def score_rows_as_predictions(
     return df
 
 
-def evaluate_scores(
-    bundle_dir: str | os.PathLike,
-    data: str | Sequence[str],
-    scores_dir: str,
-    out_dir: str | os.PathLike | None = None,
-    threshold: float | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    s3_endpoint: str | None = None,
-    source_pattern: str | None = None,
-) -> dict[str, Any]:
-    """Metrics of a finished ``raytumor score`` output against the labels of ``data``: no model is run.
-
-    This is how volumes (NIfTI, multi-frame DICOM: one volume-level row each) and test-time adaptation
-    (AdaBN, flip TTA: the rows record which) are evaluated. Every labelled file must have a score row
-    (matched by path); score rows of other files are ignored. Adds ``by_kind``: metrics of the image rows
-    (slice false-positive rate) and of the volume rows (volume false-positive rate) apart. Duplicates of the
-    training data are not excluded here (volumes have no fingerprint): score a de-duplicated archive."""
-    from raytumor.bundle import read_meta
-    from raytumor.ingest import StorageOptions, list_labelled
-    from raytumor.score import read_scores
-
-    t0 = time.time()
-    datas = _data_list(data)
-    rx = compile_source_pattern(source_pattern)
-    meta = read_meta(bundle_dir)
-    classes = list(meta.classes)
-    storage = StorageOptions.from_env(s3_endpoint)
-    listing = list_labelled(datas[0] if len(datas) == 1 else datas, storage)
-    table = listing.files.copy()
-    # map_labels names every listed label (or raises on one it cannot map)
-    table["class_name"] = table["class_name"].map(
-        map_labels(table["class_name"].unique(), classes, meta.negative_class)
-    )
-    table["label"] = table["class_name"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
-    if rx is not None:
-        table["source"] = pattern_source_keys(table, datas, rx, storage)
-    table["source"] = table["source"].astype(str)
-    scores = read_scores(scores_dir, storage)
+def _join_score_rows(
+    table: pd.DataFrame, scores: pd.DataFrame, scores_dir: str, meta: Any, bundle_dir: Any
+) -> tuple[pd.DataFrame, int]:
+    """Labelled rows joined to their score rows (by path) as prediction rows, and the number of score rows
+    of files the labels do not list. Refuses another bundle's rows, duplicate rows and unscored files."""
     if scores.empty:
         raise ValueError(f"no score rows in {scores_dir}")
     bundle_ids = sorted(set(scores["bundle_id"].dropna().astype(str)))
@@ -682,13 +376,53 @@ def evaluate_scores(
     preds = (
         table[keep + ["_key"]].merge(rows, on="_key", how="left", validate="one_to_one").drop(columns="_key")
     )
-    preds = score_rows_as_predictions(preds, classes, meta.negative_class).sort_values(
+    preds = score_rows_as_predictions(preds, meta.classes, meta.negative_class).sort_values(
         "path", ignore_index=True
     )
+    return preds, int((~scores["_key"].isin(table["_key"])).sum())
+
+
+def evaluate_scores(
+    bundle_dir: str | os.PathLike,
+    data: str | Sequence[str],
+    scores_dir: str,
+    out_dir: str | os.PathLike | None = None,
+    threshold: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    s3_endpoint: str | None = None,
+    source_pattern: str | None = None,
+) -> dict[str, Any]:
+    """Metrics of a finished ``raytumor score`` output against the labels of ``data``: no model is run.
+
+    This is how volumes (NIfTI, multi-frame DICOM: one volume-level row each) and test-time adaptation
+    (AdaBN, flip TTA: the rows record which) are evaluated. Every labelled file must have a score row
+    (matched by path); score rows of other files are ignored. Adds ``by_kind``: metrics of the image rows
+    (slice false-positive rate) and of the volume rows (volume false-positive rate) apart. Duplicates of the
+    training data are not excluded here (volumes have no fingerprint): score a de-duplicated archive."""
+    t0 = time.time()
+    datas = _data_list(data)
+    rx = compile_source_pattern(source_pattern)
+    storage = StorageOptions.from_env(s3_endpoint)
+    bundle_uri, bundle_dir = str(bundle_dir), fetch_bundle(bundle_dir, storage)
+    meta = read_meta(bundle_dir)
+    classes = list(meta.classes)
+    listing = list_labelled(datas, storage)
+    table = listing.files.copy()
+    # map_labels names every listed label (or raises on one it cannot map)
+    table["class_name"] = table["class_name"].map(
+        map_labels(table["class_name"].unique(), classes, meta.negative_class)
+    )
+    table["label"] = table["class_name"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
+    if rx is not None:
+        table["source"] = pattern_source_keys(table, datas, rx, storage)
+    table["source"] = table["source"].astype(str)
+    scores = read_scores(scores_dir, storage)
+    preds, ignored = _join_score_rows(table, scores, scores_dir, meta, bundle_uri)
     thr = meta.threshold if threshold is None else threshold
     kinds = preds["kind"].fillna("error").astype(str) if "kind" in preds.columns else None
     result = {
-        "bundle": str(bundle_dir),
+        "bundle": bundle_uri,
         "bundle_id": meta.bundle_id,
         "data": data if isinstance(data, str) else datas,
         "scores": scores_dir,
@@ -703,7 +437,7 @@ def evaluate_scores(
         },
         "files": {
             **listing.summary(),
-            "scored_rows_ignored": int((~scores["_key"].isin(table["_key"])).sum()),
+            "scored_rows_ignored": ignored,
             "score_errors": int(preds["error"].notna().sum()) if "error" in preds.columns else 0,
             "evaluated": int(len(preds)),
         },
@@ -751,41 +485,14 @@ def format_source_lines(by_source: dict[str, dict[str, Any]], what: str = "sourc
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    from raytumor.runtime import init_ray
-
-    data = args.data[0] if len(args.data) == 1 else args.data  # one source: a string, as before
-    compile_source_pattern(args.source_pattern)  # fail on a bad pattern before starting Ray
-    out = args.out or os.path.join(str(args.bundle), "evaluation")
-    if args.scores:
-        res = evaluate_scores(
-            args.bundle, data, args.scores, out, threshold=args.threshold, n_boot=args.n_boot, seed=args.seed,
-            s3_endpoint=args.s3_endpoint, source_pattern=args.source_pattern,
-        )  # fmt: skip
-        f = res["files"]
+def _print_files(res: dict[str, Any]) -> None:
+    f = res["files"]
+    if "scores" in res:
         print(
             f"files listed {f['files_listed']}, evaluated {f['evaluated']} ({f['score_errors']} error rows), "
             f"score rows of unlisted files ignored {f['scored_rows_ignored']}; adaptation {res['adaptation']}"
         )
-        print(format_table(res["metrics"], res["by_source"]))
-        if res["by_kind"]:
-            print("\nper kind (image = one slice per file, volume = volume rule):")
-            print(format_source_lines(res["by_kind"], what="kind"))
-        print(f"metrics written to {os.path.join(out, 'metrics.json')}")
-        return res
-    init_ray()
-    res = evaluate_source(
-        args.bundle,
-        data,
-        out,
-        threshold=args.threshold,
-        exclude_duplicates=not args.keep_duplicates,
-        n_boot=args.n_boot,
-        seed=args.seed,
-        s3_endpoint=args.s3_endpoint,
-        source_pattern=args.source_pattern,
-    )
-    f = res["files"]
+        return
     print(
         f"files listed {f['files_listed']}, decoded {f['files_decoded']}, rejected {f['files_rejected']}, "
         f"excluded as duplicates of training data {f['excluded_duplicates_of_training']}, "
@@ -793,6 +500,30 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     if f.get("class_aliases"):
         print(f"labels mapped onto the bundle's classes: {f['class_aliases']}")
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """``raytumor evaluate``: a finished score output (``cfg.scores``, no model run) or the bundle's
+    predictions on ``cfg.data`` (Ray Data), into ``cfg.out`` (default: BUNDLE/evaluation, or ./evaluation
+    for a bundle in a bucket)."""
+    out = cfg.out or (os.path.join(cfg.bundle, "evaluation") if "://" not in cfg.bundle else "evaluation")
+    common = dict(threshold=cfg.threshold, n_boot=cfg.n_boot, seed=cfg.seed, s3_endpoint=cfg.s3_endpoint,
+                  source_pattern=cfg.source_pattern)  # fmt: skip
+    if cfg.scores:
+        res = evaluate_scores(cfg.bundle, cfg.data, cfg.scores, out, **common)
+    else:
+        init_ray()
+        res = evaluate_source(cfg.bundle, cfg.data, out, exclude_duplicates=not cfg.keep_duplicates, **common)
+    res["out"] = out
+    return res
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    res = evaluate(from_args(EvaluateConfig, args))
+    _print_files(res)
     print(format_table(res["metrics"], res["by_source"]))
-    print(f"metrics written to {os.path.join(out, 'metrics.json')}")
+    if res.get("by_kind"):
+        print("\nper kind (image = one slice per file, volume = volume rule):")
+        print(format_source_lines(res["by_kind"], what="kind"))
+    print(f"metrics written to {os.path.join(res['out'], 'metrics.json')}")
     return res

@@ -10,16 +10,16 @@ datasets ship PNGs named ``.jpg``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import struct
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from raytumor import medical
+from raytumor.scan import DecodedImage, DecodedScan, DecodeError, rescale_robust, sniff_format
 
 __all__ = [
     "DECODERS",
@@ -28,7 +28,6 @@ __all__ = [
     "DecodeError",
     "DecodedImage",
     "DecodedScan",
-    "content_sha256",
     "decode_image",
     "decode_scan",
     "fit_square",
@@ -37,208 +36,12 @@ __all__ = [
 ]
 
 
-class DecodeError(ValueError):
-    """Bytes that cannot be turned into an image; ``reason`` is short and machine friendly."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason
-
-
-@dataclass
-class DecodedImage:
-    """A decoded scan.
-
-    ``pixels`` is (H, W) uint8 after EXIF orientation (and JPEG draft reduction when requested).
-    ``format``/``mode``/``width``/``height`` describe the source as stored in the file, before
-    orientation and draft, which is what provenance reports need.
-    """
-
-    pixels: np.ndarray
-    format: str
-    mode: str
-    width: int
-    height: int
-
-
-@dataclass
-class DecodedScan:
-    """A decoded scan as a stack of slices (rasters and single-frame DICOM: one slice).
-
-    ``slices`` is (K, H, W) uint8, K >= 1. ``mode``: the PIL mode for rasters, e.g. 'MONOCHROME2/16'
-    (photometric interpretation / bits allocated) for DICOM, the stored dtype ('int16') for NIfTI.
-    ``width``/``height`` are those of one source slice/frame. ``kind`` is 'image' (2-D source) or
-    'volume' (3-D NIfTI, multi-frame DICOM). ``slice_index`` (K,) int64 is each kept slice's index in
-    the source (NIfTI: canonical RAS z; DICOM: frame number) and ``num_slices`` the source's count
-    before slice selection.
-    """
-
-    slices: np.ndarray
-    format: str
-    mode: str
-    width: int
-    height: int
-    kind: str
-    slice_index: np.ndarray
-    num_slices: int
-    spacing_mm: float | None = None  # distance between adjacent slices (NIfTI), None when not known
-
-
-# ----------------------------------------------------------------------------------------------------
-# Sniffing
-
-_NIFTI1_MAGICS = (b"n+1\x00", b"ni1\x00")
-_NIFTI2_MAGICS = (b"n+2\x00\r\n\x1a\n", b"ni2\x00\r\n\x1a\n")
-# NIfTI-2 headers are 540 bytes; NIfTI-1 needs 348 (magic at 344..348), 352 with the extension flag.
-_NIFTI_PEEK = 540
-
-
-def _is_nifti_header(head: bytes) -> bool:
-    if len(head) >= 348:
-        size_le, size_be = struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]
-        if 348 in (size_le, size_be) and head[344:348] in _NIFTI1_MAGICS:
-            return True
-    if len(head) >= 12:
-        size_le, size_be = struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]
-        if 540 in (size_le, size_be) and head[4:12] in _NIFTI2_MAGICS:
-            return True
-    return False
-
-
-def _gunzip_head(data: bytes, n: int) -> bytes:
-    """First ``n`` decompressed bytes of a gzip stream, feeding input in chunks (no full inflate)."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    out = b""
-    try:
-        for start in range(0, len(data), 1 << 14):
-            out += d.decompress(data[start : start + (1 << 14)], n - len(out))
-            if len(out) >= n or d.eof:
-                break
-    except zlib.error:
-        pass
-    return out[:n]
-
-
-# DICOM without the 128-byte preamble + "DICM" (raw data sets, e.g. pydicom's ExplVR_LitEndNoMeta.dcm):
-# recognised by two consecutive plausible data elements starting in group 0002 (meta) or 0008.
-_DICOM_VRS = frozenset(
-    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
-)
-_DICOM_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # 2 reserved + 4-byte length
-_DICOM_MAX_SKIP = 4  # stray leading bytes tolerated (pydicom's no_meta.dcm starts with one)
-
-
-def _dicom_element(head: bytes, pos: int, endian: str) -> tuple[int, int] | None:
-    """(tag, position of the next element) of a plausible defined-length element at ``pos``."""
-    if pos + 8 > len(head):
-        return None
-    group, elem = struct.unpack_from(endian + "HH", head, pos)
-    vr = head[pos + 4 : pos + 6]
-    if vr in _DICOM_VRS:
-        if vr in _DICOM_LONG_VRS:
-            if head[pos + 6 : pos + 8] != b"\x00\x00" or pos + 12 > len(head):
-                return None
-            length, hdr = struct.unpack_from(endian + "I", head, pos + 8)[0], 12
-        else:
-            length, hdr = struct.unpack_from(endian + "H", head, pos + 6)[0], 8
-    elif endian == "<":  # implicit VR exists in little endian only
-        length, hdr = struct.unpack_from("<I", head, pos + 4)[0], 8
-    else:
-        return None
-    if length == 0xFFFFFFFF or length % 2:  # undefined or odd lengths: too weak / invalid to chain on
-        return None
-    return (group << 16) | elem, pos + hdr + length
-
-
-def _dicom_start(data: bytes) -> int:
-    """Offset where pydicom should start reading: 0 with a preamble, else after any stray bytes.
-
-    Returns -1 when the bytes do not look like DICOM.
-    """
-    head = bytes(data[:_NIFTI_PEEK])
-    if head[128:132] == b"DICM":
-        return 0
-    for skip in range(_DICOM_MAX_SKIP):
-        for endian in "<>":
-            first = _dicom_element(head, skip, endian)
-            if first is None or first[0] >> 16 not in (0x0002, 0x0008):
-                continue
-            second = _dicom_element(head, first[1], endian)
-            # Tags ascend; the second element is still in the meta/identifying groups.
-            if second is not None and first[0] < second[0] and (second[0] >> 16) in (0x0002, 0x0008):
-                return skip
-    return -1
-
-
-def sniff_format(data: bytes) -> str:
-    """Detect the real format from magic bytes.
-
-    Returns one of 'jpeg', 'png', 'bmp', 'tiff', 'gif', 'webp', 'dicom', 'nifti', 'gzip', 'zip',
-    'pdf', 'unknown'. Gzip streams whose payload starts with a NIfTI header (``.nii.gz``) are 'nifti'.
-    """
-    head = bytes(data[:_NIFTI_PEEK])
-    # DICOM first: its 128-byte preamble is free-form and may itself look like e.g. a TIFF header.
-    if head[128:132] == b"DICM":
-        return "dicom"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    # "BM" alone is weak: also require a known DIB header size (when enough bytes are there to check).
-    if head.startswith(b"BM") and (
-        len(head) < 18 or struct.unpack("<I", head[14:18])[0] in (12, 16, 40, 52, 56, 64, 108, 124)
-    ):
-        return "bmp"
-    if head.startswith(b"%PDF-"):
-        return "pdf"
-    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08"):
-        return "zip"
-    if head.startswith(b"\x1f\x8b"):
-        return "nifti" if _is_nifti_header(_gunzip_head(data, _NIFTI_PEEK)) else "gzip"
-    if _is_nifti_header(head):
-        return "nifti"
-    if _dicom_start(head) >= 0:  # no-preamble DICOM last: a heuristic, never overrides a real magic
-        return "dicom"
-    return "unknown"
-
-
 # ----------------------------------------------------------------------------------------------------
 # Pixel conversion
 
 _LUMA_MODES = {"RGB", "RGBX", "CMYK", "YCbCr", "HSV", "LAB"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I", "F", "I;32", "I;32B", "I;32L"}
-
-
-def _rescale_robust(arr: np.ndarray) -> np.ndarray:
-    """Map a high-bit-depth array to uint8 via the 0.5th-99.5th percentiles (clipped).
-
-    Scanner exports rarely use the full 16-bit range, so a fixed /256 would leave them near black; a
-    percentile window is robust to a few hot pixels. Constant images become zeros.
-    """
-    a = arr.astype(np.float32, copy=False)
-    finite = np.isfinite(a)
-    if not finite.all():
-        a = np.where(finite, a, np.nan)
-    if not finite.any():
-        return np.zeros(a.shape, dtype=np.uint8)
-    lo, hi = np.nanpercentile(a, [0.5, 99.5])
-    if not hi > lo:  # mostly constant with rare outliers: fall back to the full range
-        lo, hi = np.nanmin(a), np.nanmax(a)
-    if not hi > lo:
-        return np.zeros(a.shape, dtype=np.uint8)
-    scaled = (a - lo) * (255.0 / (hi - lo))
-    scaled = np.nan_to_num(scaled, nan=0.0)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def _over_black(img: Image.Image) -> Image.Image:
@@ -261,7 +64,7 @@ def to_gray_uint8(img: Image.Image) -> np.ndarray:
 
     L as is; RGB/CMYK/YCbCr/... -> ITU-R 601 luminance (Pillow's ``convert('L')``); modes with alpha
     and palettes with transparency are composited over black first; '1' -> 0/255; 16/32-bit integer
-    and float modes -> robust percentile rescale (see :func:`_rescale_robust`).
+    and float modes -> robust percentile rescale (see :func:`raytumor.scan.rescale_robust`).
     """
     img = _exif_transpose(img)
     mode = img.mode
@@ -270,7 +73,7 @@ def to_gray_uint8(img: Image.Image) -> np.ndarray:
     elif mode == "1":
         out = np.array(img.convert("L"), dtype=np.uint8)
     elif mode in _HIGH_DEPTH_MODES:
-        out = _rescale_robust(np.asarray(img))
+        out = rescale_robust(np.asarray(img))
     elif mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
         out = np.array(_over_black(img).convert("L"), dtype=np.uint8)
     elif mode == "P":
@@ -390,9 +193,7 @@ def _decode_medical(
     min_foreground: float = 0.05,
     require_2d: bool = False,
 ) -> DecodedScan:
-    # Lazy: pydicom/nibabel are heavy and most Ray tasks that import formats only see rasters.
-    from raytumor import medical
-
+    # medical imports pydicom/nibabel lazily: most Ray tasks that import formats only see rasters.
     if fmt == "dicom":
         return medical.decode_dicom(data, max_pixels=max_pixels, max_voxels=max_voxels, require_2d=require_2d)
     return medical.decode_nifti(
@@ -474,8 +275,3 @@ def decode_scan(
         slice_index=np.zeros(1, dtype=np.int64),
         num_slices=1,
     )
-
-
-def content_sha256(data: bytes) -> str:
-    """Hex SHA-256 of the raw bytes (exact-duplicate detection and provenance)."""
-    return hashlib.sha256(data).hexdigest()

@@ -8,6 +8,7 @@ Ray Data tasks. Every listed file ends up in exactly one of: used, rejected (wit
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import re
@@ -15,11 +16,14 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
+
+from raytumor import formats, split
+from raytumor.preprocess import PreprocessConfig, model_inputs
+from raytumor.storage import StorageOptions, get_filesystem, is_manifest, read_bytes, read_manifest, to_uri
 
 # Folder names that mean "no tumour"; compared after lower-casing and dropping non-alphanumerics.
 NEGATIVE_NAMES = frozenset(
@@ -37,76 +41,8 @@ NEGATIVE_NAMES = frozenset(
         "false",
     }
 )
-MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 # Files next to the data that are documentation, not scans; skipped (and counted) when listing a tree.
 DOC_SUFFIXES = (".md", ".txt", ".csv", ".json", ".yaml", ".yml", ".parquet", ".html", ".pdf")
-
-
-@dataclass(frozen=True)
-class StorageOptions:
-    """How to reach object storage. Picklable, so Ray tasks rebuild the filesystem themselves."""
-
-    endpoint_override: str | None = None  # e.g. http://127.0.0.1:9000 for an S3-compatible store
-    region: str | None = None
-    anonymous: bool = False
-
-    @classmethod
-    def from_env(cls, endpoint: str | None = None) -> StorageOptions:
-        endpoint = endpoint or os.environ.get("RAYTUMOR_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-        return cls(endpoint_override=endpoint, region=os.environ.get("AWS_REGION"))
-
-
-_FS_CACHE: dict[tuple, pafs.FileSystem] = {}
-
-
-def get_filesystem(uri: str, storage: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
-    """Return (filesystem, path-within-filesystem) for a local path, ``s3://`` or ``gs://`` URI."""
-    storage = storage or StorageOptions.from_env()
-    parsed = urlparse(uri)
-    scheme = parsed.scheme.lower()
-    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
-        path = parsed.path if scheme == "file" else uri
-        key: tuple = ("local",)
-        if key not in _FS_CACHE:
-            _FS_CACHE[key] = pafs.LocalFileSystem()
-        return _FS_CACHE[key], os.path.abspath(os.path.expanduser(path))
-    path = (parsed.netloc + parsed.path).rstrip("/")
-    key = (scheme, storage)
-    if key not in _FS_CACHE:
-        if scheme in ("s3", "s3a"):
-            kwargs: dict[str, Any] = {"anonymous": storage.anonymous}
-            if storage.region:
-                kwargs["region"] = storage.region
-            if storage.endpoint_override:
-                ep = urlparse(storage.endpoint_override)
-                if ep.scheme in ("http", "https"):
-                    kwargs.update(endpoint_override=ep.netloc, scheme=ep.scheme)
-                else:
-                    kwargs["endpoint_override"] = storage.endpoint_override
-                kwargs.setdefault("region", "us-east-1")
-            _FS_CACHE[key] = pafs.S3FileSystem(**kwargs)
-        elif scheme in ("gs", "gcs"):
-            _FS_CACHE[key] = pafs.GcsFileSystem(anonymous=storage.anonymous)
-        else:
-            raise ValueError(
-                f"unsupported URI scheme {scheme!r} in {uri!r}: use a local path, s3:// or gs://"
-            )
-    return _FS_CACHE[key], path
-
-
-def to_uri(scheme_of: str, path: str) -> str:
-    """Rebuild a user-facing URI for ``path`` on the same filesystem as ``scheme_of``."""
-    scheme = urlparse(scheme_of).scheme.lower()
-    return f"{scheme}://{path}" if scheme and scheme != "file" else path
-
-
-def read_bytes(uri: str, storage: StorageOptions | None = None) -> bytes:
-    """The file's bytes as stored. ``compression=None``: pyarrow would otherwise inflate ``*.gz`` (a
-    ``.nii.gz``) by its name, unbounded and before the decoders' size-limited gunzip, and report a truncated
-    download as an unreadable file rather than a truncated scan."""
-    fs, path = get_filesystem(uri, storage)
-    with fs.open_input_stream(path, compression=None) as f:
-        return f.read()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,7 +132,7 @@ def list_labelled(source: str | Sequence[str], storage: StorageOptions | None = 
         if len(sources) > 1:
             return _list_many(sources, storage)
         source = sources[0]
-    if source.lower().endswith(MANIFEST_SUFFIXES):
+    if is_manifest(source):
         return _list_manifest(source, storage)
     fs, root = get_filesystem(source, storage)
     info = fs.get_file_info(root)
@@ -270,22 +206,8 @@ def source_key(value: Any, default: str) -> str:
 
 
 def _list_manifest(source: str, storage: StorageOptions | None) -> Listing:
-    fs, path = get_filesystem(source, storage)
-    with fs.open_input_file(path) as f:
-        df = pd.read_parquet(f) if not source.lower().endswith(".csv") else pd.read_csv(f, dtype=str)
-    if "path" not in df.columns or "label" not in df.columns:
-        raise ValueError(f"manifest {source} needs columns path,label (has {list(df.columns)})")
-    base = source.rsplit("/", 1)[0] if "/" in source else "."
-
-    def resolve(p: str) -> str:
-        # Absolute paths and URIs stand as they are; relative ones are relative to the manifest, made
-        # absolute like a folder listing's (a manifest written elsewhere, e.g. a run's test split, must
-        # not re-resolve them against its own folder).
-        if p.startswith("/") or len(urlparse(p).scheme) > 1:
-            return p
-        return f"{base}/{p}" if "://" in base else os.path.abspath(os.path.join(base, p))
-
-    out = pd.DataFrame({"path": df["path"].astype(str).map(resolve), "class_name": df["label"].astype(str)})
+    df = read_manifest(source, storage, required=("path", "label"))
+    out = pd.DataFrame({"path": df["path"], "class_name": df["label"].astype(str)})
     raw = df["source"] if "source" in df.columns else pd.Series(None, index=df.index, dtype=object)
     out["source"] = [source_key(v, source) for v in raw]
     if "patient_id" in df.columns:
@@ -298,15 +220,6 @@ def _list_manifest(source: str, storage: StorageOptions | None) -> Listing:
 
 # ----------------------------------------------------------------------------------------------------------
 # Decoding inside Ray Data tasks
-
-
-def has_error(value: Any) -> bool:
-    """True if an ``error`` cell holds a reason. Ray Data turns an all-null column into NaN floats."""
-    return isinstance(value, str) and value != ""
-
-
-def ok_mask(errors: Any) -> np.ndarray:
-    return np.array([not has_error(e) for e in errors], dtype=bool)
 
 
 def decode_batch(
@@ -323,9 +236,6 @@ def decode_batch(
     so the tensor column keeps one shape), after the bundle's ``preprocess`` steps (head crop, intensity
     standardisation); with ``fingerprints`` the dHash/thumbnail (of the unprocessed image) for grouping.
     """
-    from raytumor import formats, split
-    from raytumor.preprocess import PreprocessConfig, to_model_input
-
     prep = PreprocessConfig.from_dict(preprocess) if preprocess else None
 
     paths = [str(p) for p in batch["path"]]
@@ -350,7 +260,12 @@ def decode_batch(
             continue
         sha[i] = hashlib.sha256(data).hexdigest()
         try:
-            dec = formats.decode_image(data, draft_size=image_size)
+            if images is not None:
+                stack, dec = model_inputs(data, image_size, prep)
+                images[i], pixels = stack[0], dec.slices[0]
+            else:  # catalogue: fingerprints of the full-resolution image
+                dec = formats.decode_image(data)
+                pixels = dec.pixels
         except formats.DecodeError as e:
             err[i] = e.reason
             fmt[i] = formats.sniff_format(data)
@@ -360,11 +275,9 @@ def decode_batch(
             continue
         fmt[i], mode[i], width[i], height[i] = dec.format, dec.mode, dec.width, dec.height
         if fingerprints:
-            fp = split.fingerprint(dec.pixels)
+            fp = split.fingerprint(pixels)
             dhash[i], thumb[i] = fp["dhash"], fp["thumb"]
             dhash_crop[i], thumb_crop[i] = fp["dhash_crop"], fp["thumb_crop"]
-        if images is not None:
-            images[i] = to_model_input(dec.pixels, image_size, prep)
     out.update(sha256=sha, error=err, format=fmt, mode=mode, width=width, height=height)
     if fingerprints:
         out.update(dhash=dhash, thumb=thumb, dhash_crop=dhash_crop, thumb_crop=thumb_crop)
@@ -486,7 +399,6 @@ def build_catalogue(
 
 def summary_to_json(summary: dict) -> dict:
     """Make a summary JSON-safe (numpy scalars to Python)."""
-    import json
 
     return json.loads(json.dumps(summary, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
@@ -494,15 +406,12 @@ def summary_to_json(summary: dict) -> dict:
 __all__ = [
     "Catalogue",
     "Listing",
-    "StorageOptions",
     "build_catalogue",
     "class_layout",
     "decode_batch",
     "decode_dataset",
-    "get_filesystem",
     "is_negative_name",
     "list_labelled",
-    "read_bytes",
     "source_key",
     "summary_to_json",
 ]

@@ -1,6 +1,6 @@
 """DICOM and NIfTI decoding from in-memory bytes into stacks of uint8 slices.
 
-Imported lazily by :mod:`raytumor.formats` (pydicom/nibabel are heavy and most Ray tasks only see
+Used by :mod:`raytumor.formats`; pydicom/nibabel are imported inside the decoders (heavy, and most Ray tasks only see
 rasters). Everything works on bytes: no temp files. Outputs never carry DICOM tags (PHI): only
 pixels plus a photometric/bit-depth mode string, and error reasons never quote tag values.
 """
@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from raytumor.formats import DecodedScan, DecodeError, _dicom_start, _rescale_robust
+from raytumor.scan import DecodedScan, DecodeError, dicom_start, rescale_robust
 
 __all__ = ["decode_dicom", "decode_nifti"]
 
@@ -70,20 +70,14 @@ def _has_voi(ds) -> bool:
     return ("WindowCenter" in ds and "WindowWidth" in ds) or bool(ds.get("VOILUTSequence"))
 
 
-def decode_dicom(data: bytes, *, max_pixels: int, max_voxels: int, require_2d: bool = False) -> DecodedScan:
-    """Decode DICOM bytes (with or without preamble/meta) to a (frames, H, W) uint8 stack.
-
-    Monochrome: modality LUT, then the file's VOI LUT/window (else a 0.5-99.5 % window over all
-    frames), MONOCHROME1 inverted. Colour (RGB/YBR/palette): luminance. One window per file so frames
-    of a volume stay comparable.
-    """
+def _read_dicom(data: bytes):
+    """The parsed data set (pixels not yet decoded) with a transfer syntax, or a DecodeError."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data[max(0, _dicom_start(data)) :]), force=True)
+        ds = pydicom.dcmread(io.BytesIO(data[max(0, dicom_start(data)) :]), force=True)
         has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
     except EOFError as e:
         raise DecodeError("truncated DICOM") from e
@@ -93,7 +87,6 @@ def decode_dicom(data: bytes, *, max_pixels: int, max_voxels: int, require_2d: b
         raise DecodeError(f"corrupt DICOM: {type(e).__name__}") from e
     if not has_pixels:
         raise DecodeError("DICOM without pixel data")
-
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
         # No meta header (raw data set): pixel decoding needs a syntax, take the one the parser found.
@@ -103,7 +96,14 @@ def decode_dicom(data: bytes, *, max_pixels: int, max_voxels: int, require_2d: b
             ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
         )
         ds.file_meta = meta
-    ts = meta.TransferSyntaxUID
+    return ds
+
+
+def _dicom_geometry(
+    ds, max_pixels: int, max_voxels: int, require_2d: bool
+) -> tuple[int, int, int, int, str, int]:
+    """(rows, cols, frames, samples, photometric, bits) from the header, with the size (bomb) guards
+    applied before any pixel buffer exists."""
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames") or 1)
@@ -114,16 +114,18 @@ def decode_dicom(data: bytes, *, max_pixels: int, max_voxels: int, require_2d: b
         raise DecodeError("corrupt DICOM: bad image pixel module") from e
     if rows < 1 or cols < 1 or frames < 1 or samples not in (1, 3):
         raise DecodeError(f"corrupt DICOM: invalid size {cols}x{rows}x{frames}x{samples}")
-    # Bomb guards from the header, before any pixel buffer exists.
     if rows * cols > max_pixels:
         raise DecodeError(f"decompression bomb: {rows * cols} pixels > limit {max_pixels}")
     if rows * cols * frames > max_voxels:
         raise DecodeError(f"decompression bomb: {rows * cols * frames} voxels > limit {max_voxels}")
     if require_2d and frames > 1:
         raise DecodeError(f"3-D volume (dicom, {frames} frames): not a 2-D image")
+    return rows, cols, frames, samples, pi, bits
 
+
+def _dicom_pixels(ds) -> np.ndarray:
     try:
-        arr = ds.pixel_array  # YBR is converted to RGB by pydicom (as_rgb default)
+        return ds.pixel_array  # YBR is converted to RGB by pydicom (as_rgb default)
     except MemoryError:
         raise
     except ValueError as e:
@@ -131,41 +133,54 @@ def decode_dicom(data: bytes, *, max_pixels: int, max_voxels: int, require_2d: b
             raise DecodeError("truncated DICOM") from e
         raise DecodeError(f"corrupt DICOM: {type(e).__name__}") from e
     except (RuntimeError, NotImplementedError) as e:  # no plugin, or every plugin failed
-        raise _dicom_ts_error(ts) from e
+        raise _dicom_ts_error(ds.file_meta.TransferSyntaxUID) from e
     except Exception as e:
         raise DecodeError(f"corrupt DICOM: {type(e).__name__}") from e
 
+
+def _dicom_uint8(ds, arr: np.ndarray, pi: str, samples: int) -> np.ndarray:
+    """Monochrome: modality LUT, then the file's VOI LUT/window (else the robust window), MONOCHROME1
+    inverted; colour: luminance."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    if pi == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        # LUT entries are 8 or 16 bit; scale by the full entry range, not the content.
+        return _scale_range(_luma(rgb), 0, 255 if rgb.dtype.itemsize == 1 else 65535)
+    if samples == 3:
+        lum = _luma(arr)
+        return _scale_range(lum, 0, 255) if arr.dtype.itemsize == 1 else rescale_robust(lum)
+    arr = apply_modality_lut(arr, ds)  # RescaleSlope/Intercept or Modality LUT Sequence
+    u8 = None
+    if _has_voi(ds):
+        try:
+            lo, hi = _voi_range(ds)
+            u8 = _scale_range(apply_voi_lut(arr, ds, index=0), lo, hi)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            u8 = None  # invalid window (e.g. width < 1): fall back to the robust window
+    if u8 is None:
+        u8 = rescale_robust(arr)
+    return 255 - u8 if pi == "MONOCHROME1" else u8  # MONOCHROME1: low values are white
+
+
+def decode_dicom(data: bytes, *, max_pixels: int, max_voxels: int, require_2d: bool = False) -> DecodedScan:
+    """Decode DICOM bytes (with or without preamble/meta) to a (frames, H, W) uint8 stack.
+
+    Monochrome: modality LUT, then the file's VOI LUT/window (else a 0.5-99.5 % window over all
+    frames), MONOCHROME1 inverted. Colour (RGB/YBR/palette): luminance. One window per file so frames
+    of a volume stay comparable.
+    """
+    ds = _read_dicom(data)
+    rows, cols, frames, samples, pi, bits = _dicom_geometry(ds, max_pixels, max_voxels, require_2d)
+    arr = _dicom_pixels(ds)
     try:
-        if pi == "PALETTE COLOR":
-            rgb = apply_color_lut(arr, ds)
-            # LUT entries are 8 or 16 bit; scale by the full entry range, not the content.
-            u8 = _scale_range(_luma(rgb), 0, 255 if rgb.dtype.itemsize == 1 else 65535)
-        elif samples == 3:
-            lum = _luma(arr)
-            u8 = _scale_range(lum, 0, 255) if arr.dtype.itemsize == 1 else _rescale_robust(lum)
-        else:
-            arr = apply_modality_lut(arr, ds)  # RescaleSlope/Intercept or Modality LUT Sequence
-            u8 = None
-            if _has_voi(ds):
-                try:
-                    lo, hi = _voi_range(ds)
-                    u8 = _scale_range(apply_voi_lut(arr, ds, index=0), lo, hi)
-                except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-                    u8 = None  # invalid window (e.g. width < 1): fall back to the robust window
-            if u8 is None:
-                u8 = _rescale_robust(arr)
-            if pi == "MONOCHROME1":  # low values are white
-                u8 = 255 - u8
-    except MemoryError:
-        raise
-    except DecodeError:
+        u8 = _dicom_uint8(ds, arr, pi, samples)
+    except (MemoryError, DecodeError):
         raise
     except Exception as e:
         raise DecodeError(f"corrupt DICOM: {type(e).__name__} in pixel transform") from e
-
-    slices = np.ascontiguousarray(u8.reshape(frames, rows, cols))
     return DecodedScan(
-        slices=slices,
+        slices=np.ascontiguousarray(u8.reshape(frames, rows, cols)),
         format="dicom",
         mode=f"{pi}/{bits}",
         width=cols,
@@ -210,23 +225,10 @@ def _volume_window(vol: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def decode_nifti(
-    data: bytes,
-    *,
-    max_pixels: int,
-    max_voxels: int,
-    min_foreground: float = 0.05,
-    require_2d: bool = False,
-) -> DecodedScan:
-    """Decode .nii / .nii.gz (NIfTI-1 or -2) bytes to RAS-canonical axial uint8 slices, anterior up.
-
-    One intensity window for the whole volume; slices whose head foreground covers less than
-    ``min_foreground`` of the slice are dropped (at least the middle slice is kept) and
-    ``slice_index`` records the canonical z of each kept slice.
-    """
+def _nifti_header(data: bytes, gz: bool):
+    """(header, image class, header size) from the first bytes, without inflating the payload."""
     import nibabel as nib
 
-    gz = data[:2] == _GZIP
     head = _gunzip_limited(data, 540)[0] if gz else bytes(data[:540])
     if len(head) < 348:
         raise DecodeError("truncated NIfTI header")
@@ -237,16 +239,18 @@ def decode_nifti(
         raise DecodeError("truncated NIfTI header")
     try:
         hdr = hdr_cls(binaryblock=head[:size], check=False)  # endianness guessed from sizeof_hdr
-        shape = [int(s) for s in hdr.get_data_shape()]
-        itemsize = hdr.get_data_dtype().itemsize
-        dtype_name = hdr.get_data_dtype().newbyteorder("=").name
-        vox_offset = int(hdr["vox_offset"])
-        magic = bytes(hdr["magic"])
+        hdr.get_data_shape(), hdr.get_data_dtype(), int(hdr["vox_offset"])  # noqa: B018 - parse or fail here
     except MemoryError:
         raise
     except Exception as e:
         raise DecodeError(f"corrupt NIfTI header: {type(e).__name__}") from e
-    if magic.startswith((b"ni1", b"ni2")):
+    return hdr, img_cls, size
+
+
+def _nifti_shape(hdr, max_pixels: int, max_voxels: int, require_2d: bool) -> list[int]:
+    """The 3-D shape the header declares, with the size (bomb) guards applied before reading voxels."""
+    shape = [int(s) for s in hdr.get_data_shape()]
+    if bytes(hdr["magic"]).startswith((b"ni1", b"ni2")):
         raise DecodeError("NIfTI .hdr/.img pair: single-file .nii needed")
     if not shape or min(shape) < 1:
         raise DecodeError(f"corrupt NIfTI header: shape {tuple(shape)}")
@@ -263,16 +267,13 @@ def decode_nifti(
         raise DecodeError(f"decompression bomb: {two[0] * two[1]} pixels > limit {max_pixels}")
     if require_2d and sum(s > 1 for s in shape) > 2:
         raise DecodeError(f"3-D volume (nifti, {'x'.join(map(str, shape))}): not a 2-D image")
+    return shape
 
-    nbytes = nvox * itemsize
-    need = max(vox_offset, size + 4) + nbytes
-    if gz:
-        # The header bounded the payload: never inflate more than it declared (gzip bombs).
-        raw, _ = _gunzip_limited(data, need + _EXT_SLACK)
-    else:
-        raw = bytes(data)
-    if len(raw) < need:
-        raise DecodeError("truncated NIfTI")
+
+def _nifti_canonical(raw: bytes, img_cls, shape: list[int], nbytes: int) -> tuple[np.ndarray, float | None]:
+    """The volume in RAS+ voxel order (axis 2 inferior -> superior) and its slice spacing."""
+    import nibabel as nib
+
     try:
         img = img_cls.from_bytes(raw)
         if len(raw) < img.dataobj.offset + nbytes:
@@ -285,19 +286,42 @@ def decode_nifti(
         raise DecodeError(f"corrupt NIfTI: {type(e).__name__}") from e
     if affine is None or not np.isfinite(affine).all():
         raise DecodeError("corrupt NIfTI: non-finite affine")
-
     try:
-        # RAS+ voxel order (flips/transposes only): axis 2 is inferior->superior.
-        can = nib.as_closest_canonical(img_cls(vol, affine))
-        vol = np.asanyarray(can.dataobj)
-        spacing = float(abs(can.header.get_zooms()[2])) if len(can.header.get_zooms()) > 2 else None
+        can = nib.as_closest_canonical(img_cls(vol, affine))  # flips/transposes only
+        zooms = can.header.get_zooms()
+        return np.asanyarray(can.dataobj), (float(abs(zooms[2])) if len(zooms) > 2 else None)
     except Exception as e:
         raise DecodeError(f"corrupt NIfTI: orientation {type(e).__name__}") from e
+
+
+def decode_nifti(
+    data: bytes,
+    *,
+    max_pixels: int,
+    max_voxels: int,
+    min_foreground: float = 0.05,
+    require_2d: bool = False,
+) -> DecodedScan:
+    """Decode .nii / .nii.gz (NIfTI-1 or -2) bytes to RAS-canonical axial uint8 slices, anterior up.
+
+    One intensity window for the whole volume; slices whose head foreground covers less than
+    ``min_foreground`` of the slice are dropped (at least the middle slice is kept) and
+    ``slice_index`` records the canonical z of each kept slice.
+    """
+    gz = data[:2] == _GZIP
+    hdr, img_cls, size = _nifti_header(data, gz)
+    shape = _nifti_shape(hdr, max_pixels, max_voxels, require_2d)
+    nbytes = math.prod(shape) * hdr.get_data_dtype().itemsize
+    need = max(int(hdr["vox_offset"]), size + 4) + nbytes
+    # The header bounded the payload: never inflate more than it declared (gzip bombs).
+    raw = _gunzip_limited(data, need + _EXT_SLACK)[0] if gz else bytes(data)
+    if len(raw) < need:
+        raise DecodeError("truncated NIfTI")
+    vol, spacing = _nifti_canonical(raw, img_cls, shape, nbytes)
     if vol.shape[2] != 1 and sum(s > 1 for s in vol.shape) == 2:
         vol = np.moveaxis(vol, vol.shape.index(1), 2)  # a single (e.g. sagittal) plane: keep it whole
     if require_2d and vol.shape[2] > 1:
         raise DecodeError(f"3-D volume (nifti, {vol.shape[2]} slices): not a 2-D image")
-
     lo, hi = _volume_window(vol)
     # rot90 over axes (0, 1) per slice: rows become A (anterior at row 0), columns R.
     u8 = np.ascontiguousarray(np.moveaxis(np.rot90(_scale_range(vol, lo, hi), 1, axes=(0, 1)), 2, 0))
@@ -312,7 +336,7 @@ def decode_nifti(
     return DecodedScan(
         slices=u8[keep] if keep.size < nz else u8,
         format="nifti",
-        mode=dtype_name,
+        mode=hdr.get_data_dtype().newbyteorder("=").name,
         width=int(u8.shape[2]),
         height=int(u8.shape[1]),
         kind="volume" if nz > 1 else "image",

@@ -1,7 +1,8 @@
-"""Predictor: a model bundle that loads itself and turns batches of decoded images into probabilities.
+"""Predictor: a model bundle that loads itself (local or ``s3://``/``gs://``) and turns scans into scores.
 
-Used as a Ray Data ``map_batches`` actor (``compute=ActorPoolStrategy``) by evaluation and scoring, and
-directly in-process by tests and benchmarks, so every path runs the same preprocessing and forward code.
+The one inference path: ``raytumor evaluate``'s actors (:meth:`Predictor.__call__` over Ray Data batches),
+``raytumor score``'s actors and AdaBN pass (``raytumor.score.actors``), and the report's Grad-CAM gallery all
+build on it, so bytes -> model input -> probabilities -> tumour score -> label is written once.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from raytumor.bundle import LoadedBundle, load_bundle, tumour_scores
-from raytumor.ingest import ok_mask
+from raytumor.bundle import LoadedBundle, fetch_bundle, load_bundle
+from raytumor.metrics import predict_labels, tumour_score
+from raytumor.preprocess import model_inputs
+from raytumor.scan import DecodedScan, ok_mask
 
 
 def forward_probs(
@@ -38,22 +41,47 @@ def forward_probs(
 
 
 class Predictor:
-    """Callable over Ray Data numpy batches with an ``image`` column; adds ``prob_<class>``, ``score``, ``pred``."""
+    """A loaded bundle and the steps of inference; also a Ray Data ``map_batches`` callable over batches
+    with an ``image`` column (adds ``prob_<class>``, ``score``, ``pred``)."""
 
     def __init__(
-        self, bundle_dir: str | os.PathLike, device: str | None = None, num_threads: int | None = None
+        self,
+        bundle_dir: str | os.PathLike,
+        device: str | None = None,
+        num_threads: int | None = None,
+        storage: Any = None,
     ):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.bundle: LoadedBundle = load_bundle(bundle_dir, device=device)
+        self.bundle: LoadedBundle = load_bundle(fetch_bundle(bundle_dir, storage), device=device)
         self.meta = self.bundle.meta
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | os.PathLike, **kwargs: Any) -> Predictor:
-        return cls(bundle_dir, **kwargs)
+    def from_bundle(cls, uri: str | os.PathLike, **kwargs: Any) -> Predictor:
+        """The bundle at a local path or a bucket URI (fetched once per node into a local cache)."""
+        return cls(uri, **kwargs)
+
+    def inputs(self, data: bytes, **kwargs: Any) -> tuple[np.ndarray, DecodedScan]:
+        """Scan bytes -> (K, S, S) uint8 model inputs with this bundle's size and preprocessing
+        (:func:`raytumor.preprocess.model_inputs`; ``volumes=True`` to keep a volume's slices)."""
+        return model_inputs(data, self.meta.image_size, self.meta.preprocess, **kwargs)
 
     def predict_probs(self, images: np.ndarray) -> np.ndarray:
         return forward_probs(self.bundle.model, images, self.bundle.device, self.meta.temperature).numpy()
+
+    def scores(self, probs: np.ndarray) -> np.ndarray | None:
+        """Tumour score per row (float32), or None when the bundle's classes define none."""
+        s = tumour_score(probs, self.meta.classes, self.meta.negative_class)
+        return None if s is None else np.asarray(s, dtype=np.float32)
+
+    def labels(
+        self, probs: np.ndarray, score: np.ndarray | None, threshold: float | None = None
+    ) -> np.ndarray:
+        """Class index per row at the bundle's operating threshold (or ``threshold``)."""
+        if score is None:
+            score = np.full(len(probs), np.nan, dtype=np.float32)
+        thr = self.meta.threshold if threshold is None else threshold
+        return predict_labels(probs, score, self.meta.classes, self.meta.negative_class, thr)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")
@@ -64,20 +92,7 @@ class Predictor:
             probs[ok] = self.predict_probs(images[ok])
         for i, c in enumerate(self.meta.classes):
             batch[f"prob_{c}"] = probs[:, i]
-        try:
-            score = np.asarray(tumour_scores(probs, self.meta), dtype=np.float32)
-        except ValueError:
-            score = np.full(n, np.nan, dtype=np.float32)
-        batch["score"] = score
-        batch["pred"] = np.where(ok, predict_labels(probs, score, self.meta), -1).astype(np.int64)
+        score = self.scores(probs)
+        batch["score"] = np.full(n, np.nan, dtype=np.float32) if score is None else score
+        batch["pred"] = np.where(ok, self.labels(probs, score), -1).astype(np.int64)
         return batch
-
-
-def predict_labels(probs: np.ndarray, score: np.ndarray, meta: Any) -> np.ndarray:
-    """Class index per row: binary sets use the bundle's operating threshold on the tumour score."""
-    if len(probs) == 0:
-        return np.zeros(0, dtype=np.int64)
-    if meta.num_classes == 2:
-        neg = meta.classes.index(meta.negative_class) if meta.negative_class is not None else 0
-        return np.where(np.nan_to_num(score, nan=-1.0) >= meta.threshold, 1 - neg, neg)
-    return np.nan_to_num(probs, nan=-1.0).argmax(1)

@@ -22,6 +22,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from raytumor.formats import decode_image, decode_scan, fit_square
+from raytumor.scan import DecodedScan
+from raytumor.volumes import brain_slice_range
+
 __all__ = [
     "MASK_SIZE",
     "MAX_COVERAGE",
@@ -425,8 +429,6 @@ def to_model_input(
 ) -> np.ndarray:
     """The one slice -> model-input path shared by training, evaluation and scoring: the bundle's
     preprocessing (:func:`apply`), then :func:`raytumor.formats.fit_square` to (size, size) uint8."""
-    from raytumor.formats import fit_square
-
     if cfg is not None and not isinstance(cfg, PreprocessConfig):
         cfg = PreprocessConfig.from_dict(cfg)
     if cfg is not None and cfg.enabled:
@@ -450,3 +452,38 @@ def spec_of(cfg: PreprocessConfig | Mapping[str, Any] | None) -> str:
     if cfg is None or not cfg.enabled:
         return "none"
     return ",".join(w for w, on in (("crop", cfg.crop), ("zscore", cfg.standardise)) if on)
+
+
+def model_inputs(
+    data: bytes,
+    size: int,
+    cfg: PreprocessConfig | Mapping[str, Any] | None = None,
+    *,
+    volumes: bool = False,
+    min_foreground: float = 0.05,
+    volume_range: tuple[float, float] = (0.0, 0.0),
+) -> tuple[np.ndarray, DecodedScan]:
+    """Scan bytes -> (K, size, size) uint8 model inputs and the decoded scan: the one bytes-to-input path of
+    training ingest, evaluation, scoring, the report's gallery and the predictor.
+
+    ``volumes=False`` accepts 2-D images only (training data: a volume is refused with a DecodeError);
+    ``volumes=True`` keeps a volume's slices in ``volume_range`` (mm below the vertex, see
+    :func:`raytumor.volumes.brain_slice_range`) and ``scan.slice_index`` holds the kept slices' indices.
+    Raises :class:`raytumor.scan.DecodeError` for input that cannot be decoded.
+    """
+    if cfg is not None and not isinstance(cfg, PreprocessConfig):
+        cfg = PreprocessConfig.from_dict(cfg)
+    if volumes:
+        scan = decode_scan(data, draft_size=size, min_foreground=min_foreground)
+        if scan.kind == "volume":  # only the slices a 2-D model was trained on
+            keep = brain_slice_range(np.asarray(scan.slice_index), scan.spacing_mm, *volume_range)
+            scan = dataclasses.replace(
+                scan, slices=scan.slices[keep], slice_index=np.asarray(scan.slice_index)[keep]
+            )
+    else:
+        img = decode_image(data, draft_size=size)
+        scan = DecodedScan(
+            slices=img.pixels[None], format=img.format, mode=img.mode, width=img.width, height=img.height,
+            kind="image", slice_index=np.zeros(1, dtype=np.int64), num_slices=1,
+        )  # fmt: skip
+    return np.stack([to_model_input(s, size, cfg) for s in scan.slices]), scan

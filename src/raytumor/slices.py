@@ -29,9 +29,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from raytumor import volumes
-from raytumor.ingest import StorageOptions, get_filesystem
+from raytumor.config import from_args, opt, stage_parser
+from raytumor.formats import decode_scan
+from raytumor.scan import DecodeError
+from raytumor.storage import StorageOptions, get_filesystem, list_units, read_bytes
 
 MANIFEST_FILE = "manifest.csv"
 ERRORS_FILE = "errors.csv"
@@ -41,16 +45,30 @@ _SCAN_SUFFIX = re.compile(r"(\.nii\.gz|\.nii|\.dcm|\.dicom|\.png|\.jpe?g|\.tiff?
 
 @dataclass
 class SlicesConfig:
-    input: list[str]
-    out: str
-    label: str
-    source: str | None = None  # source name in the manifest (default: the input's last path component)
-    patient_pattern: str | None = None  # regex on the file name; group 1 (else the match) is patient_id
-    every_mm: float = 5.0
-    skip_top_mm: float = volumes.DEFAULT_SKIP_TOP_MM
-    depth_mm: float = volumes.DEFAULT_DEPTH_MM
-    min_foreground: float = 0.05
-    s3_endpoint: str | None = None
+    input: list[str] = opt(
+        help="folder/prefix (recursive), file, or manifest with a path column; local or s3://. Repeatable",
+        required=True,
+    )
+    out: str = opt(help="output folder (local or s3://): OUT/<label>/*.png, manifest.csv", required=True)
+    label: str = opt(help="class of every exported slice, e.g. no_tumor", required=True)
+    source: str | None = opt(None, "source name in the manifest (default: the input's folder name)")
+    patient_pattern: str | None = opt(
+        None,
+        "patient id from the file name: first group (else the match), e.g. '^(IXI\\d+)'; "
+        "default: the file name without its suffix (one patient per file)",
+        metavar="REGEX",
+    )
+    every_mm: float = opt(5.0, "distance between exported slices (0: all)")
+    skip_top_mm: float = opt(volumes.DEFAULT_SKIP_TOP_MM, "as --volume-skip-top-mm in raytumor score")
+    depth_mm: float = opt(volumes.DEFAULT_DEPTH_MM, "as --volume-depth-mm in raytumor score")
+    min_foreground: float = opt(0.05, "skip slices with less head than this share")
+    s3_endpoint: str | None = opt(None)
+
+    def __post_init__(self) -> None:
+        self.input = [self.input] if isinstance(self.input, str) else list(self.input)
+        _safe_label(self.label)
+        if self.every_mm < 0:
+            raise ValueError(f"--every-mm must be >= 0, got {self.every_mm}")
 
 
 def patient_id_of(name: str, pattern: re.Pattern[str] | None, folder: str | None = None) -> str:
@@ -85,8 +103,6 @@ def pick_slices(
 
 
 def _png(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
@@ -98,20 +114,53 @@ def _safe_label(label: str) -> str:
     return label
 
 
+def _export_file(
+    uri: str, cfg: SlicesConfig, name: str, pattern: re.Pattern | None, storage: StorageOptions,
+    out: tuple[Any, str],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Manifest rows of one file's exported slices; DecodeError/ValueError when it cannot be exported."""
+    out_fs, out_root = out
+    base = posixpath.basename(uri)
+    patient_id_of(base, pattern)  # a name the pattern misses fails before any decoding
+    scan = decode_scan(read_bytes(uri, storage), min_foreground=cfg.min_foreground)
+    folder = posixpath.basename(posixpath.dirname(uri)) if scan.kind == "image" else None
+    pid = patient_id_of(base, pattern, folder)
+    index = np.asarray(scan.slice_index)
+    picks = (
+        pick_slices(index, scan.spacing_mm, cfg.every_mm, cfg.skip_top_mm, cfg.depth_mm)
+        if scan.kind == "volume"
+        else np.arange(len(index))
+    )
+    top = index.max() if len(index) else 0
+    stem = _SCAN_SUFFIX.sub("", base)
+    rows = []
+    for k in picks:
+        z = int(index[k])
+        rel = f"{cfg.label}/{stem}_z{z:03d}.png"
+        with out_fs.open_output_stream(posixpath.join(out_root, rel)) as f:
+            f.write(_png(np.ascontiguousarray(scan.slices[k])))
+        below = (top - z) * scan.spacing_mm if scan.kind == "volume" and scan.spacing_mm else None
+        rows.append(
+            {
+                "path": rel,
+                "label": cfg.label,
+                "patient_id": pid,
+                "source": f"{name} via {uri} z={z}",
+                "volume": uri,
+                "slice_index": z,
+                "mm_below_vertex": below,
+            }
+        )
+    return rows
+
+
 def export_slices(cfg: SlicesConfig) -> dict[str, Any]:
     """Export the slices of every file under ``cfg.input``; returns a summary (also the printed one)."""
-    from raytumor.formats import DecodeError, decode_scan
-    from raytumor.ingest import read_bytes
-    from raytumor.score import list_units
-
     t0 = time.time()
-    label = _safe_label(cfg.label)
-    if cfg.every_mm < 0:
-        raise ValueError(f"--every-mm must be >= 0, got {cfg.every_mm}")
     pattern = re.compile(cfg.patient_pattern) if cfg.patient_pattern else None
     storage = StorageOptions.from_env(cfg.s3_endpoint)
     out_fs, out_root = get_filesystem(cfg.out, storage)
-    out_fs.create_dir(posixpath.join(out_root, label), recursive=True)
+    out_fs.create_dir(posixpath.join(out_root, cfg.label), recursive=True)
     rows: list[dict[str, Any]] = []
     errors: list[tuple[str, str]] = []
     n_files = 0
@@ -124,43 +173,12 @@ def export_slices(cfg: SlicesConfig) -> dict[str, Any]:
             if kind != "file":  # zip/tar members: score reads them, export does not (unpack first)
                 errors.append((uri, f"inside a {kind} archive: unpack it first"))
                 continue
-            base = posixpath.basename(uri)
             try:
-                patient_id_of(base, pattern)  # a name the pattern misses fails before any decoding
-                scan = decode_scan(read_bytes(uri, storage), min_foreground=cfg.min_foreground)
-                folder = posixpath.basename(posixpath.dirname(uri)) if scan.kind == "image" else None
-                pid = patient_id_of(base, pattern, folder)
+                rows += _export_file(uri, cfg, name, pattern, storage, (out_fs, out_root))
             except DecodeError as e:
                 errors.append((uri, e.reason))
-                continue
             except ValueError as e:
                 errors.append((uri, str(e)))
-                continue
-            index = np.asarray(scan.slice_index)
-            picks = (
-                pick_slices(index, scan.spacing_mm, cfg.every_mm, cfg.skip_top_mm, cfg.depth_mm)
-                if scan.kind == "volume"
-                else np.arange(len(index))
-            )
-            top = index.max() if len(index) else 0
-            stem = _SCAN_SUFFIX.sub("", base)
-            for k in picks:
-                z = int(index[k])
-                rel = f"{label}/{stem}_z{z:03d}.png"
-                with out_fs.open_output_stream(posixpath.join(out_root, rel)) as f:
-                    f.write(_png(np.ascontiguousarray(scan.slices[k])))
-                below = (top - z) * scan.spacing_mm if scan.kind == "volume" and scan.spacing_mm else None
-                rows.append(
-                    {
-                        "path": rel,
-                        "label": label,
-                        "patient_id": pid,
-                        "source": f"{name} via {uri} z={z}",
-                        "volume": uri,
-                        "slice_index": z,
-                        "mm_below_vertex": below,
-                    }
-                )
     cols = ["path", "label", "patient_id", "source", "volume", "slice_index", "mm_below_vertex"]
     manifest = pd.DataFrame(rows, columns=cols)
     if manifest["path"].duplicated().any():
@@ -170,67 +188,27 @@ def export_slices(cfg: SlicesConfig) -> dict[str, Any]:
         f.write(manifest.to_csv(index=False).encode())
     with out_fs.open_output_stream(posixpath.join(out_root, ERRORS_FILE)) as f:
         f.write(pd.DataFrame(errors, columns=["path", "error"]).to_csv(index=False).encode())
-    exported_files = manifest["volume"].nunique()
-    summary = {
+    return {
         "files": n_files,
-        "exported_files": int(exported_files),
+        "exported_files": int(manifest["volume"].nunique()),
         "error_files": len(errors),
         "slices": len(manifest),
         "patients": int(manifest["patient_id"].nunique()),
         "manifest": posixpath.join(cfg.out.rstrip("/"), MANIFEST_FILE),
         "seconds": round(time.time() - t0, 1),
     }
-    return summary
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="export axial training slices (PNG + manifest) from volumes, e.g. a site's healthy scans",
-        add_help=add_help,
+    return stage_parser(
+        SlicesConfig,
+        "export axial training slices (PNG + manifest) from volumes, e.g. a site's healthy scans",
+        add_help,
     )
-    p.add_argument(
-        "--input",
-        action="append",
-        required=True,
-        help="folder/prefix (recursive), file, or manifest with a path column; local or s3://. Repeatable",
-    )
-    p.add_argument(
-        "--out", required=True, help="output folder (local or s3://): OUT/<label>/*.png, manifest.csv"
-    )
-    p.add_argument("--label", required=True, help="class of every exported slice, e.g. no_tumor")
-    p.add_argument(
-        "--source", default=None, help="source name in the manifest (default: the input's folder name)"
-    )
-    p.add_argument(
-        "--patient-pattern",
-        default=None,
-        metavar="REGEX",
-        help="patient id from the file name: first group (else the match), e.g. '^(IXI\\d+)'; "
-        "default: the file name without its suffix (one patient per file)",
-    )
-    p.add_argument("--every-mm", type=float, default=5.0, help="distance between exported slices (0: all)")
-    p.add_argument(
-        "--skip-top-mm", type=float, default=volumes.DEFAULT_SKIP_TOP_MM, help="as in raytumor score"
-    )
-    p.add_argument("--depth-mm", type=float, default=volumes.DEFAULT_DEPTH_MM, help="as in raytumor score")
-    p.add_argument(
-        "--s3-endpoint", default=None, help="endpoint of an S3-compatible store (or AWS_ENDPOINT_URL)"
-    )
-    return p
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = SlicesConfig(
-        input=list(args.input),
-        out=args.out,
-        label=args.label,
-        source=args.source,
-        patient_pattern=args.patient_pattern,
-        every_mm=args.every_mm,
-        skip_top_mm=args.skip_top_mm,
-        depth_mm=args.depth_mm,
-        s3_endpoint=args.s3_endpoint,
-    )
+    cfg = from_args(SlicesConfig, args)
     s = export_slices(cfg)
     print(
         f"{s['files']} files: {s['exported_files']} exported as {s['slices']} slices of {s['patients']} "

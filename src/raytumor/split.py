@@ -37,6 +37,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
+from raytumor.groups import (
+    components,
+    dense_ids,
+    equal_value_edges,
+    null_strings,
+    patient_groups,
+    patient_keys,
+)
+
 __all__ = [
     "CONFIRM_MEASURES",
     "DEFAULT_CROP_MIN_CORR",
@@ -267,24 +276,6 @@ def _thumb_array(
         ).reshape(-1, p)
     ok &= thumbs.max(axis=1) > thumbs.min(axis=1)
     return ok, thumbs
-
-
-def _null_strings(s: pd.Series) -> np.ndarray:
-    """Mask of null/empty entries in a string-ish column."""
-    return (s.isna() | (s.astype(str).str.strip() == "")).to_numpy()
-
-
-def _patient_keys(df: pd.DataFrame) -> tuple[pd.Series, np.ndarray] | None:
-    """(patient key per row, null mask), or None without a ``patient_id`` column. The key is scoped by
-    ``source`` when that column exists: "1" of one dataset is not "1" of another."""
-    if "patient_id" not in df.columns:
-        return None
-    pid = df["patient_id"]
-    null = _null_strings(pid)
-    key = pid.astype(str)
-    if "source" in df.columns:
-        key = df["source"].astype(str) + "\x1f" + key
-    return key.reset_index(drop=True), null
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -540,45 +531,6 @@ def _near_row_pairs(
 # Union-find
 
 
-def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Connected components over edges (a[i], b[i]): the smallest row index of each row's component.
-
-    Vectorised hook-and-compress: hook every larger root onto the smallest root it touches, then
-    pointer-jump; roots only ever decrease, so there are no cycles and rounds are few in practice.
-    """
-    parent = np.arange(n, dtype=np.int64)
-    a = np.asarray(a, dtype=np.int64)
-    b = np.asarray(b, dtype=np.int64)
-    while True:
-        while True:
-            gp = parent[parent]
-            if np.array_equal(gp, parent):
-                break
-            parent = gp
-        pa, pb = parent[a], parent[b]
-        diff = pa != pb
-        if not diff.any():
-            return parent
-        a, b, pa, pb = a[diff], b[diff], pa[diff], pb[diff]
-        np.minimum.at(parent, np.maximum(pa, pb), np.minimum(pa, pb))
-
-
-def _dense_ids(root: np.ndarray) -> np.ndarray:
-    """Group ids 0..G-1 numbered by first row (roots are component minima)."""
-    return np.unique(root, return_inverse=True)[1].astype(np.int64).reshape(-1)
-
-
-def _equal_value_edges(s: pd.Series, null: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Edges linking each non-null row to the first row with the same value."""
-    rows = np.flatnonzero(~null)
-    if len(rows) == 0:
-        return rows, rows
-    codes, _ = pd.factorize(s.iloc[rows].astype(str))
-    first = np.full(codes.max() + 1, len(rows), dtype=np.int64)
-    np.minimum.at(first, codes, np.arange(len(rows)))
-    return rows, rows[first[codes]]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Public API: grouping and matching
 
@@ -635,12 +587,12 @@ def find_duplicate_groups(
     edges_a: list[np.ndarray] = []
     edges_b: list[np.ndarray] = []
     if "sha256" in df.columns:
-        a, b = _equal_value_edges(df["sha256"], _null_strings(df["sha256"]))
+        a, b = equal_value_edges(df["sha256"], null_strings(df["sha256"]))
         edges_a.append(a)
         edges_b.append(b)
-    patients = _patient_keys(df)
+    patients = patient_keys(df)
     if patients is not None:
-        a, b = _equal_value_edges(*patients)
+        a, b = equal_value_edges(*patients)
         edges_a.append(a)
         edges_b.append(b)
     for view, c in _views([df], min_corr, crop_min_corr):
@@ -665,7 +617,7 @@ def find_duplicate_groups(
                 edges_b.append(b)
     a = np.concatenate(edges_a) if edges_a else np.zeros(0, np.int64)
     b = np.concatenate(edges_b) if edges_b else np.zeros(0, np.int64)
-    return _dense_ids(_components(n, a, b))
+    return dense_ids(components(n, a, b))
 
 
 def match_reference(
@@ -693,8 +645,8 @@ def match_reference(
     cols = ["sha256"] + (["patient_id"] if match_patient_id else [])
     for col in cols:
         if col in query.columns and col in reference.columns:
-            ref_vals = set(reference.loc[~_null_strings(reference[col]), col].astype(str))
-            qnull = _null_strings(query[col])
+            ref_vals = set(reference.loc[~null_strings(reference[col]), col].astype(str))
+            qnull = null_strings(query[col])
             out |= ~qnull & query[col].astype(str).isin(ref_vals).to_numpy()
     for view, c in _views([query, reference], min_corr, crop_min_corr):
         need = c is not None
@@ -729,7 +681,7 @@ def _group_keys(df: pd.DataFrame, gid: np.ndarray, ngroups: int) -> np.ndarray:
     key = pd.Series(df.index.astype(str).to_numpy(), dtype=object)
     for col in ("path", "sha256"):  # later columns take precedence
         if col in df.columns:
-            ok = ~_null_strings(df[col])
+            ok = ~null_strings(df[col])
             key[ok] = df[col].astype(str).to_numpy()[ok]
     rank = pd.factorize(key, sort=True)[0]  # integer ranks: a string groupby-min would run in Python
     out = np.full(ngroups, len(rank), dtype=np.int64)
@@ -754,25 +706,6 @@ def _water_fill(deficit: np.ndarray, r: int, priority: np.ndarray) -> np.ndarray
         j = max(act, key=lambda s: (deficit[s] - add[s], -priority[s]))
         add[j] += 1
     return add
-
-
-def patient_groups(df: pd.DataFrame, groups: np.ndarray) -> np.ndarray:
-    """``groups`` merged with patients: union-find over "same group" and "same non-null patient_id" (per
-    ``source``). Dense ids 0..G-1 by first row; ``groups`` unchanged (re-numbered) without patient ids."""
-    groups = np.asarray(groups)
-    n = len(groups)
-    if len(df) != n:
-        raise ValueError(f"groups has {n} entries for {len(df)} rows")
-    gid = pd.factorize(groups)[0].astype(np.int64)
-    patients = _patient_keys(df)
-    if patients is None or patients[1].all():
-        return _dense_ids(gid)
-    first = np.full(int(gid.max()) + 1 if n else 0, n, dtype=np.int64)
-    np.minimum.at(first, gid, np.arange(n))
-    pa, pb = _equal_value_edges(*patients)
-    a = np.concatenate([np.arange(n), pa])
-    b = np.concatenate([first[gid], pb])
-    return _dense_ids(_components(n, a, b))
 
 
 def split_groups(
@@ -920,8 +853,8 @@ def duplicate_groups_table(df: pd.DataFrame, groups: np.ndarray) -> pd.DataFrame
     reason = np.full(n, "", dtype=object)
     keyed = []
     if "sha256" in df.columns:
-        keyed.append((df["sha256"].astype(str).reset_index(drop=True), _null_strings(df["sha256"]), "exact"))
-    patients = _patient_keys(df)
+        keyed.append((df["sha256"].astype(str).reset_index(drop=True), null_strings(df["sha256"]), "exact"))
+    patients = patient_keys(df)
     if patients is not None:
         keyed.append((*patients, "patient"))
     for values, null, name in keyed:

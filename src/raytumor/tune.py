@@ -12,7 +12,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,24 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from raytumor.train import DATA_HELP, HOLDOUT_HELP, TrainConfig, _is_min_metric
+from raytumor.config import HelpFormatter, add_options, echo, from_args, opt
+from raytumor.model import list_backbones
+from raytumor.runtime import init_ray, train_resources
+from raytumor.storage import StorageOptions, get_filesystem
+from raytumor.train import (
+    SplitData,
+    TrainConfig,
+    build_datasets,
+    check_metric,
+    export_bundle,
+    is_min_metric,
+    load_checkpoint_files,
+    make_trainer,
+    prepare_split,
+    resolve_metric,
+    write_split,
+    write_test_report,
+)
 
 # What a search may vary; any other TrainConfig field is fixed for the search with `--set`/`fixed:`.
 TUNABLE = (
@@ -55,41 +72,60 @@ DEFAULT_SPACE: dict[str, Any] = {
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 
 
-@dataclass
-class SearchConfig:
-    data: list[str]  # one source per entry; a single str is accepted
-    out: str = "runs"
-    name: str | None = None
-    space: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SPACE))
-    fixed: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields held constant
-    num_samples: int = 6
-    max_epochs: int = 6
-    grace_period: int = 1
-    reduction_factor: float = 2
-    metric: str = "auto"
-    max_concurrent_trials: int | None = None
-    workers_per_trial: int | None = None
-    cpus_per_worker: float | None = None
-    use_gpu: str = "auto"
-    storage_path: str | None = None  # local dir or s3://bucket/prefix (needed on multi-node clusters)
-    s3_endpoint: str | None = None
-    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    limit_per_class: int | None = None
-    test_data: str | None = None
-    holdout_source: str | None = None  # leave-one-source-out: this source is the test split
-    report: bool = True  # HTML report of the winner on the test split
-    seed: int = 0
+# Training options a search takes on its command line (the base of every trial); any other training
+# option is fixed for the whole search with --set KEY=VALUE or a file's `fixed:`.
+SEARCH_TRAIN_OPTIONS = (
+    "data",
+    "holdout_source",
+    "out",
+    "name",
+    "metric",
+    "cpus_per_worker",
+    "use_gpu",
+    "storage_path",
+    "s3_endpoint",
+    "split",
+    "limit_per_class",
+    "test_data",
+    "report",
+    "seed",
+)
 
-    def __post_init__(self) -> None:
-        self.data = [self.data] if isinstance(self.data, str) else list(self.data)
+
+@dataclass(kw_only=True)
+class SearchConfig:
+    # The base of every trial: data, split, storage, seed... (its `name` names the search, default "search")
+    train: TrainConfig = opt(cli=False)
+    space: dict[str, Any] = opt(factory=lambda: dict(DEFAULT_SPACE), cli=False)  # samplers, see DEFAULT_SPACE
+    fixed: dict[str, Any] = opt(factory=dict, cli=False)  # TrainConfig fields held constant
+    num_samples: int = opt(6, "trials (times each grid)")
+    max_epochs: int = opt(6, "epochs per trial")
+    grace_period: int = opt(1, "ASHA: epochs before a trial can be stopped")
+    reduction_factor: float = opt(2, "ASHA reduction factor")
+    max_concurrent_trials: int | None = opt(None, "trials at once (default: what the cluster fits)")
+    workers_per_trial: int | None = opt(None, "training workers per trial (default: one per GPU, 2 on CPU)")
 
     @property
     def search_name(self) -> str:
-        return self.name or "search"
+        return self.train.name or "search"
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out).expanduser().resolve() / self.search_name
+        return Path(self.train.out).expanduser().resolve() / self.search_name
+
+    def trial_base(self, res: dict[str, Any]) -> TrainConfig:
+        """Each trial's TrainConfig before its sampled values: the search's options, then ``fixed``."""
+        base = replace(
+            self.train,
+            name=self.search_name,
+            epochs=self.max_epochs,
+            patience=self.max_epochs,  # ASHA decides who stops early
+            num_workers=res["num_workers"],
+            cpus_per_worker=res["cpus_per_worker"],
+            use_gpu=str(res["use_gpu"]).lower(),
+            max_failures=1,
+        )
+        return replace(base, **self.fixed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -98,8 +134,6 @@ class SearchConfig:
 
 def validate_space(space: dict[str, Any], fixed: dict[str, Any] | None = None) -> None:
     """Clear errors for unknown parameters, samplers, bounds and backbones before any trial starts."""
-    from raytumor.model import list_backbones
-
     train_fields = {f.name for f in fields(TrainConfig)}
     for key, spec in space.items():
         if key not in TUNABLE:
@@ -160,7 +194,7 @@ def load_search_file(path: str) -> dict[str, Any]:
     doc = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: expected a mapping with 'space:' and options, got {type(doc).__name__}")
-    known = {f.name for f in fields(SearchConfig)} - {"data"}
+    known = (set(SEARCH_TRAIN_OPTIONS) | {f.name for f in fields(SearchConfig)}) - {"data", "train"}
     unknown = set(doc) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -177,11 +211,10 @@ def trial_resources(cfg: SearchConfig) -> dict[str, Any]:
     Tune packs trials by their trainers' reservations only; Ray Data then finds no CPU to decode and
     every trial waits forever (ray#54305). Cap concurrency so each running trial keeps ≥ 1 free CPU.
     """
-    from raytumor.runtime import train_resources
-
-    res = train_resources(cfg.workers_per_trial, cfg.use_gpu, cfg.cpus_per_worker)
+    t = cfg.train
+    res = train_resources(cfg.workers_per_trial, t.use_gpu, t.cpus_per_worker)
     if res.use_gpu and cfg.workers_per_trial is None:
-        res = train_resources(1, cfg.use_gpu, cfg.cpus_per_worker)  # one GPU per trial: most trials at once
+        res = train_resources(1, t.use_gpu, t.cpus_per_worker)  # one GPU per trial: most trials at once
         res.cpus_per_worker = min(
             res.cpus_per_worker, max(1.0, res.cluster_cpus / max(1, res.cluster_gpus) / 2)
         )
@@ -217,8 +250,6 @@ DATA_CPU_RESERVE = 1.0
 def _storage(storage_path: str, s3_endpoint: str | None) -> tuple[str, Any]:
     """(path, pyarrow filesystem or None) for Ray storage; an S3 endpoint override needs an explicit fs."""
     if storage_path.startswith(("s3://", "gs://")) and s3_endpoint:
-        from raytumor.ingest import StorageOptions, get_filesystem
-
         fs, path = get_filesystem(storage_path, StorageOptions.from_env(s3_endpoint))
         return path, fs
     return storage_path, None
@@ -228,9 +259,6 @@ def trial_driver(config: dict[str, Any], payload: dict[str, Any]) -> None:
     """Runs in the Tune trial: build and fit one TorchTrainer with this trial's hyperparameters."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raytumor.runtime import init_ray
-    from raytumor.train import build_datasets, make_trainer
 
     init_ray()
     trial_id = ray.tune.get_context().get_trial_id()
@@ -288,23 +316,78 @@ def leaderboard(result_grid: Any, metric: str, mode: str, max_epochs: int) -> pd
     return df
 
 
-def run_search(cfg: SearchConfig) -> dict[str, Any]:
-    """Run (or resume) the search; export the winner as a bundle with a leaderboard beside it."""
-    import ray.train
+def _make_tuner(cfg: SearchConfig, trainable: Any, metric: str, res: dict[str, Any], where: tuple) -> Any:
+    """A new Tuner, or the interrupted search at the same storage restored (finished trials kept)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from raytumor.runtime import init_ray
-    from raytumor.train import (
-        check_metric,
-        export_bundle,
-        load_checkpoint_files,
-        prepare_split,
-        resolve_metric,
-        write_split,
-        write_test_report,
+    tune_path, tune_fs, storage_root = where
+    experiment = f"{tune_path.rstrip('/')}/{cfg.search_name}"
+    if tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs):
+        print(f"[raytumor] resuming search from {storage_root}/{cfg.search_name}")
+        return tune.Tuner.restore(
+            experiment, trainable=trainable, resume_errored=True, storage_filesystem=tune_fs
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=to_param_space(cfg.space),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode="min" if is_min_metric(metric) else "max",
+            num_samples=cfg.num_samples,
+            # A search_alg given here owns the concurrency limit (Tune ignores max_concurrent_trials).
+            search_alg=BasicVariantGenerator(
+                random_state=cfg.train.seed, max_concurrent=res["max_concurrent_trials"]
+            ),
+            scheduler=ASHAScheduler(
+                time_attr="epochs_done",
+                max_t=cfg.max_epochs,
+                grace_period=cfg.grace_period,
+                reduction_factor=cfg.reduction_factor,
+            ),
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.search_name,
+            storage_path=tune_path,
+            storage_filesystem=tune_fs,
+            failure_config=tune.FailureConfig(max_failures=1),
+            verbose=1,
+        ),
     )
+
+
+def _export_winner(
+    board: pd.DataFrame, base: TrainConfig, data: SplitData, metric: str, split_sha: str, run_dir: Path,
+    tune_fs: Any,
+) -> tuple[Any, dict[str, Any], pd.Series, dict[str, Any]]:  # fmt: skip
+    """The best trial's best checkpoint as the search's bundle; (meta, test metrics, row, its config)."""
+    import ray.train
+
+    ok = (
+        board[board[metric].notna() & board["checkpoint_path"].notna()]
+        if metric in board
+        else board.iloc[0:0]
+    )
+    if ok.empty:
+        raise RuntimeError(f"no trial reported {metric}; see {run_dir / 'leaderboard.csv'}")
+    win = ok.iloc[0]
+    winner_cfg = {k.split("/", 1)[1]: _plain(v) for k, v in win.items() if k.startswith("config/")}
+    state_dict, state = load_checkpoint_files(
+        ray.train.Checkpoint(win["checkpoint_path"], filesystem=tune_fs)
+    )
+    best_metrics = {k: _plain(v) for k, v in win.items() if k.startswith("val_") or k == "epoch"}
+    meta, test = export_bundle(
+        replace(base, **winner_cfg), data, state_dict, best_metrics, pd.DataFrame(state["history"]), metric,
+        split_sha, run_dir / "bundle",
+        extra_meta={"search": {"trial_id": win["trial_id"], "trials": len(board), "config": winner_cfg}},
+    )  # fmt: skip
+    return meta, test, win, winner_cfg
+
+
+def run_search(cfg: SearchConfig) -> dict[str, Any]:
+    """Run (or resume) the search; export the winner as a bundle with a leaderboard beside it."""
+    from ray import tune
 
     t0 = time.time()
     validate_space(cfg.space, cfg.fixed)
@@ -312,38 +395,15 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     res = trial_resources(cfg)
-    base = TrainConfig(
-        data=cfg.data,
-        out=cfg.out,
-        name=cfg.search_name,
-        epochs=cfg.max_epochs,
-        patience=cfg.max_epochs,  # ASHA decides who stops early
-        num_workers=res["num_workers"],
-        cpus_per_worker=res["cpus_per_worker"],
-        use_gpu=str(res["use_gpu"]).lower(),
-        metric=cfg.metric,
-        split=cfg.split,
-        limit_per_class=cfg.limit_per_class,
-        s3_endpoint=cfg.s3_endpoint,
-        test_data=cfg.test_data,
-        holdout_source=cfg.holdout_source,
-        seed=cfg.seed,
-        max_failures=1,
-    )
-    base = replace(base, **cfg.fixed)
+    base = cfg.trial_base(res)
     # Echo what was searched, so a leaderboard can always be read against its space.
-    (run_dir / "search.yaml").write_text(
-        yaml.safe_dump({**asdict(cfg), "split": list(cfg.split), "resources": res}, sort_keys=False)
-    )
-
+    (run_dir / "search.yaml").write_text(echo(cfg) + yaml.safe_dump({"resources": res}, sort_keys=False))
     data = prepare_split(base)
     split_sha, _ = write_split(data, run_dir)
-    metric = resolve_metric(cfg.metric, data.classes, data.negative_class)
+    metric = resolve_metric(base.metric, data.classes, data.negative_class)
     check_metric(metric, data.files("val"))
-    mode = "min" if _is_min_metric(metric) else "max"
-
-    storage_root = cfg.storage_path or str(run_dir / "tune")
-    tune_path, tune_fs = _storage(storage_root, cfg.s3_endpoint)
+    storage_root = base.storage_path or str(run_dir / "tune")
+    tune_path, tune_fs = _storage(storage_root, base.s3_endpoint)
     payload = {
         "base": asdict(base),
         "train": data.files("train"),
@@ -356,79 +416,21 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         tune.with_parameters(trial_driver, payload=payload),
         {"CPU": DRIVER_CPU, "memory": DRIVER_MEMORY},  # Tune refuses an all-zero request
     )
-    experiment = f"{tune_path.rstrip('/')}/{cfg.search_name}"
-    if tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs):
-        print(f"[raytumor] resuming search from {storage_root}/{cfg.search_name}")
-        tuner = tune.Tuner.restore(
-            experiment, trainable=trainable, resume_errored=True, storage_filesystem=tune_fs
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=to_param_space(cfg.space),
-            tune_config=tune.TuneConfig(
-                metric=metric,
-                mode=mode,
-                num_samples=cfg.num_samples,
-                # A search_alg given here owns the concurrency limit (Tune ignores max_concurrent_trials).
-                search_alg=BasicVariantGenerator(
-                    random_state=cfg.seed, max_concurrent=res["max_concurrent_trials"]
-                ),
-                scheduler=ASHAScheduler(
-                    time_attr="epochs_done",
-                    max_t=cfg.max_epochs,
-                    grace_period=cfg.grace_period,
-                    reduction_factor=cfg.reduction_factor,
-                ),
-            ),
-            run_config=tune.RunConfig(
-                name=cfg.search_name,
-                storage_path=tune_path,
-                storage_filesystem=tune_fs,
-                failure_config=tune.FailureConfig(max_failures=1),
-                verbose=1,
-            ),
-        )
+    tuner = _make_tuner(cfg, trainable, metric, res, (tune_path, tune_fs, storage_root))
+    mode = "min" if is_min_metric(metric) else "max"
     print(
         f"[raytumor] search: {cfg.num_samples} trials, ≤{cfg.max_epochs} epochs each, ASHA on {metric} "
         f"({mode}); {res['max_concurrent_trials']} at a time, {res['num_workers']} worker(s) × "
         f"{res['cpus_per_worker']} CPU{' + 1 GPU' if res['use_gpu'] else ''} per trial"
     )
-    grid = tuner.fit()
-
-    board = leaderboard(grid, metric, mode, cfg.max_epochs)
+    board = leaderboard(tuner.fit(), metric, mode, cfg.max_epochs)
     board.to_csv(run_dir / "leaderboard.csv", index=False)
     board.to_parquet(run_dir / "leaderboard.parquet", index=False)
-    ok = (
-        board[board[metric].notna() & board["checkpoint_path"].notna()]
-        if metric in board
-        else board.iloc[0:0]
-    )
-    if ok.empty:
-        raise RuntimeError(f"no trial reported {metric}; see {run_dir / 'leaderboard.csv'}")
-    win = ok.iloc[0]
-    winner_cfg = {k.split("/", 1)[1]: _plain(v) for k, v in win.items() if k.startswith("config/")}
-    wcfg = replace(base, **winner_cfg)
-    ckpt = ray.train.Checkpoint(win["checkpoint_path"], filesystem=tune_fs)
-    state_dict, state = load_checkpoint_files(ckpt)
-    history = pd.DataFrame(state["history"])
-    best_metrics = {k: _plain(v) for k, v in win.items() if k.startswith("val_") or k == "epoch"}
-    bundle_dir = run_dir / "bundle"
-    meta, test = export_bundle(
-        wcfg,
-        data,
-        state_dict,
-        best_metrics,
-        history,
-        metric,
-        split_sha,
-        bundle_dir,
-        extra_meta={"search": {"trial_id": win["trial_id"], "trials": len(board), "config": winner_cfg}},
-    )
-    report = write_test_report(run_dir, data, cfg) if cfg.report else None
+    meta, test, win, winner_cfg = _export_winner(board, base, data, metric, split_sha, run_dir, tune_fs)
+    report = write_test_report(run_dir, data, base.s3_endpoint, base.seed) if base.report else None
     summary = {
         "run_dir": str(run_dir),
-        "bundle": str(bundle_dir),
+        "bundle": str(run_dir / "bundle"),
         "bundle_id": meta.bundle_id,
         "report": report,
         "leaderboard": str(run_dir / "leaderboard.csv"),
@@ -460,85 +462,47 @@ def _plain(v: Any) -> Any:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    d = SearchConfig(data="")
     p = argparse.ArgumentParser(
         description="Search backbones and hyperparameters with Ray Tune (ASHA early stopping)",
         add_help=add_help,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--data", required=True, action="append", help=DATA_HELP)
-    p.add_argument("--holdout-source", default=None, metavar="KEY", help=HOLDOUT_HELP)
-    p.add_argument("--out", default=d.out, help="runs directory; the search writes to OUT/NAME")
-    p.add_argument("--name", default=None, help="search name (default: search); the same name resumes")
-    p.add_argument("--config", default=None, help="YAML/JSON file: space:, fixed:, and any option below")
-    p.add_argument("--backbones", default=None, help="comma-separated backbones (overrides the space)")
-    p.add_argument("--num-samples", type=int, default=None, help=f"trials (default {d.num_samples})")
-    p.add_argument("--max-epochs", type=int, default=None, help=f"epochs per trial (default {d.max_epochs})")
-    p.add_argument("--grace-period", type=int, default=None, help="ASHA: epochs before a trial can stop")
-    p.add_argument("--reduction-factor", type=float, default=None, help="ASHA reduction factor")
+    add_options(p, TrainConfig, only=SEARCH_TRAIN_OPTIONS)
+    add_options(p, SearchConfig)
     p.add_argument(
-        "--metric",
+        "--config",
         default=None,
-        help="validation metric (default auto: val_roc_auc); val_source_min_roc_auc (with several sources) "
-        "selects for the worst source",
+        metavar="FILE",
+        help="YAML/JSON search file: space: (samplers), fixed: (training options held constant), and any "
+        "option above by name; options on the command line win",
     )
-    p.add_argument("--max-concurrent-trials", type=int, default=None, help="default: what the cluster fits")
-    p.add_argument("--workers-per-trial", type=int, default=None)
-    p.add_argument("--cpus-per-worker", type=float, default=None)
-    p.add_argument("--use-gpu", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--backbones", default=None, help="comma-separated backbones (overrides the space)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a training option")
-    p.add_argument("--storage-path", default=None, help="Tune/Train storage: local dir or s3://bucket/prefix")
-    p.add_argument("--s3-endpoint", default=None, help="endpoint of an S3-compatible store")
-    p.add_argument("--split", default=None, help="train,val,test fractions")
-    p.add_argument("--limit-per-class", type=int, default=None, help="subsample for quick searches")
-    p.add_argument("--test-data", default=None, help="extra labelled test source for the winner")
-    p.add_argument("--no-report", dest="report", action="store_false", help="skip the winner's HTML report")
-    p.add_argument("--seed", type=int, default=None)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    """The search from parsed options: the search file's values where an option was left at its default
+    (the command line wins), its ``space``/``fixed``, then ``--backbones`` and ``--set``."""
     doc = load_search_file(args.config) if args.config else {}
-    kw: dict[str, Any] = {"data": args.data, "out": args.out, "name": args.name, **doc}
-    for k in (
-        "num_samples",
-        "max_epochs",
-        "grace_period",
-        "reduction_factor",
-        "metric",
-        "max_concurrent_trials",
-        "workers_per_trial",
-        "cpus_per_worker",
-        "storage_path",
-        "s3_endpoint",
-        "limit_per_class",
-        "test_data",
-        "holdout_source",
-        "seed",
-    ):
-        if getattr(args, k) is not None:
-            kw[k] = getattr(args, k)
-    if args.use_gpu != "auto":
-        kw["use_gpu"] = args.use_gpu
-    if not getattr(args, "report", True):
-        kw["report"] = False
-    if args.split:
-        kw["split"] = tuple(float(x) for x in args.split.split(","))
-    elif "split" in kw:
-        kw["split"] = tuple(kw["split"])
-    space = dict(kw.get("space") or DEFAULT_SPACE)
+    parser = get_args_parser()
+    defaults = {a.dest: a.default for a in parser._actions}
+    given = {k: v for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    values = {**{k: v for k, v in doc.items() if k not in ("space", "fixed")}, **given}
+    merged = argparse.Namespace(**{**vars(args), **values})
+    train = from_args(TrainConfig, merged, **{"data": args.data})
+    space = dict(doc.get("space") or DEFAULT_SPACE)
     if args.backbones:
         space["backbone"] = {"choice": [b for b in args.backbones.split(",") if b]}
-    kw["space"] = space
-    fixed = dict(kw.get("fixed") or {})
+    fixed = dict(doc.get("fixed") or {})
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         fixed[key] = yaml.safe_load(value)
-    kw["fixed"] = fixed
     # A fixed option wins over the space: `--set image_size=64` must not be re-sampled per trial.
-    kw["space"] = {k: v for k, v in space.items() if k not in fixed}
-    return SearchConfig(**kw)
+    space = {k: v for k, v in space.items() if k not in fixed}
+    return from_args(SearchConfig, merged, train=train, space=space, fixed=fixed)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

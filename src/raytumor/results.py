@@ -1,0 +1,174 @@
+"""Score outputs: the row schema ``raytumor score`` writes, and reading an output folder back.
+
+The contract between scoring (writes), evaluation and the report (read): ``OUTPUT/scores/*.parquet`` (one
+row per input unit), ``summary.json``, ``run.json``, optional ``scores.csv``, ``slices.parquet`` and
+``explain/``. Local folders and bucket prefixes alike.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raytumor.storage import StorageOptions, get_filesystem, join
+
+SCORES_DIR = "scores"
+EXPLAIN_DIR = "explain"
+RUN_FILE = "run.json"
+ADABN_FILE = "adabn_state.pt"
+SUMMARY_FILE = "summary.json"
+
+
+def output_schema(classes: list[str], explain: bool, slice_rows: bool) -> pa.Schema:
+    fields = [
+        pa.field("path", pa.string()),
+        *[pa.field(f"prob_{c}", pa.float32()) for c in classes],
+        pa.field("score", pa.float32()),
+        pa.field("label", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("format", pa.string()),
+        pa.field("n_slices", pa.int32()),
+        pa.field("slice", pa.int32()),
+        pa.field("score_mean", pa.float32()),
+        pa.field("score_max", pa.float32()),
+        pa.field("adaptation", pa.string()),
+        pa.field("bundle_id", pa.string()),
+        pa.field("bundle_version", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("scored_at", pa.timestamp("ms", tz="UTC")),
+    ]
+    if explain:
+        fields.append(pa.field("explain", pa.string()))
+    if slice_rows:
+        fields += [
+            pa.field("slice_indices", pa.list_(pa.int32())),
+            pa.field("slice_scores", pa.list_(pa.float32())),
+        ]
+    return pa.schema(fields)
+
+
+def scored_ids(output: str, storage: StorageOptions | None) -> tuple[set[str], int]:
+    """Ids already in OUTPUT/scores; parts without a readable footer (a killed write) are deleted."""
+    fs, root = get_filesystem(join(output, SCORES_DIR), storage)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return set(), 0
+    ids: set[str] = set()
+    removed = 0
+    for fi in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
+        if fi.type != pafs.FileType.File or not fi.path.endswith(".parquet"):
+            continue
+        try:
+            with fs.open_input_file(fi.path) as f:
+                ids.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
+        except Exception:
+            fs.delete_file(fi.path)
+            removed += 1
+    return ids, removed
+
+
+def _parts(output: str, storage: StorageOptions | None) -> tuple[pafs.FileSystem, list[str]]:
+    fs, root = get_filesystem(join(output, SCORES_DIR), storage)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return fs, []
+    sel = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    return fs, sorted(fi.path for fi in sel if fi.type == pafs.FileType.File and fi.path.endswith(".parquet"))
+
+
+def read_scores(
+    output: str,
+    storage: StorageOptions | None = None,
+    columns: list[str] | None = None,
+    skip_unreadable: bool = False,
+) -> pd.DataFrame:
+    """All score rows of an output folder as one DataFrame (for tests and small runs).
+
+    ``skip_unreadable``: ignore parts a killed run left half-written (the next run deletes them).
+    """
+    fs, parts = _parts(output, storage)
+    tables = []
+    for p in parts:
+        try:
+            with fs.open_input_file(p) as f:
+                tables.append(pq.read_table(f, columns=columns))
+        except Exception:
+            if not skip_unreadable:
+                raise
+    if not tables:
+        return pd.DataFrame(columns=columns or ["path"])
+    return pa.concat_tables(tables, promote_options="default").to_pandas()
+
+
+def write_csv(output: str, storage: StorageOptions | None) -> str:
+    """OUTPUT/scores.csv from the Parquet parts, one part at a time (bounded memory)."""
+    fs, parts = _parts(output, storage)
+    ofs, opath = get_filesystem(join(output, "scores.csv"), storage)
+    writer = None
+    with ofs.open_output_stream(opath) as out:
+        for p in parts:
+            with fs.open_input_file(p) as f:
+                t = pq.read_table(f)
+            t = t.drop_columns([c for c in ("slice_indices", "slice_scores") if c in t.column_names])
+            if writer is None:
+                writer = pacsv.CSVWriter(out, t.schema)
+            writer.write_table(t)
+        if writer is not None:
+            writer.close()
+    return join(output, "scores.csv")
+
+
+def write_slice_rows(output: str, storage: StorageOptions | None) -> str:
+    """OUTPUT/slices.parquet: one row per scored slice of every volume (path, slice, score)."""
+    fs, parts = _parts(output, storage)
+    ofs, opath = get_filesystem(join(output, "slices.parquet"), storage)
+    schema = pa.schema([("path", pa.string()), ("slice", pa.int32()), ("score", pa.float32())])
+    with ofs.open_output_stream(opath) as out, pq.ParquetWriter(out, schema) as w:
+        for p in parts:
+            with fs.open_input_file(p) as f:
+                t = pq.read_table(f, columns=["path", "kind", "slice_indices", "slice_scores"])
+            t = t.filter(pc.equal(t["kind"], "volume"))
+            if t.num_rows == 0:
+                continue
+            lens = pc.list_value_length(t["slice_indices"])
+            w.write_table(
+                pa.table(
+                    {
+                        "path": np.repeat(t["path"].to_numpy(zero_copy_only=False), lens.to_numpy()),
+                        "slice": pc.list_flatten(t["slice_indices"]),
+                        "score": pc.list_flatten(t["slice_scores"]),
+                    },
+                    schema=schema,
+                )
+            )
+    return join(output, "slices.parquet")
+
+
+SUMMARY_COLUMNS = ["path", "label", "error", "kind", "n_slices"]
+
+
+def summarise(df: pd.DataFrame, negative_class: str | None) -> dict[str, Any]:
+    """Counts over all score rows (``SUMMARY_COLUMNS`` of an output folder)."""
+    err = df["error"].notna()
+    # Without a no-tumour class (multi-class bundles) nothing is "positive": see the label counts.
+    if negative_class:
+        pos = df["label"].notna() & (df["label"] != negative_class)
+    else:
+        pos = pd.Series(False, index=df.index)
+    return {
+        "labels": {str(k): int(v) for k, v in df["label"].value_counts().items()},
+        "rows": int(len(df)),
+        "unique_paths": int(df["path"].nunique()),
+        "scored": int((~err).sum()),
+        "errors": int(err.sum()),
+        "positives": int(pos.sum()),
+        "volumes": int((df["kind"] == "volume").sum()),
+        "images_scored": int(df["n_slices"].fillna(0).sum()),
+        "error_reasons": dict(Counter(str(e).split(":", 1)[0] for e in df.loc[err, "error"]).most_common(20)),
+    }

@@ -1,0 +1,241 @@
+"""Model actors of the scoring job: :class:`ScorePredictor` (score rows) and :class:`BNStatsTask` (AdaBN).
+
+Both build on :class:`raytumor.predict.Predictor`, so the bundle, its preprocessing, the forward pass, the
+tumour-score rule and the label rule are those of evaluation and the report.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from raytumor import volumes
+from raytumor.adapt import BNStatsAccumulator, apply_bn_state, flip_tta_probs
+from raytumor.explain import GradCAM, explain_name, overlay_png
+from raytumor.predict import Predictor, forward_probs
+from raytumor.results import EXPLAIN_DIR, output_schema
+from raytumor.scan import has_error
+from raytumor.storage import StorageOptions, get_filesystem
+
+
+def unit_stacks(batch: dict[str, np.ndarray], shape: tuple[int, int], counts: np.ndarray) -> list[np.ndarray]:
+    """Each decoded unit's (K, S, S) slices (units with ``counts`` 0 are skipped)."""
+    return [
+        np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(-1, *shape)
+        for i in range(len(counts))
+        if counts[i]
+    ]
+
+
+@dataclass
+class UnitScores:
+    """Per-unit results of one batch: the decision's probabilities and slice, score, mean/max slice score."""
+
+    probs: np.ndarray
+    score: np.ndarray
+    score_mean: np.ndarray
+    score_max: np.ndarray
+    best: np.ndarray
+    slice_indices: list[list[int] | None]
+    slice_scores: list[list[float] | None]
+
+    @classmethod
+    def empty(cls, n: int, n_classes: int) -> UnitScores:
+        nan = np.full(n, np.nan, dtype=np.float32)
+        return cls(
+            np.full((n, n_classes), np.nan, dtype=np.float32), nan.copy(), nan.copy(), nan.copy(),
+            np.full(n, -1, dtype=np.int64), [None] * n, [None] * n,
+        )  # fmt: skip
+
+
+class ScorePredictor:
+    """Actor: loads the bundle once; scores decoded units (all slices of a batch in forward chunks)."""
+
+    def __init__(
+        self,
+        bundle_dir: str,
+        *,
+        batch_size: int,
+        threshold: float | None = None,
+        num_threads: int | None = None,
+        explain_dir: str | None = None,
+        storage: StorageOptions | None = None,
+        slice_rows: bool = False,
+        min_extent_mm: float = volumes.DEFAULT_MIN_EXTENT_MM,
+        tta: str = "none",
+        bn_state: dict | None = None,
+        adaptation: str = "none",
+    ) -> None:
+        self.predictor = Predictor.from_bundle(bundle_dir, num_threads=num_threads, storage=storage)
+        self.bundle = self.predictor.bundle
+        if bn_state is not None:  # AdaBN: the archive's BatchNorm statistics, every weight untouched
+            self.bundle.model = apply_bn_state(self.bundle.model, bn_state)
+        self.meta = self.bundle.meta
+        self.min_extent_mm = min_extent_mm
+        self.tta = tta
+        self.adaptation = adaptation
+        self.batch_size = batch_size
+        self.threshold = self.meta.threshold if threshold is None else threshold  # --threshold override
+        self.explain_dir = explain_dir
+        self.storage = storage
+        self.slice_rows = slice_rows
+        self.schema = output_schema(self.meta.classes, explain_dir is not None, slice_rows)
+        self.bundle_version = f"raytumor {self.meta.versions.get('raytumor', '?')} / {self.meta.created_at}"
+        size = self.meta.image_size
+        self.shape = (size, size)
+        self._cam: GradCAM | None = None
+
+    def _probs(self, images: np.ndarray) -> np.ndarray:
+        fwd = flip_tta_probs if self.tta == "flip" else forward_probs
+        out = [
+            fwd(
+                self.bundle.model, images[s : s + self.batch_size], self.bundle.device, self.meta.temperature
+            ).numpy()
+            for s in range(0, len(images), self.batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes), np.float32)
+
+    def _per_unit(self, batch: dict[str, np.ndarray], counts: np.ndarray, probs: np.ndarray) -> UnitScores:
+        """Fold slice probabilities into one result per unit: an image's one slice; a volume's score is what
+        holds on enough contiguous slices (:func:`raytumor.volumes.volume_score`), with the single most
+        suspicious slice and the mean kept for context. Without a tumour score the arg-max decides."""
+        n = len(counts)
+        slice_scores = self.predictor.scores(probs)
+        u = UnitScores.empty(n, self.meta.num_classes)
+        spacing = np.asarray(batch["spacing"], dtype=np.float64) if "spacing" in batch else np.full(n, np.nan)
+        start = 0
+        for i in range(n):
+            k = counts[i]
+            if not k:
+                continue
+            p = probs[start : start + k]
+            s = slice_scores[start : start + k] if slice_scores is not None else None
+            start += k
+            if s is not None and k > 1:
+                z = np.frombuffer(batch["slice_index"][i], dtype=np.int32)
+                sp = float(spacing[i]) if np.isfinite(spacing[i]) else None
+                u.score[i], j = volumes.volume_score(s, z, sp, self.min_extent_mm)
+            else:
+                j = int(np.argmax(s)) if s is not None else int(np.argmax(p.max(1)))
+                if s is not None:
+                    u.score[i] = s[j]
+            u.best[i], u.probs[i] = j, p[j]
+            if s is not None:
+                u.score_mean[i], u.score_max[i] = s.mean(), s.max()
+            if self.slice_rows:
+                u.slice_indices[i] = np.frombuffer(batch["slice_index"][i], dtype=np.int32).tolist()
+                u.slice_scores[i] = (s if s is not None else p.max(1)).astype(np.float32).tolist()
+        return u
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["path"])
+        errors = [e if has_error(e) else None for e in batch["error"]]
+        counts = np.array([int(k) if errors[i] is None else 0 for i, k in enumerate(batch["n_slices"])])
+        stacks = unit_stacks(batch, self.shape, counts)
+        probs = self._probs(np.concatenate(stacks)) if stacks else np.zeros((0, self.meta.num_classes))
+        u = self._per_unit(batch, counts, probs)
+        ok = counts > 0
+        pred = self.predictor.labels(u.probs, u.score, self.threshold)
+        labels = [self.meta.classes[int(pred[i])] if ok[i] else None for i in range(n)]
+        kinds = [k if isinstance(k, str) else None for k in batch["kind"]]
+        volume = np.array(kinds, dtype=object) == "volume"
+        slice_src = [
+            int(np.frombuffer(batch["slice_index"][i], dtype=np.int32)[u.best[i]])
+            if volume[i] and ok[i]
+            else None
+            for i in range(n)
+        ]
+        cols: dict[str, Any] = {
+            "path": [str(p) for p in batch["path"]],
+            **{f"prob_{c}": u.probs[:, j] for j, c in enumerate(self.meta.classes)},
+            "score": u.score,
+            "label": labels,
+            "kind": kinds,
+            "format": [f if isinstance(f, str) else None for f in batch["format"]],
+            "n_slices": np.where(ok, counts, 0).astype(np.int32),
+            "slice": slice_src,
+            "score_mean": np.where(volume, u.score_mean, np.nan),
+            "score_max": np.where(volume, u.score_max, np.nan),
+            "adaptation": [self.adaptation] * n,
+            "bundle_id": [self.meta.bundle_id] * n,
+            "bundle_version": [self.bundle_version] * n,
+            "error": errors,
+            "scored_at": [datetime.now(timezone.utc)] * n,
+        }
+        if self.explain_dir is not None:
+            cols["explain"] = self._explain(batch, u.best, labels, u.score)
+        if self.slice_rows:
+            cols["slice_indices"], cols["slice_scores"] = u.slice_indices, u.slice_scores
+        return pa.Table.from_pydict(cols, schema=self.schema)
+
+    def _explain(self, batch: dict, best: np.ndarray, labels: list, score: np.ndarray) -> list[str | None]:
+        """Grad-CAM overlay for each positive unit (its most suspicious slice), named by a hash of its id."""
+        neg = self.meta.negative_class
+        positive = [
+            i for i in range(len(labels)) if labels[i] is not None and (neg is None or labels[i] != neg)
+        ]
+        out: list[str | None] = [None] * len(labels)
+        if not positive:
+            return out
+        if self._cam is None:
+            self._cam = GradCAM(self.bundle.model)
+        fs, root = get_filesystem(self.explain_dir, self.storage)
+        images = np.stack(
+            [
+                np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(-1, *self.shape)[best[i]]
+                for i in positive
+            ]
+        )
+        targets = [self.meta.classes.index(labels[i]) for i in positive]  # CAM of the predicted class
+        for s in range(0, len(positive), self.batch_size):
+            chunk = positive[s : s + self.batch_size]
+            cams = self._cam(images[s : s + len(chunk)], targets[s : s + len(chunk)])
+            for j, i in enumerate(chunk):
+                name = explain_name(str(batch["path"][i]))
+                png = overlay_png(
+                    images[s + j], cams[j], caption=f"{labels[i]} {score[i]:.2f} - research use only"
+                )
+                with fs.open_output_stream(posixpath.join(root, name)) as f:
+                    f.write(png)
+                out[i] = f"{EXPLAIN_DIR}/{name}"
+        return out
+
+
+class BNStatsTask:
+    """Actor for the AdaBN pass: BatchNorm input statistics of each decoded batch (one state per batch).
+
+    States are tiny next to the images (two float64 vectors per BN layer) and merge exactly in any order
+    (``adapt.merge_states``), so the driver folds them in as they stream past."""
+
+    def __init__(self, bundle_dir: str, storage: StorageOptions | None, num_threads: int | None) -> None:
+        self.bundle = Predictor.from_bundle(bundle_dir, num_threads=num_threads, storage=storage).bundle
+        size = self.bundle.meta.image_size
+        self.shape = (size, size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        counts = np.array(
+            [
+                0 if has_error(batch["error"][i]) else int(batch["n_slices"][i])
+                for i in range(len(batch["path"]))
+            ]
+        )
+        stacks = unit_stacks(batch, self.shape, counts)
+        if not stacks:
+            return {"state": np.array([], dtype=object), "images": np.array([], dtype=np.int64)}
+        images = np.concatenate(stacks)
+        acc = BNStatsAccumulator(self.bundle.model, upstream="batch")
+        # "batch" upstream statistics improve with the batch size; 64 keeps the error ~3 % of a std.
+        for s in range(0, len(images), 64):
+            chunk = images[s : s + 64]
+            if len(chunk) > 1 or s == 0:
+                acc.update(chunk)
+        buf = io.BytesIO()
+        torch.save(acc.state(), buf)
+        return {"state": np.array([buf.getvalue()], dtype=object), "images": np.array([len(images)])}

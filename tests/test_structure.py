@@ -1,0 +1,110 @@
+"""The package's shape: layers below stages, imports pointing down only, no cycles, project imports at the
+top of each module (the dependency graph is what the import lines say)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# Bottom to top. A module may import modules of its own or a lower rank only (and, inside a package such
+# as ``score/``, its siblings, without cycles). The README's "Where things are" table follows this order.
+LAYERS: list[tuple[str, ...]] = [
+    # shared layers
+    ("storage", "scan", "groups", "volumes", "config", "runtime", "model", "phantoms", "augment"),
+    ("medical", "metrics", "results", "split"),
+    ("formats", "bundle", "calibrate", "explain"),
+    ("preprocess",),
+    ("predict", "ingest"),
+    ("adapt",),
+    # stages
+    ("score", "slices"),
+    ("evaluate",),
+    ("report",),
+    ("train",),
+    ("tune",),
+    ("demo",),
+    ("cli",),
+]
+RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for f in (SRC / "raytumor").rglob("*.py"):
+        parts = f.relative_to(SRC).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = f
+    return out
+
+
+def _imports(tree: ast.AST, mods: dict[str, Path]) -> list[tuple[str, int]]:
+    """(raytumor module, line) for each project import in ``tree`` (``from pkg import submodule`` too)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names if a.name.startswith("raytumor.")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("raytumor"):
+            subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods]
+            found += [(m, node.lineno) for m in subs] or [(node.module, node.lineno)]
+    return [(m, line) for m, line in found if m != "raytumor"]
+
+
+def _unit(module: str) -> str:
+    """The layer unit of a module: ``raytumor.score.job`` -> ``score``."""
+    return module.split(".")[1]
+
+
+def test_every_module_has_a_layer():
+    units = {_unit(m) for m in _modules() if m != "raytumor"}
+    assert units == set(RANK), (units - set(RANK), set(RANK) - units)
+
+
+def test_project_imports_at_module_top():
+    """Imports of raytumor modules inside functions hide the dependency graph (and once hid two cycles);
+    only heavy optional libraries (ray, pydicom, nibabel, matplotlib) are imported lazily."""
+    mods = _modules()
+    inner = []
+    for name, f in mods.items():
+        tree = ast.parse(f.read_text())
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                inner += [f"{name}:{line} imports {m}" for m, line in _imports(node, mods)]
+    assert not inner, inner
+
+
+def test_imports_point_down_and_have_no_cycles():
+    mods = _modules()
+    graph: dict[str, set[str]] = {}
+    upward = []
+    for name, f in mods.items():
+        deps = {m for m, _ in _imports(ast.parse(f.read_text()), mods) if m in mods and m != name}
+        graph[name] = deps
+        if name == "raytumor":
+            continue
+        for dep, line in _imports(ast.parse(f.read_text()), mods):
+            a, b = _unit(name), _unit(dep)
+            if a != b and RANK[b] >= RANK[a]:
+                upward.append(f"{name}:{line} imports {dep} (rank {RANK[b]} >= {RANK[a]})")
+    assert not upward, upward
+    # A package's __init__ re-exports its modules; a module importing its own package's __init__ would
+    # close a cycle through it, so look for cycles with every edge kept.
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> None:
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(graph[n]):
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d) :] + [d]))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n)
