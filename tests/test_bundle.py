@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from raytumor.bundle import BundleMeta, load_bundle, read_meta, save_bundle, tumour_scores
+from raytumor.bundle import BundleMeta, load_bundle, read_meta, save_bundle
+from raytumor.metrics import tumour_score
 from raytumor.model import create_model, normalization
 from raytumor.predict import Predictor
 
@@ -80,5 +81,9 @@ def test_not_a_bundle(tmp_path):
 
 def test_tumour_score_with_negative_first_or_last():
     p = torch.tensor([[0.2, 0.8], [0.9, 0.1]])
-    assert torch.allclose(tumour_scores(p, _meta()), torch.tensor([0.8, 0.1]))
-    assert torch.allclose(tumour_scores(p, _meta(classes=["yes", "no"])), torch.tensor([0.2, 0.9]))
+    assert torch.allclose(tumour_score(p, *_classes(_meta())), torch.tensor([0.8, 0.1]))
+    assert torch.allclose(tumour_score(p, *_classes(_meta(classes=["yes", "no"]))), torch.tensor([0.2, 0.9]))
+
+
+def _classes(meta: BundleMeta) -> tuple[list[str], str | None]:
+    return meta.classes, meta.negative_class

@@ -146,12 +146,12 @@ def test_by_source_section_from_metrics(tmp_path, monkeypatch):
     # source, n, positives, AUC, its CI, sensitivity, its CI, specificity, ...
     assert (
         f"<td>IXI T1</td><td>12</td><td>0</td><td>\u2014</td><td></td><td>\u2014</td><td></td>"
-        f"<td>{report._fmt(ixi['specificity'])}</td><td>{report._ci(ixi['ci95']['specificity'])}</td>"
-        f"<td>{report._fmt(ixi['fp_rate'])}</td><td>{report._fmt(0.5)}</td>"
+        f"<td>{report.fmt(ixi['specificity'])}</td><td>{report.fmt_ci(ixi['ci95']['specificity'])}</td>"
+        f"<td>{report.fmt(ixi['fp_rate'])}</td><td>{report.fmt(0.5)}</td>"
     ) in section
     for v in (site["roc_auc"], site["sensitivity"], site["specificity"]):
-        assert f"<td>{report._fmt(v)}</td>" in section
-    assert f"<td>{report._ci(site['ci95']['roc_auc'])}</td>" in section
+        assert f"<td>{report.fmt(v)}</td>" in section
+    assert f"<td>{report.fmt_ci(site['ci95']['roc_auc'])}</td>" in section
     assert "/data/site_a + /data/ixi.csv" in page  # the summary names both data arguments
     # one folder alone: no by-source section (its one row would repeat the pooled numbers)
     preds["source"] = "/data/site_a"
@@ -285,7 +285,7 @@ def test_ap_interval_is_metrics_group_aware_one(tmp_path, monkeypatch):
     width = np.diff(c["average_precision_ci95"])[0]
     assert width > np.diff(scans["average_precision"])[0]  # 12 patients are not 96 independent scans
     page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
-    assert f"<td>{report._ci(c['average_precision_ci95'])}</td>" in _section_of(page, "curves")
+    assert f"<td>{report.fmt_ci(c['average_precision_ci95'])}</td>" in _section_of(page, "curves")
 
 
 @pytest.fixture()
@@ -385,8 +385,8 @@ def test_numbers_agree_with_metrics_json(built):
     )
     # the page shows these numbers in its one format
     for v in (m["roc_auc"], m["sensitivity"], m["specificity"], m["f1"], *m["ci95"]["roc_auc"]):
-        assert report._fmt(v) in html
-    assert report._fmt(rep["curves"]["average_precision"]) in html
+        assert report.fmt(v) in html
+    assert report.fmt(rep["curves"]["average_precision"]) in html
     for v in (tn, fp, fn, tp, m["n"]):
         assert f"<td>{v}</td>" in html
     f = built["metrics"]["files"]
@@ -406,7 +406,7 @@ def test_target_sensitivity_threshold_reaches_target(built):
     assert (s[y == 1] >= thr).mean() >= TARGET
     assert ta["at_target_threshold"]["sensitivity"] == pytest.approx((s[y == 1] >= thr).mean())
     assert ta["at_target_threshold"]["specificity"] == pytest.approx((s[y == 0] < thr).mean())
-    assert report._fmt(thr) in built["html"]
+    assert report.fmt(thr) in built["html"]
 
 
 @pytest.mark.ray
@@ -421,7 +421,7 @@ def test_calibration_before_after(built):
     before = calibrate.rescale_probs(probs, 1.5, 1.0)
     assert cal["ece_before"] == pytest.approx(calibrate.expected_calibration_error(before, labels))
     assert cal["ece_after"] == pytest.approx(calibrate.expected_calibration_error(probs, labels))
-    assert report._fmt(cal["ece_before"]) in built["html"] and report._fmt(cal["ece_after"]) in built["html"]
+    assert report.fmt(cal["ece_before"]) in built["html"] and report.fmt(cal["ece_after"]) in built["html"]
 
 
 @pytest.mark.ray
@@ -557,9 +557,10 @@ def test_two_sources_by_source(healthy_manifest, built, tmp_path):
     section = section[: section.index("</section>")]
     assert f"<td>{html_mod.escape(key)}</td><td>20</td><td>0</td><td>\u2014</td>" in section
     assert (
-        f"<td>{report._fmt(m['specificity'])}</td><td>{report._ci(m['ci95']['specificity'])}</td>" in section
+        f"<td>{report.fmt(m['specificity'])}</td><td>{report.fmt_ci(m['ci95']['specificity'])}</td>"
+        in section
     )
     assert (
-        f"<td>{html_mod.escape(str(folder))}</td><td>10</td><td>5</td><td>{report._fmt(site['roc_auc'])}</td>"
+        f"<td>{html_mod.escape(str(folder))}</td><td>10</td><td>5</td><td>{report.fmt(site['roc_auc'])}</td>"
         in (section)
     )

@@ -27,7 +27,6 @@ import pyarrow.fs as pafs
 import torch
 
 from raytumor import __version__
-from raytumor.metrics import tumour_score
 from raytumor.model import create_model
 from raytumor.storage import get_filesystem
 
@@ -191,12 +190,3 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
     model.load_state_dict(state)
     model.eval().to(dev, memory_format=torch.channels_last)
     return LoadedBundle(path=path, meta=meta, model=model, device=dev)
-
-
-def tumour_scores(probs: torch.Tensor | Any, meta: BundleMeta) -> Any:
-    """The scalar tumour score per row of class probabilities (N, C) by the bundle's classes
-    (:func:`raytumor.metrics.tumour_score`); ValueError when they define none."""
-    s = tumour_score(probs, meta.classes, meta.negative_class)
-    if s is None:
-        raise ValueError("no negative class and more than 2 classes: no single tumour score")
-    return s

@@ -20,10 +20,6 @@ from raytumor.report.compute import N_BINS, REPORT_FILE, REPORT_JSON, build_repo
 from raytumor.report.fmt import fmt, fmt_ci
 from raytumor.report.render import render_html
 
-# The page's number formats under the names the tests (and older callers) use.
-_fmt = fmt
-_ci = fmt_ci
-
 __all__ = [
     "INTENDED_USE",
     "KNOWN_LIMITS",
