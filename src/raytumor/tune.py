@@ -29,6 +29,7 @@ from raytumor.train import (
     TrainConfig,
     build_datasets,
     check_metric,
+    discard_staging,
     export_bundle,
     is_min_metric,
     load_checkpoint_files,
@@ -445,6 +446,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         "wall_seconds": round(time.time() - t0, 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    discard_staging(run_dir / "bundle")
     return summary
 
 

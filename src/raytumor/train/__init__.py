@@ -10,7 +10,13 @@ from raytumor.train.config import DATA_HELP, HOLDOUT_HELP, TrainConfig, is_min_m
 from raytumor.train.data import SplitData, build_datasets, check_metric, prepare_split, resolve_source
 from raytumor.train.job import get_args_parser, main, make_trainer, run_training
 from raytumor.train.loop import cosine_lambda, evaluate_shard, source_metrics, train_one_epoch
-from raytumor.train.package import export_bundle, load_checkpoint_files, write_split, write_test_report
+from raytumor.train.package import (
+    discard_staging,
+    export_bundle,
+    load_checkpoint_files,
+    write_split,
+    write_test_report,
+)
 
 __all__ = [
     "DATA_HELP",
@@ -20,6 +26,7 @@ __all__ = [
     "build_datasets",
     "check_metric",
     "cosine_lambda",
+    "discard_staging",
     "evaluate_shard",
     "export_bundle",
     "get_args_parser",

@@ -16,7 +16,13 @@ from raytumor.runtime import init_ray, train_resources
 from raytumor.train.config import TrainConfig, is_min_metric, resolve_metric
 from raytumor.train.data import build_datasets, check_metric, prepare_split
 from raytumor.train.loop import train_loop_per_worker
-from raytumor.train.package import export_bundle, load_checkpoint_files, write_split, write_test_report
+from raytumor.train.package import (
+    discard_staging,
+    export_bundle,
+    load_checkpoint_files,
+    write_split,
+    write_test_report,
+)
 
 # TrainConfig fields the worker loop reads (the rest is the driver's business).
 LOOP_KEYS = (
@@ -158,6 +164,7 @@ def run_training(
         "wall_seconds": round(time.time() - t0, 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    discard_staging(run_dir / "bundle")
     return summary
 
 

@@ -99,6 +99,17 @@ def _calibrate(meta: BundleMeta, val: pd.DataFrame, target: float) -> None:
     meta.metrics["calibration"] = {**cal, "fitted_on": "val"}
 
 
+def staging_dir(bundle_dir: Path) -> Path:
+    return bundle_dir.parent / f".{bundle_dir.name}-staging"
+
+
+def discard_staging(bundle_dir: Path) -> None:
+    """Remove :func:`export_bundle`'s staging copy. Callers do it at the end of the run, not right after
+    predicting: a Ray Data predictor actor still starting up when its dataset finished would otherwise find
+    the files gone and log a spurious error."""
+    shutil.rmtree(staging_dir(bundle_dir), ignore_errors=True)
+
+
 def export_bundle(
     cfg: TrainConfig,
     data: SplitData,
@@ -113,32 +124,30 @@ def export_bundle(
     """Write the bundle: predictions need a model on disk, so a staging copy (temperature 1) predicts the
     validation and test splits; validation calibrates; the test split is measured at that calibration (and
     an external test source by ``raytumor evaluate`` on a calibrated staging copy); then the final bundle is
-    written once, complete, atomically."""
+    written once, complete, atomically (the staging copy is removed by :func:`discard_staging`)."""
     meta = bundle_meta(cfg, data, best_metrics, metric, split_sha, extra_meta)
     fingerprints = data.fingerprints()
-    staging = bundle_dir.parent / f".{bundle_dir.name}-staging"
-    try:
-        save_bundle(staging, state_dict, meta)
-        preds = _predict_val_test(staging, data, cfg)
-        val = preds[preds["split"] == "val"]
-        if cfg.target_sensitivity and len(val):
-            _calibrate(meta, val, cfg.target_sensitivity)
-        test_preds = preds[preds["split"] == "test"].copy()
-        prob_cols = [f"prob_{c}" for c in meta.classes]
-        if len(test_preds) and meta.temperature != 1.0:
-            tp = test_preds[prob_cols].to_numpy(dtype=np.float64)
-            test_preds[prob_cols] = rescale_probs(tp, 1.0, meta.temperature).astype(np.float32)
-        test = measure(test_preds, meta, cfg.seed)
-        meta.metrics["test"] = test
-        if cfg.test_data:
-            save_bundle(staging, state_dict, meta, fingerprints)  # calibrated, with the duplicate filter
-            ext = evaluate_source(
-                staging, cfg.test_data, bundle_dir.parent / "external_test", s3_endpoint=cfg.s3_endpoint,
-                seed=cfg.seed,
-            )  # fmt: skip
-            meta.metrics["external_test"] = {"data": cfg.test_data, **ext["metrics"], "files": ext["files"]}
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_dir(bundle_dir)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a crashed run
+    save_bundle(staging, state_dict, meta)
+    preds = _predict_val_test(staging, data, cfg)
+    val = preds[preds["split"] == "val"]
+    if cfg.target_sensitivity and len(val):
+        _calibrate(meta, val, cfg.target_sensitivity)
+    test_preds = preds[preds["split"] == "test"].copy()
+    prob_cols = [f"prob_{c}" for c in meta.classes]
+    if len(test_preds) and meta.temperature != 1.0:
+        tp = test_preds[prob_cols].to_numpy(dtype=np.float64)
+        test_preds[prob_cols] = rescale_probs(tp, 1.0, meta.temperature).astype(np.float32)
+    test = measure(test_preds, meta, cfg.seed)
+    meta.metrics["test"] = test
+    if cfg.test_data:
+        save_bundle(staging, state_dict, meta, fingerprints)  # calibrated, with the duplicate filter
+        ext = evaluate_source(
+            staging, cfg.test_data, bundle_dir.parent / "external_test", s3_endpoint=cfg.s3_endpoint,
+            seed=cfg.seed,
+        )  # fmt: skip
+        meta.metrics["external_test"] = {"data": cfg.test_data, **ext["metrics"], "files": ext["files"]}
     meta.created_at = ""  # stamped by save_bundle
     save_bundle(bundle_dir, state_dict, meta, fingerprints, history)
     return meta, test
