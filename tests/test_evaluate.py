@@ -394,3 +394,273 @@ def test_average_precision_interval_resamples_groups():
     lo1, hi1 = per_scan["ci95"]["average_precision"]
     assert lo <= grouped["average_precision"] <= hi and lo1 <= per_scan["average_precision"] <= hi1
     assert grouped["ci95_resampling"] == "duplicate groups" and (hi - lo) > 1.5 * (hi1 - lo1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scope: out-of-scope rows counted apart, in-scope metrics, by view and by sequence (hand-made predictions)
+
+
+def _scoped(n: int = 48, seed: int = 0) -> pd.DataFrame:
+    """Prediction rows with the scope columns: 32 axial in scope, 12 sagittal refused (8 of them healthy
+    scans the model calls tumour: false positives if they were counted), 2 of unknown view refused as out of
+    distribution, and one error row (refused by the predictor's rule for unscored rows)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    s = np.clip(0.25 + 0.5 * y + rng.normal(0, 0.15, n), 0.01, 0.99)
+    view = ["axial"] * 32 + ["sagittal"] * 12 + [None] * 4
+    in_scope = [True] * 32 + [False] * 14 + [True, False]
+    reason = [None] * 32 + ["view sagittal"] * 12 + ["out of distribution"] * 2 + [None, None]
+    s[32:44] = np.where(y[32:44] == 0, 0.9, 0.95)  # refused sagittal rows: all called tumour
+    df = _frame(["A"] * 24 + ["B"] * 24, y, s, patient=[f"P{i // 2}" for i in range(n)])
+    df = df.assign(view=view, view_source=["header"] * 44 + ["model"] * 2 + [None] * 2, in_scope=in_scope,
+                   scope_reason=reason, ood_score=rng.random(n), sequence=["flair", "t1c"] * (n // 2))  # fmt: skip
+    df.loc[n - 1, ["prob_no", "prob_yes"]] = np.nan  # an error row: no prediction
+    df["error"] = [None] * (n - 1) + ["truncated image"]
+    return df
+
+
+def test_out_of_scope_rows_are_counted_apart_not_as_negatives():
+    from raytumor.evaluate import scope_results
+    from raytumor.metrics import metrics_with_ci, per_source_metrics
+
+    df = _scoped()
+    m_all = metrics_with_ci(df, CLASSES, "no", 0.5, n_boot=100)
+    res = scope_results(df, CLASSES, "no", 0.5, m_all, per_source_metrics(df, CLASSES, "no", 0.5, 100), 100)
+    sc = res["scope"]
+    assert sc["recorded"] and (sc["evaluated"], sc["in_scope"], sc["out_of_scope"]) == (47, 33, 14)
+    assert sc["out_of_scope_share"] == pytest.approx(14 / 47)
+    assert sc["reasons"] == {"view sagittal": 12, "out of distribution": 2}  # the error row is not refused
+    assert sc["out_of_scope_by_class"] == {"no": 7, "yes": 7}
+    assert sc["views"] == {"axial": 32, "sagittal": 12, "unknown": 3}
+    assert sc["view_source"] == {"header": 44, "model": 2, "none": 1}
+    # all rows: the refused rows with their kept probabilities; in scope: without them, not as negatives
+    in_rows = df.drop(index=df.index[32:46])  # the error row (in_scope False, unscored) is not refused
+    assert sc["metrics"] == metrics_with_ci(in_rows, CLASSES, "no", 0.5, n_boot=100)
+    assert m_all["n"] == 47 and sc["metrics"]["n"] == 33 and sc["metrics"]["failed_predictions"] == 1
+    assert m_all["false_positives"] - sc["metrics"]["false_positives"] == 6  # the 6 refused healthy sagittal
+    assert sc["metrics"]["positives"] == m_all["positives"] - 7
+    om = sc["out_of_scope_metrics"]
+    assert om["n"] == 14 and om["false_positives"] == 6
+    # by view over all rows, with each view's refused count
+    bv = res["by_view"]
+    assert {k: (v["n"], v["out_of_scope"]) for k, v in bv.items()} == {
+        "axial": (32, 0), "sagittal": (12, 12), "unknown": (3, 2)
+    }  # fmt: skip
+    assert bv["sagittal"]["specificity"] == 0.0 and sc["by_view"]["axial"]["n"] == 32
+    assert "sagittal" not in sc["by_view"]
+    # by source: the all-row entries gain their refused counts; in-scope per-source metrics apart
+    assert {k: sc["by_source"][k]["n"] for k in ("A", "B")} == {"A": 24, "B": 9}
+
+
+def test_predictions_without_scope_columns_are_all_in_scope():
+    from raytumor.evaluate import scope_results
+    from raytumor.metrics import metrics_with_ci, per_source_metrics
+
+    df = _scoped().drop(columns=["view", "view_source", "in_scope", "scope_reason", "ood_score", "sequence"])
+    m = metrics_with_ci(df, CLASSES, "no", 0.5, n_boot=50)
+    by_source = per_source_metrics(df, CLASSES, "no", 0.5, 50)
+    res = scope_results(df, CLASSES, "no", 0.5, m, by_source, 50)
+    sc = res["scope"]
+    assert not sc["recorded"] and (sc["in_scope"], sc["out_of_scope"], sc["reasons"]) == (47, 0, {})
+    assert sc["metrics"] is m and sc["out_of_scope_metrics"] is None
+    assert list(res["by_view"]) == ["unknown"] and res["by_view"]["unknown"]["n"] == 47
+    assert res["by_sequence"] is None and by_source["A"]["out_of_scope"] == 0
+
+
+def test_by_sequence_breakdown_equals_the_metrics_of_each_sequence():
+    from raytumor.evaluate import format_scope, scope_results
+    from raytumor.metrics import metrics_with_ci, per_source_metrics
+
+    df = _scoped()
+    df.loc[5, "sequence"] = None  # a manifest row without a sequence
+    m = metrics_with_ci(df, CLASSES, "no", 0.5, n_boot=50)
+    res = scope_results(df, CLASSES, "no", 0.5, m, per_source_metrics(df, CLASSES, "no", 0.5, 50), 50)
+    bs = res["by_sequence"]
+    assert list(bs) == ["flair", "t1c", "unknown"]
+    flair = df[df["sequence"] == "flair"]
+    assert {k: v for k, v in bs["flair"].items() if k != "out_of_scope"} == metrics_with_ci(
+        flair, CLASSES, "no", 0.5, n_boot=50
+    )
+    assert bs["flair"]["out_of_scope"] == 7 and bs["t1c"]["out_of_scope"] == 7 and bs["unknown"]["n"] == 1
+    assert sum(v["n"] for v in bs.values()) == m["n"]
+    text = format_scope({"metrics": m, **res})
+    assert "14 out of scope" in text and "view sagittal 12, out of distribution 2" in text
+    assert "in-scope rows only:" in text and "per sequence" in text
+    row = next(line for line in text.splitlines() if line.endswith("  sagittal"))
+    assert row.split()[0] == "12" and row.split()[-2] == "12"  # n, then OOS last before the key
+
+
+def test_manifest_columns_resolve_masks_like_paths(tmp_path):
+    from raytumor.evaluate import manifest_columns
+
+    (tmp_path / "sub").mkdir()
+    rows = pd.DataFrame({"path": ["a.png", "b.png", "/abs/c.png"], "label": ["yes", "no", "yes"],
+                         "sequence": ["flair", "", "t1c"], "mask": ["masks/a.png", None, "s3://b/m.png"]})  # fmt: skip
+    rows.to_csv(tmp_path / "sub" / "m.csv", index=False)
+    out = manifest_columns([str(tmp_path / "sub" / "m.csv"), str(tmp_path / "folder")]).set_index("path")
+    base = str(tmp_path / "sub")
+    assert out.loc[f"{base}/a.png", "mask"] == f"{base}/masks/a.png"
+    assert out.loc[f"{base}/b.png", "mask"] is None and out.loc[f"{base}/b.png", "sequence"] is None
+    assert out.loc["/abs/c.png", "mask"] == "s3://b/m.png" and out.loc["/abs/c.png", "sequence"] == "t1c"
+    assert list(manifest_columns([str(tmp_path / "folder")]).columns) == ["path"]
+
+
+def _tiny_bundle(path, **meta_kw):
+    from raytumor.bundle import BundleMeta, save_bundle
+
+    kw = dict(backbone="tiny", classes=["no", "yes"], negative_class="no", image_size=32, mean=[0.5],
+              std=[0.25], threshold=0.5)  # fmt: skip
+    return save_bundle(path, {}, BundleMeta(**{**kw, **meta_kw}))
+
+
+def test_evaluate_scores_reports_scope_view_and_sequence(tmp_path, capsys):
+    """A score output with the scope columns, joined to a manifest with a sequence column (no Ray, no model):
+    the refused rows (label ``out_of_scope``) are counted apart, and the table prints them."""
+    from raytumor.evaluate import evaluate_scores, format_localisation, format_scope
+
+    bundle = _tiny_bundle(tmp_path / "bundle")
+    bundle_id = json.loads((bundle / "bundle.json").read_text())["bundle_id"]
+    df = _scoped().drop(columns="source")
+    df["path"] = [str(tmp_path / f"f{i:02d}.png") for i in range(len(df))]
+    truth = df[["path", "label", "sequence", "patient_id"]].assign(
+        label=np.where(df["label"] == 1, "yes", "no")
+    )
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    s = df["prob_yes"].to_numpy()
+    called = np.where(s >= 0.5, "yes", "no")
+    rows = df.drop(columns=["label", "sequence", "patient_id"]).assign(
+        score=s, kind="image", adaptation="none", bundle_id=bundle_id,
+        label=np.where(df["in_scope"], called, "out_of_scope"),
+    )  # fmt: skip
+    rows.loc[rows["error"].notna(), "label"] = None
+    (tmp_path / "scores" / "scores").mkdir(parents=True)
+    rows.to_parquet(tmp_path / "scores" / "scores" / "part-0.parquet", index=False)
+    res = evaluate_scores(bundle, str(tmp_path / "truth.csv"), str(tmp_path / "scores"), tmp_path / "out",
+                          n_boot=50)  # fmt: skip
+    sc = res["scope"]
+    assert (sc["in_scope"], sc["out_of_scope"]) == (33, 14) and res["metrics"]["n"] == 47
+    assert set(res["by_sequence"]) == {"flair", "t1c"} and res["localisation"] is None  # no mask column
+    assert res["by_view"]["sagittal"]["out_of_scope"] == 12
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["scope"]["reasons"] == sc["reasons"] and written["by_view"]["axial"]["n"] == 32
+    preds = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert preds["sequence"].notna().all() and (preds["label"].isin([0, 1])).all()  # truth, not the call
+    assert format_localisation(res["localisation"]) == "" and "out of scope" in format_scope(res)
+    # an older score output that says "out_of_scope" in its label only: still refused, not a negative
+    rows.drop(columns=["in_scope", "scope_reason", "view", "view_source"]).to_parquet(
+        tmp_path / "scores" / "scores" / "part-0.parquet", index=False
+    )
+    res = evaluate_scores(bundle, str(tmp_path / "truth.csv"), str(tmp_path / "scores"), None, n_boot=50)
+    assert res["scope"]["out_of_scope"] == 14 and res["scope"]["reasons"] == {"unspecified": 14}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grad-CAM localisation: the model input's geometry, through the real preprocessing
+
+
+def _head_on_wide_canvas(seed: int, blob: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A SYNTHETIC 96x96 phantom head (grey levels <= 200) on a 100x160 black canvas (left offset varies), with
+    a bright (250) disk of radius 5 at ``blob`` (head coordinates); returns the image and the disk mask."""
+    from raytumor.phantoms import make_phantom
+
+    rng = np.random.default_rng(seed)
+    head = np.minimum(make_phantom(rng, size=96), 200).astype(np.uint8)
+    canvas = np.zeros((100, 160), np.uint8)
+    top, left = 2, 10 + int(rng.integers(0, 50))
+    canvas[top : top + 96, left : left + 96] = head
+    mask = np.zeros(canvas.shape, bool)
+    if blob is not None:
+        yy, xx = np.mgrid[:100, :160]
+        mask = (yy - top - blob[0]) ** 2 + (xx - left - blob[1]) ** 2 <= 25
+        canvas[mask] = 250
+    return canvas, mask
+
+
+def test_input_box_is_the_crop_preprocess_applies():
+    from raytumor.evaluate import input_box, input_geometry
+    from raytumor.formats import fit_square
+    from raytumor.preprocess import PreprocessConfig, apply, to_model_input
+
+    gray, _ = _head_on_wide_canvas(0)
+    cfg = PreprocessConfig(crop=True, margin=0.05)
+    y0, y1, x0, x1 = input_box(gray, cfg)
+    assert (x1 - x0) < 120 and (y0, y1, x0, x1) != (0, 100, 0, 160)  # the black sides were cropped
+    np.testing.assert_array_equal(apply(gray, cfg), gray[y0:y1, x0:x1])
+    np.testing.assert_array_equal(to_model_input(gray, 48, cfg), fit_square(gray[y0:y1, x0:x1], 48))
+    assert input_box(gray, {"crop": False, "standardise": True}) == (0, 100, 0, 160)
+    assert input_box(np.zeros((30, 40), np.uint8), cfg) == (0, 30, 0, 40)  # no head found: no crop
+    assert input_geometry(gray, 48, cfg.to_dict()).box == (y0, y1, x0, x1)
+
+
+@pytest.mark.parametrize("preprocess", [{}, {"crop": True, "margin": 0.05}])
+def test_localise_maps_peaks_back_through_the_real_model_input(tmp_path, preprocess):
+    """Non-square images (padding) and, with the crop, a head box: a heat map that is the model input's own
+    brightness peaks on the bright blob, and mapped back that peak must fall on the blob's mask in the original
+    image, for every image. Unreadable masks are errors, not misses."""
+    from PIL import Image
+
+    from raytumor.bundle import BundleMeta, save_bundle
+    from raytumor.evaluate import localise
+    from raytumor.model import create_model, normalization
+
+    mean, std = normalization("efficientnet_lite0")
+    meta = BundleMeta(backbone="efficientnet_lite0", classes=["no", "yes"], negative_class="no", image_size=64,
+                      mean=list(mean), std=list(std), preprocess=preprocess)  # fmt: skip
+    bundle = save_bundle(
+        tmp_path / "b", create_model("efficientnet_lite0", 2, weights="none").state_dict(), meta
+    )
+    rows = []
+    for i, blob in enumerate([(20, 30), (70, 60), (48, 15), (30, 80), (75, 25), (50, 50)]):
+        img, mask = _head_on_wide_canvas(i + 1, blob)
+        Image.fromarray(img).save(tmp_path / f"t{i}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / f"t{i}_mask.png")
+        rows.append({"path": str(tmp_path / f"t{i}.png"), "mask": str(tmp_path / f"t{i}_mask.png"), "label": 1,
+                     "patient_id": f"P{i}"})  # fmt: skip
+    rows.append({**rows[0], "mask": str(tmp_path / "missing.png")})
+
+    def brightness(images: np.ndarray, targets: list[int]) -> np.ndarray:
+        assert targets == [1] * len(images)
+        return images.astype(np.float32) / 255.0
+
+    loc = localise(bundle, pd.DataFrame(rows), tolerance=0.01, batch_size=4, heatmap=brightness)
+    ok = loc[loc["error"].isna()]
+    assert len(ok) == 6 and ok["hit"].all() and (ok["distance_px"] == 0).all() and ok["in_image"].all()
+    assert np.allclose(ok["tolerance_px"], 1.6) and ok["mask_share"].between(0, 0.01).all()
+    assert (ok["head_share"] > ok["mask_share"]).all()  # the head is a smaller region than the whole image
+    assert loc["error"].iloc[-1].startswith(("FileNotFoundError", "OSError"))
+
+
+@pytest.mark.ray
+def test_evaluate_source_carries_sequence_and_masks(ray_session, head_bundle, tmp_path, capsys):
+    """The Ray path: a manifest's sequence and mask columns reach the predictions, the by-sequence table and
+    the pointing game (real Grad-CAM of the head-fitted bundle), and the command prints them."""
+    from PIL import Image
+
+    from raytumor.cli import main as cli_main
+    from raytumor.phantoms import make_phantom
+
+    rng = np.random.default_rng(9)
+    rows = []
+    for i in range(12):
+        tumour = i % 3 == 0
+        img, mask = make_phantom(rng, size=112, tumour=tumour, return_mask=True)
+        Image.fromarray(img).save(tmp_path / f"s{i:02d}.png")
+        if tumour:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / f"s{i:02d}_mask.png")
+        rows.append({"path": f"s{i:02d}.png", "label": "yes" if tumour else "no", "patient_id": f"P{i // 2}",
+                     "sequence": "t2" if i < 6 else "flair", "mask": f"s{i:02d}_mask.png" if tumour else None})  # fmt: skip
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "out"
+    cli_main(["evaluate", "--bundle", str(head_bundle.bundle), "--data", str(tmp_path / "m.csv"), "--out", str(out),
+              "--n-boot", "100", "--keep-duplicates"])  # fmt: skip
+    printed = capsys.readouterr().out
+    res = json.loads((out / "metrics.json").read_text())
+    preds = pd.read_parquet(out / "predictions.parquet")
+    assert preds["sequence"].notna().all() and preds["mask"].notna().sum() == 4
+    assert {k: v["n"] for k, v in res["by_sequence"].items()} == {"flair": 6, "t2": 6}
+    assert res["scope"]["evaluated"] == 12 and res["scope"]["in_scope"] + res["scope"]["out_of_scope"] == 12
+    loc = res["localisation"]
+    assert loc["tumour_images"] == 4 and loc["n"] == 4 and loc["errors"] == 0
+    assert set(loc["by_sequence"]) == {"flair", "t2"} and loc["ci95_resampling"].endswith("patients")
+    assert len(pd.read_parquet(out / "localisation.parquet")) == 4
+    assert "per sequence" in printed and "Grad-CAM pointing game" in printed

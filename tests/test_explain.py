@@ -11,11 +11,24 @@ import io
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-from raytumor.explain import GradCAM, explain_name, find_cam_layer, overlay_png
+from raytumor.explain import (
+    GradCAM,
+    InputGeometry,
+    cam_peak,
+    explain_name,
+    find_cam_layer,
+    hit_rate,
+    localisation_summary,
+    overlay_png,
+    point_in_mask,
+    pointing_game,
+)
+from raytumor.formats import fit_square
 from raytumor.model import create_model, list_backbones
 
 SIZE = 128  # Lite0 has stride 32: a 4x4 final map, so each quadrant owns 2x2 cells
@@ -327,3 +340,145 @@ def test_explain_name_deterministic_and_distinct():
     assert explain_name("archive.zip!yes/Y1.jpg") == names[0]
     # Pinned: stable across processes and versions (SHA-1 of the UTF-8 id).
     assert explain_name("abc") == "a9993e364706816aba3e.png"
+
+
+# -- pointing game: the Grad-CAM peak against a tumour mask, in the original image's pixels ------------------
+
+
+def _blob_image(h: int, w: int, cy: int, cx: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """A dim (h, w) image with a bright disk of radius ``r`` at (cy, cx), and the disk as the mask."""
+    yy, xx = np.mgrid[:h, :w]
+    disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    img = np.full((h, w), 40, np.uint8)
+    img[disk] = 250
+    return img, disk
+
+
+def test_peak_maps_back_through_the_padding_of_a_landscape_image():
+    """A 60x100 image padded to 100x100 (20 rows above), resized to 32: the bright blob's peak on the model
+    input must land on the blob. Scaling the input back to 60x100 without undoing the padding misses it."""
+    img, mask = _blob_image(60, 100, cy=6, cx=85, r=5)
+    x = fit_square(img, 32)  # what to_model_input does without a crop
+    geo = InputGeometry(60, 100, (0, 60, 0, 100), 32)
+    row, col = cam_peak(x.astype(np.float32) / 255)
+    y, xx = geo.to_source(row, col)
+    assert mask[int(y), int(xx)]
+    res = pointing_game(x.astype(np.float32) / 255, geo, mask)
+    assert res["hit"] and res["in_image"] and res["distance_px"] == 0 and not res["cam_empty"]
+    naive_y, naive_x = (row + 0.5) * 60 / 32, (col + 0.5) * 100 / 32  # stretch, padding ignored
+    assert not point_in_mask(mask, naive_y, naive_x)[0]
+
+
+def test_peak_maps_back_through_the_padding_of_a_portrait_image():
+    img, mask = _blob_image(90, 40, cy=70, cx=6, r=5)  # padded 25 columns left and right
+    x = fit_square(img, 36)
+    res = pointing_game(x.astype(np.float32), InputGeometry(90, 40, (0, 90, 0, 40), 36), mask)
+    assert res["hit"] and 0 <= res["peak_x"] < 40
+
+
+def test_peak_maps_back_through_a_crop():
+    """The model input is a crop (rows 20:100, columns 10:70) padded to square and resized: the box has to be
+    undone too, and forgetting it misses the blob."""
+    img, mask = _blob_image(120, 80, cy=30, cx=60, r=4)
+    box = (20, 100, 10, 70)
+    x = fit_square(np.ascontiguousarray(img[20:100, 10:70]), 40).astype(np.float32)
+    res = pointing_game(x, InputGeometry(120, 80, box, 40), mask)
+    assert res["hit"] and res["distance_px"] == 0
+    no_crop = pointing_game(x, InputGeometry(120, 80, (0, 120, 0, 80), 40), mask)
+    assert not no_crop["hit"] and no_crop["distance_px"] > 4
+
+
+def test_mask_at_another_resolution_is_scaled_and_other_aspect_refused():
+    img, mask = _blob_image(60, 100, cy=40, cx=20, r=5)
+    big = np.repeat(np.repeat(mask, 2, 0), 2, 1)  # the original was 120x200, decoded at half scale
+    x = fit_square(img, 32).astype(np.float32)
+    geo = InputGeometry(60, 100, (0, 60, 0, 100), 32)
+    res = pointing_game(x, geo, big)
+    assert res["hit"] and 60 <= res["peak_y"] < 100 and res["mask_share"] == pytest.approx(mask.mean())
+    with pytest.raises(ValueError, match="aspect ratio"):
+        pointing_game(x, geo, np.zeros((60, 60), bool))
+    with pytest.raises(ValueError, match="model input"):
+        pointing_game(x[:16], geo, mask)
+
+
+def test_tolerance_empty_map_and_centre_baseline():
+    mask = np.zeros((50, 50), bool)
+    mask[24:27, 24:27] = True  # a small tumour in the middle
+    cam = np.zeros((50, 50), np.float32)
+    cam[20, 25] = 1.0  # peak 4 rows above it
+    geo = InputGeometry(50, 50, (0, 50, 0, 50), 50)
+    near = pointing_game(cam, geo, mask, tolerance_px=4.0)
+    assert not near["hit"] and near["hit_tolerant"] and near["distance_px"] == pytest.approx(4.0)
+    assert not pointing_game(cam, geo, mask, tolerance_px=3.0)["hit_tolerant"]
+    assert near["centre_hit"]  # the input's centre (25, 25) is on this mask
+    empty = pointing_game(np.zeros((50, 50), np.float32), geo, mask, tolerance_px=100.0)
+    assert empty["cam_empty"] and not empty["hit"] and not empty["hit_tolerant"]  # no peak is a miss
+    assert point_in_mask(np.zeros((4, 4), bool), 1.0, 1.0) == (False, float("inf"))
+
+
+def test_peak_in_the_padding_is_a_miss_outside_the_image():
+    mask = np.ones((20, 100), bool)  # everything in the image is "tumour"
+    cam = np.zeros((10, 10), np.float32)
+    cam[0, 5] = 1.0  # top row of the input: padding above a 20x100 image
+    res = pointing_game(cam, InputGeometry(20, 100, (0, 20, 0, 100), 10), mask)
+    assert not res["in_image"] and not res["hit"] and res["peak_y"] < 0
+
+
+def test_hit_rate_interval_resamples_patients():
+    rng = np.random.default_rng(0)
+    per_patient = rng.random(20) < 0.5
+    hits = np.repeat(per_patient, 10)  # 20 patients x 10 slices with one outcome each
+    patients = np.repeat(np.arange(20), 10)
+    grouped, scans = hit_rate(hits, patients, 400, 0), hit_rate(hits, None, 400, 0)
+    assert grouped["rate"] == scans["rate"] == pytest.approx(per_patient.mean())
+    assert grouped["n"] == 200 and grouped["hits"] == int(hits.sum())
+    lo, hi = grouped["ci95"]
+    assert lo <= grouped["rate"] <= hi
+    assert (hi - lo) > 2 * (scans["ci95"][1] - scans["ci95"][0])  # 20 patients, not 200 scans
+    assert hit_rate(np.zeros(0, bool)) == {"n": 0, "hits": 0, "rate": None, "ci95": [None, None]}
+
+
+def test_localisation_summary_groups_and_counts():
+    rows = pd.DataFrame(
+        {
+            "hit": [True, False, True, True, False, False],
+            "hit_tolerant": [True, True, True, True, False, False],
+            "centre_hit": [False, False, True, False, False, False],
+            "mask_share": [0.1, 0.2, 0.1, 0.3, 0.1, np.nan],
+            "head_share": [0.2, 0.4, 0.2, 0.6, 0.2, np.nan],
+            "cam_empty": [False, False, False, False, True, False],
+            "in_image": [True, True, True, True, False, False],
+            "distance_px": [0.0, 3.0, 0.0, 0.0, np.nan, np.nan],
+            "patient_id": ["a", "a", "b", "c", "c", "d"],
+            "source": "s",
+            "sequence": ["flair", "t1c", "flair", "t1c", None, "flair"],
+            "called": [True, False, True, True, False, False],
+            "error": [None, None, None, None, None, "OSError: gone"],
+        }
+    )
+    s = localisation_summary(rows, n_boot=100)
+    assert (s["n"], s["errors"], s["cam_empty"], s["peak_in_padding"]) == (5, 1, 1, 0)
+    assert s["hit"]["rate"] == pytest.approx(3 / 5) and s["hit_tolerant"]["rate"] == pytest.approx(4 / 5)
+    assert s["centre_hit"]["rate"] == pytest.approx(1 / 5)
+    assert s["random_point"] == pytest.approx(0.16) and s["random_point_in_head"] == pytest.approx(0.32)
+    assert s["median_distance_px"] == 0.0 and s["ci95_resampling"] == "patients"
+    assert set(s["by_sequence"]) == {"flair", "t1c", "unknown"}
+    assert s["by_sequence"]["flair"]["hit"]["rate"] == 1.0 and s["by_sequence"]["t1c"]["n"] == 2
+    assert s["among_called_tumour"]["n"] == 3 and s["among_called_tumour"]["hit"]["rate"] == 1.0
+    assert "in_scope" not in s  # no in_scope column: nothing refused
+
+
+def test_pointing_game_on_gradcam_of_the_blob_model(fitted):
+    """Real Grad-CAM: with the blob's quadrant as the "tumour mask", the peak lands on it far more often than
+    the centre point or a random point would."""
+    model, x, quads = fitted
+    cams = GradCAM(model)(x, 1)
+    geo = InputGeometry(SIZE, SIZE, (0, SIZE, 0, SIZE), SIZE)
+    results = []
+    for cam, q in zip(cams, quads, strict=True):
+        mask = np.zeros((SIZE, SIZE), bool)
+        mask[q * HALF : (q + 1) * HALF, q * HALF : (q + 1) * HALF] = True
+        results.append(pointing_game(cam, geo, mask))
+    hits = np.array([r["hit"] for r in results])
+    centre = np.array([r["centre_hit"] for r in results])
+    assert hits.mean() >= 0.9 and hits.mean() > centre.mean() + 0.3 and hits.mean() > 0.25 + 0.5

@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 
 from raytumor.formats import DecodedScan, DecodeError, decode_image, decode_scan, sniff_format
+from raytumor.medical import decode_nifti_volume, plane_slices
+from raytumor.scan import view_from_orientation
 
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
@@ -213,11 +215,12 @@ def test_no_preamble_heuristic_does_not_misfire():
     assert sniff_format(b"\x08\x00\x05\x00" + b"\x00" * 40) == "unknown"
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # written on purpose
 def test_no_phi_in_outputs():
     ds = pydicom.dcmread(io.BytesIO(_dcm("MR_small.dcm")))
     ds.PatientName, ds.PatientID = "Doe^Jane", "SECRET123"
     scan = decode_scan(_ds_bytes(ds))
-    text = repr(scan.__dict__.keys()) + scan.mode + scan.format + scan.kind
+    text = repr(scan.__dict__.keys()) + scan.mode + scan.format + scan.kind + scan.view + scan.modality
     assert "Doe" not in text and "SECRET" not in text
     assert set(vars(scan)) == {
         "slices",
@@ -229,7 +232,139 @@ def test_no_phi_in_outputs():
         "slice_index",
         "num_slices",
         "spacing_mm",  # a float from the header geometry, never a tag value
+        "view",  # derived from the orientation vectors
+        "modality",  # a code string (CS characters only), else None
     }
+    # a Modality holding free text (here: a name) is not a code: never passed on
+    ds.Modality = "Doe^Jane"
+    assert decode_scan(_ds_bytes(ds)).modality is None
+
+
+# ---------------------------------------------------------------------------------------------------- view
+
+
+_COS30, _SIN30 = np.cos(np.radians(30)), np.sin(np.radians(30))
+_COS45 = np.cos(np.radians(45))
+# (ImageOrientationPatient, view): row cosines then column cosines in patient LPS
+_ORIENTATIONS = [
+    ((1, 0, 0, 0, 1, 0), "axial"),  # rows run to the patient's left, columns posterior: normal along z
+    ((1, 0, 0, 0, 0, -1), "coronal"),  # columns run inferior: normal along y
+    ((0, 1, 0, 0, 0, -1), "sagittal"),  # rows run posterior, columns inferior: normal along x
+    ((0, -1, 0, 0, 0, -1), "sagittal"),  # the other side: the normal's sign does not matter
+    ((1, 0, 0, 0, _COS30, -_SIN30), "axial"),  # tilted 30 degrees about x: normal (0, .5, .87)
+    ((1, 0, 0, 0, _COS45, -_COS45), "oblique"),  # 45 degrees: normal (0, .71, .71), below 0.8
+    ((2, 0, 0, 0, 0, -3), "coronal"),  # not unit length: only directions count
+]
+
+
+@pytest.mark.parametrize(("iop", "view"), _ORIENTATIONS)
+def test_view_from_orientation(iop, view):
+    assert view_from_orientation(iop) == view
+
+
+def test_view_from_orientation_threshold_and_invalid():
+    tilted30 = (1, 0, 0, 0, _COS30, -_SIN30)
+    assert view_from_orientation(tilted30, oblique_cos=0.9) == "oblique"  # cos 30 = 0.87 < 0.9
+    assert view_from_orientation(("1.0", "0", "0", "0", "0", "-1.0")) == "coronal"  # DS values are text
+    for bad in (
+        (1, 0, 0, 0, 1),  # 5 values
+        (1, 0, 0, 0, 1, 0, 0),  # 7 values
+        (1, 0, 0, 0, 1, float("nan")),
+        (1, 0, 0, 0, float("inf"), 0),
+        (0, 0, 0, 0, 1, 0),  # zero row direction
+        (1, 0, 0, 2, 0, 0),  # row and column parallel: no plane
+        ("a", 0, 0, 0, 1, 0),
+        None,
+    ):
+        with pytest.raises(ValueError):
+            view_from_orientation(bad)
+    with pytest.raises(ValueError, match="oblique_cos"):
+        view_from_orientation((1, 0, 0, 0, 1, 0), oblique_cos=1.5)
+
+
+def _small_dicom(
+    modality: str | None = "MR", iop=None, frames: int = 1, shared=None, per_frame=None
+) -> bytes:
+    """A minimal 8x8 16-bit MONOCHROME2 DICOM file; ``shared``/``per_frame``: an ImageOrientationPatient
+    for the enhanced multi-frame functional groups (PlaneOrientationSequence)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    if modality is not None:
+        ds.Modality = modality
+    if iop is not None:
+        ds.ImageOrientationPatient = list(iop)
+
+    def groups(orientation):
+        plane = Dataset()
+        plane.ImageOrientationPatient = list(orientation)
+        item = Dataset()
+        item.PlaneOrientationSequence = [plane]
+        return item
+
+    if shared is not None:
+        ds.SharedFunctionalGroupsSequence = [groups(shared)]
+    if per_frame is not None:
+        ds.PerFrameFunctionalGroupsSequence = [groups(per_frame) for _ in range(frames)]
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = np.arange(64 * frames, dtype=np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("iop", "view"), _ORIENTATIONS)
+def test_dicom_view_from_header(iop, view):
+    scan = decode_scan(_small_dicom(iop=iop))
+    assert scan.format == "dicom" and scan.view == view and scan.slices.shape == (1, 8, 8)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # written on purpose
+def test_dicom_modality_read_back():
+    assert decode_scan(_small_dicom("CT")).modality == "CT"
+    assert decode_scan(_small_dicom("MR")).modality == "MR"
+    assert decode_scan(_small_dicom(" mr ")).modality == "MR"  # stripped, upper case
+    assert decode_scan(_small_dicom(None)).modality is None
+    assert decode_scan(_dcm("CT_small.dcm")).modality == "CT"  # real scanner headers
+    assert (
+        decode_scan(_dcm("MR_small.dcm")).modality == "MR"
+        and decode_scan(_dcm("MR_small.dcm")).view == "axial"
+    )
+
+
+def test_dicom_view_missing_or_garbage_is_none():
+    assert decode_scan(_small_dicom(iop=None)).view is None
+    for bad in ((1, 0, 0, 0, 1), (0, 0, 0, 0, 0, 0), (1, 0, 0, 1, 0, 0)):
+        scan = decode_scan(_small_dicom(iop=bad))  # pixels still decode: the orientation is optional
+        assert scan.view is None and scan.slices.shape == (1, 8, 8)
+    # a DS value that is no number at all
+    ds = pydicom.dcmread(io.BytesIO(_small_dicom(iop=(1, 0, 0, 0, 1, 0))))
+    ds["ImageOrientationPatient"] = pydicom.DataElement(0x00200037, "LO", "left\\up")
+    scan = decode_scan(_ds_bytes(ds))
+    assert scan.view is None and scan.modality == "MR"
+
+
+def test_dicom_enhanced_multiframe_view():
+    sagittal, coronal = (0, 1, 0, 0, 0, -1), (1, 0, 0, 0, 0, -1)
+    shared = decode_scan(_small_dicom(frames=3, shared=sagittal))
+    assert shared.kind == "volume" and shared.slices.shape == (3, 8, 8) and shared.view == "sagittal"
+    assert decode_scan(_small_dicom(frames=3, per_frame=coronal)).view == "coronal"  # first frame's
+    assert decode_scan(_small_dicom(frames=3, shared=sagittal, per_frame=coronal)).view == "sagittal"
+    assert decode_scan(_small_dicom(frames=3, shared=(0, 0, 0, 0, 0, 0), per_frame=coronal)).view == "coronal"
+    assert decode_scan(_small_dicom(frames=3)).view is None
+    # the classic top-level attribute wins over the functional groups
+    assert decode_scan(_small_dicom(iop=(1, 0, 0, 0, 1, 0), frames=3, shared=sagittal)).view == "axial"
 
 
 # ---------------------------------------------------------------------------------------------------- NIfTI
@@ -342,6 +477,16 @@ def test_synthetic_slice_selection_window_and_orientation():
     assert every.slices[:4].max() == 0 and 0 < every.slices[13].max() < 40
 
 
+def _reoriented(ras_img, codes: tuple[str, str, str]):
+    """The same image stored with voxel axes ``codes`` (the affine says so)."""
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(codes)
+    )
+    stored = ras_img.as_reoriented(ornt)
+    assert nib.aff2axcodes(stored.affine) == codes
+    return stored
+
+
 @pytest.mark.parametrize("codes", [("L", "P", "I"), ("P", "S", "R"), ("A", "I", "L")])
 def test_orientation_independent_of_storage(codes):
     vol = _synthetic_head()
@@ -384,6 +529,42 @@ def test_nifti_2d_singletons_and_nan():
     assert scan.slices.dtype == np.uint8 and scan.slice_index.tolist() == list(range(4, 12))
 
 
+def test_nifti_view_and_no_modality():
+    vol = _synthetic_head()
+    scan = decode_scan(nib.Nifti1Image(vol, np.eye(4)).to_bytes())
+    assert scan.kind == "volume" and scan.view == "axial" and scan.modality is None
+    # stored in another orientation: still sliced along canonical z, so still axial
+    stored = _reoriented(nib.Nifti1Image(vol, np.eye(4)), ("P", "S", "R"))
+    assert decode_scan(stored.to_bytes()).view == "axial"
+    # a single plane: its view is the axis it is thin along (canonical RAS: x sagittal, y coronal, z axial)
+    plane = np.outer(np.arange(1, 13), np.arange(1, 9)).astype(np.float32)
+    for arr, view in ((plane[None], "sagittal"), (plane[:, None], "coronal"), (plane[:, :, None], "axial")):
+        scan = decode_scan(nib.Nifti1Image(arr, np.eye(4)).to_bytes())
+        assert scan.kind == "image" and scan.slices.shape == (1, 8, 12) and scan.view == view, view
+    # ... also when the file stores the thin axis elsewhere: (y, z, x) storage of a sagittal plane
+    stored = _reoriented(nib.Nifti1Image(plane[None], np.eye(4)), ("A", "S", "R"))
+    assert stored.shape == (12, 8, 1) and decode_scan(stored.to_bytes()).view == "sagittal"
+
+
+def test_nifti_volume_entry_point():
+    vol = _synthetic_head()
+    ras = nib.Nifti1Image(vol, np.diag([1.0, 1.5, 2.0, 1.0]))
+    stored = _reoriented(ras, ("P", "S", "L"))
+    got = decode_nifti_volume(gzip.compress(stored.to_bytes()))
+    assert got.voxels.shape == vol.shape and got.voxels.dtype == np.uint8 and got.mode == "float32"
+    assert got.spacing_mm == (1.0, 1.5, 2.0)  # per canonical axis, whatever the storage order
+    # the same voxels and window decode_nifti slices: its axial stack is the volume's axial plane stack
+    scan = decode_scan(ras.to_bytes(), min_foreground=0.0)
+    assert np.array_equal(plane_slices(got.voxels, "axial"), scan.slices)
+    assert np.array_equal(plane_slices(got.voxels, "axial")[11], np.rot90(got.voxels[:, :, 11]))
+    # the marker (right, anterior, top head slice) is where it was drawn, not mirrored
+    assert got.voxels[18, 22, 11] == 255 and got.voxels[1, 22, 11] == got.voxels[18, 1, 11] == 0
+    with pytest.raises(ValueError, match="unknown view"):
+        plane_slices(got.voxels, "oblique")
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_nifti_volume(ras.to_bytes(), max_voxels=100)
+
+
 def test_nifti_all_empty_keeps_middle_slice():
     scan = decode_scan(nib.Nifti1Image(np.zeros((6, 7, 9), np.int16), np.eye(4)).to_bytes())
     assert scan.slice_index.tolist() == [4] and scan.slices.shape == (1, 7, 6) and scan.slices.max() == 0
@@ -395,6 +576,7 @@ def test_raster_wrapped_as_single_slice():
     scan = decode_scan(buf.getvalue())
     assert (scan.kind, scan.format, scan.mode, scan.num_slices) == ("image", "png", "L", 1)
     assert scan.slices.shape == (1, 6, 8) and scan.slice_index.tolist() == [0]
+    assert scan.view is None and scan.modality is None  # a raster says neither
     with pytest.raises(DecodeError, match="^empty file$"):
         decode_scan(b"")
     with pytest.raises(DecodeError, match="^unknown format$"):

@@ -564,3 +564,134 @@ def test_two_sources_by_source(healthy_manifest, built, tmp_path):
         f"<td>{html_mod.escape(str(folder))}</td><td>10</td><td>5</td><td>{report.fmt(site['roc_auc'])}</td>"
         in (section)
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scope and Grad-CAM localisation sections, Ray-free: a hand-written score output of the head-fitted bundle
+# (real model: gallery, thumbnails and pointing game run) on SYNTHETIC phantoms with lesion masks
+
+
+@pytest.fixture(scope="module")
+def scoped_report(head_bundle, tmp_path_factory) -> dict:
+    """24 phantoms (12 with a tumour and its lesion mask) in a manifest with sequence and mask columns, and
+    a score output in which 5 are refused: 4 sagittal (3 healthy, called tumour) and 1 out of distribution."""
+    from raytumor.phantoms import make_phantom
+
+    root = tmp_path_factory.mktemp("scoped")
+    (root / "img").mkdir()
+    (root / "masks").mkdir()
+    bundle_id = json.loads((head_bundle.bundle / "bundle.json").read_text())["bundle_id"]
+    rng = np.random.default_rng(5)
+    truth, scores = [], []
+    for i in range(24):
+        tumour = i % 2 == 1
+        img, mask = make_phantom(rng, size=128, tumour=tumour, return_mask=True)
+        name = f"img/P{i // 4:02d}_{i:02d}.png"
+        Image.fromarray(img).save(root / name)
+        mask_rel = None
+        if tumour:
+            mask_rel = f"masks/P{i // 4:02d}_{i:02d}.png"
+            Image.fromarray(mask.astype(np.uint8) * 255).save(root / mask_rel)
+        truth.append({"path": name, "label": "yes" if tumour else "no", "patient_id": f"P{i // 4:02d}",
+                      "sequence": "flair" if i < 12 else "t1c", "mask": mask_rel})  # fmt: skip
+        refused = "view sagittal" if i in (0, 2, 4, 5) else ("out of distribution" if i == 9 else None)
+        s = float(np.clip((0.7 if tumour else 0.3) + rng.normal(0, 0.15), 0.02, 0.98))
+        if refused == "view sagittal" and not tumour:
+            s = 0.9  # what the model says about views it never saw
+        scores.append({"path": str(root / name), "prob_no": 1 - s, "prob_yes": s, "score": s,
+                       "label": "out_of_scope" if refused else ("yes" if s >= 0.5 else "no"), "kind": "image",
+                       "view": "sagittal" if refused == "view sagittal" else "axial", "view_source": "model",
+                       "ood_score": 3.0, "in_scope": refused is None, "scope_reason": refused,
+                       "adaptation": "none", "bundle_id": bundle_id, "error": None})  # fmt: skip
+    pd.DataFrame(truth).to_csv(root / "manifest.csv", index=False)
+    (root / "scores" / "scores").mkdir(parents=True)
+    pd.DataFrame(scores).to_parquet(root / "scores" / "scores" / "part-0.parquet", index=False)
+    out = root / "out"
+    rep = report.build_report(head_bundle.bundle, str(root / "manifest.csv"), out, n_boot=100, gallery=2,
+                              scores=str(root / "scores"))  # fmt: skip
+    return {
+        "rep": rep,
+        "out": out,
+        "page": (out / "report.html").read_text(encoding="utf-8"),
+        "json": json.loads((out / "report.json").read_text()),
+        "metrics": json.loads((out / "metrics.json").read_text()),
+    }
+
+
+def test_scope_section_counts_refused_inputs_apart(scoped_report):
+    rj, mj, page = scoped_report["json"], scoped_report["metrics"], scoped_report["page"]
+    sc = rj["scope"]
+    assert (sc["evaluated"], sc["in_scope"], sc["out_of_scope"]) == (24, 19, 5)
+    assert sc["reasons"] == {"view sagittal": 4, "out of distribution": 1}
+    assert sc["out_of_scope_by_class"] == {"no": 3, "yes": 2}
+    assert rj["metrics"]["n"] == 24 and sc["metrics"]["n"] == 19
+    assert rj["metrics"]["false_positives"] - sc["metrics"]["false_positives"] == 3  # refused, not negatives
+    # report.json holds metrics.json's numbers (plus the thumbnails)
+    assert {k: v for k, v in sc.items() if k != "thumbnails"} == mj["scope"]
+    assert rj["by_view"] == mj["by_view"] and rj["by_sequence"] == mj["by_sequence"]
+    section = _section_of(page, "scope")
+    assert (
+        "<td>view sagittal</td><td>4</td>" in section and "<td>out of distribution</td><td>1</td>" in section
+    )
+    assert "<th>out of scope</th><td>5</td>" in section and "<th>in scope</th><td>19</td>" in section
+    m_all, m_in = rj["metrics"], sc["metrics"]
+    assert "<td>n</td><td>24</td><td></td><td>19</td><td></td>" in section
+    assert (
+        f"<td>specificity</td><td>{report.fmt(m_all['specificity'])}</td>"
+        f"<td>{report.fmt_ci(m_all['ci95']['specificity'])}</td><td>{report.fmt(m_in['specificity'])}</td>"
+    ) in section
+    sag = rj["by_view"]["sagittal"]
+    assert sag["n"] == sag["out_of_scope"] == 4
+    assert f"<td>sagittal</td><td>4</td><td>4</td><td>{sag['positives']}</td>" in section
+    flair = rj["by_sequence"]["flair"]
+    assert (
+        f"<td>flair</td><td>12</td><td>{flair['out_of_scope']}</td>" in section and flair["out_of_scope"] == 5
+    )
+    assert "out of scope (refused by the bundle)" in _section_of(page, "summary")
+
+
+def test_scope_thumbnails_show_one_refused_input_per_reason_first(scoped_report):
+    rj, out, page = scoped_report["json"], scoped_report["out"], scoped_report["page"]
+    thumbs = rj["scope"]["thumbnails"]
+    assert [t["reason"] for t in thumbs[:2]] == ["view sagittal", "out of distribution"]
+    assert len(thumbs) == 2  # gallery=2: one of each reason
+    for t in thumbs:
+        assert _is_png(out / t["png"]) and t["png"] in rj["figures"]
+        assert t["basename"] in _section_of(page, "scope")
+
+
+def test_localisation_section_equals_metrics_json(scoped_report):
+    rj, mj, out, page = (
+        scoped_report["json"],
+        scoped_report["metrics"],
+        scoped_report["out"],
+        scoped_report["page"],
+    )
+    loc = rj["localisation"]
+    assert loc == mj["localisation"] is not None
+    assert loc["tumour_images"] == 12 and loc["n"] + loc["errors"] == 12 and loc["without_mask"] == 0
+    assert loc["ci95_resampling"] == "patients" and set(loc["by_sequence"]) == {"flair", "t1c"}
+    assert "in_scope" in loc and loc["in_scope"]["n"] == 10  # 2 refused tumour images
+    rows = pd.read_parquet(out / "localisation.parquet")
+    assert len(rows) == 12 and rows["hit"].sum() == loc["hit"]["hits"]
+    assert rows["mask_share"].mean() == pytest.approx(loc["random_point"])
+    assert (rows["mask_share"] < rows["head_share"]).all()  # the head is part of the image
+    section = _section_of(page, "localisation")
+    h, t, c = loc["hit"], loc["hit_tolerant"], loc["centre_hit"]
+    assert (
+        f"<td>all tumour images</td><td>{loc['n']}</td><td>{report.fmt(h['rate'])}</td>"
+        f"<td>{report.fmt_ci(h['ci95'])}</td><td>{report.fmt(t['rate'])}</td><td>{report.fmt_ci(t['ci95'])}</td>"
+        f"<td>{report.fmt(c['rate'])}</td><td>{report.fmt_ci(c['ci95'])}</td>"
+        f"<td>{report.fmt(loc['random_point'])}</td><td>{report.fmt(loc['random_point_in_head'])}</td>"
+    ) in section
+    assert "<td>sequence flair</td><td>6</td>" in section and "within 1% of the image" in section
+
+
+def test_report_without_scope_or_masks_says_so(tmp_path, monkeypatch):
+    """An evaluation written before scope existed (no scope keys): no Scope section; no mask column: the
+    localisation section says there is nothing to check."""
+    _fake_evaluation(monkeypatch, _preds())
+    rep = report.build_report(_tiny_bundle(tmp_path / "b"), "/x", tmp_path / "out", n_boot=50, gallery=0)
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert rep["scope"] is None and rep["localisation"] is None and 'id="scope"' not in page
+    assert "no mask column" in _section_of(page, "localisation")

@@ -195,6 +195,31 @@ def test_patient_id_groups_and_nulls_do_not(scans: pd.DataFrame) -> None:
     assert len(table) == 5
 
 
+def test_near_duplicates_never_link_two_named_patients() -> None:
+    """Skull-base slices of different patients look alike; the manifest's patient ids are authoritative, so a
+    near-duplicate edge between two named patients would chain whole patients (and, left out as one site, drop
+    another site's patients from training). A copy of a named patient's slice in a source without patient ids
+    (a Kaggle-style folder) still groups with it; an exact copy links patients as before."""
+    img = brain_like(1)
+    jpeg = encode(img, "JPEG", quality=90)  # near-identical, different bytes
+    rows = [
+        row("a/p1_01.png", encode(img), patient_id="p1"),
+        row("a/p2_01.jpg", jpeg, patient_id="p2"),
+        row("a/p2_02.png", encode(brain_like(2)), patient_id="p2"),
+        row("b/copy.jpg", encode(img, "JPEG", quality=70)),
+        row("a/p3_01.png", encode(brain_like(3)), patient_id="p3"),
+        row("a/p4_01.png", encode(brain_like(3)), patient_id="p4"),
+    ]
+    df = pd.DataFrame(rows)
+    df["source"] = ["a", "a", "a", "b", "a", "a"]
+    g = split.find_duplicate_groups(df)
+    # the copy without a patient id links to both named near-duplicates, so they end in one group through it
+    assert g[3] == g[0] == g[1] == g[2]
+    g2 = split.find_duplicate_groups(df.drop(index=3).reset_index(drop=True))
+    assert g2[0] != g2[1] and g2[1] == g2[2]  # near-duplicates across named patients: no edge
+    assert g2[3] == g2[4]  # identical bytes (sha256) still link p3 and p4
+
+
 def test_exact_sha_groups_without_fingerprints() -> None:
     df = pd.DataFrame({"path": list("abcde"), "sha256": ["x", "y", "x", None, "y"], "label": 0})
     g = split.find_duplicate_groups(df, min_corr=None)
@@ -387,6 +412,26 @@ def test_split_groups_stratified_no_straddling_and_deterministic() -> None:
     assert (s2 == s[perm]).all()
     assert (split.split_groups(df, groups, seed=5) == s).all()
     assert (split.split_groups(df, groups, seed=6) != s).any()
+
+
+def test_assign_folds_like_split_groups_whole_groups_per_class_and_seeded() -> None:
+    """Cross-validation folds follow split_groups' rules: whole groups, every class in proportion, the
+    same folds for any row order, other folds for another seed; a fold held out by holdout_split leaks
+    nothing into its training."""
+    rng = np.random.default_rng(3)
+    df, groups = _grouped_frame(rng)
+    folds = split.assign_folds(df, groups, 5, seed=5)
+    assert (pd.Series(folds).groupby(groups).nunique() == 1).all() and set(folds) == set(range(5))
+    for label in (0, 1):
+        m = df["label"].to_numpy() == label
+        for k in range(5):
+            assert abs((folds[m] == k).mean() - 0.2) < 0.02, (label, k)
+    perm = rng.permutation(len(df))
+    again = split.assign_folds(df.iloc[perm].reset_index(drop=True), groups[perm], 5, seed=5)
+    assert (again == folds[perm]).all() and (split.assign_folds(df, groups, 5, seed=6) != folds).any()
+    s, dropped = split.holdout_split(df, groups, folds == 2, seed=5)
+    assert dropped == 0 and split.leakage(df, s, groups)["straddling_groups"] == 0
+    assert set(s[folds == 2]) == {"test"} and set(s[folds != 2]) == {"train", "val"}
 
 
 def test_split_groups_stratified_by_source() -> None:

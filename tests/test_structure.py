@@ -14,6 +14,7 @@ LAYERS: list[tuple[str, ...]] = [
     # shared layers
     ("storage", "scan", "groups", "volumes", "config", "runtime", "model", "phantoms", "augment"),
     ("medical", "metrics", "results", "split"),
+    ("scope",),
     ("formats", "bundle", "calibrate", "explain"),
     ("preprocess",),
     ("predict", "ingest"),
@@ -24,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("report",),
     ("train",),
     ("tune",),
+    ("cv",),
     ("demo",),
     ("cli",),
 ]

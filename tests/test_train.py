@@ -77,7 +77,34 @@ def br35h_subset(navoneel, br35h, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(ray_session, navoneel, br35h_subset, tmp_path_factory):
+def view_manifest(tmp_path_factory) -> str:
+    """Slices of 6 real IXI T1 volumes cut along each axis (the view known from geometry): the view-head data
+    a user makes with ``raytumor slices --planes axial,coronal,sagittal``; 8 per axis and volume."""
+    import nibabel as nib
+    from PIL import Image
+
+    from tests.conftest import shared_dataset
+
+    vols = sorted((shared_dataset("ixi-t1-nichart-42") / "nifti").glob("*.nii.gz"))[:6]
+    out = tmp_path_factory.mktemp("views")
+    rows = []
+    for v in vols:
+        a = np.asarray(nib.as_closest_canonical(nib.load(v)).dataobj, dtype=np.float32)
+        a = np.clip(a / np.percentile(a, 99.5) * 255, 0, 255).astype(np.uint8)
+        pid = v.name.split("-")[0]
+        for axis, view in ((2, "axial"), (1, "coronal"), (0, "sagittal")):
+            for k in np.linspace(0.3, 0.7, 8) * a.shape[axis]:
+                img = np.rot90(np.take(a, int(k), axis=axis))
+                f = out / f"{pid}_{view}_{int(k)}.png"
+                Image.fromarray(np.ascontiguousarray(img)).save(f)
+                rows.append((str(f), view, pid))
+    manifest = out / "views.csv"
+    pd.DataFrame(rows, columns=["path", "view", "patient_id"]).to_csv(manifest, index=False)
+    return str(manifest)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_session, navoneel, br35h_subset, view_manifest, tmp_path_factory):
     """One real 2-worker DDP run on two sources (navoneel-253 + a br35h-3000 subset) where a worker dies
     in epoch 1 and the run recovers; every worker's reports are recorded by a controller callback."""
     import ray.train
@@ -105,6 +132,7 @@ def ddp_run(ray_session, navoneel, br35h_subset, tmp_path_factory):
         patience=5,
         max_failures=1,
         seed=0,
+        view_data=[view_manifest],
     )
     die = kill_worker_once(epoch=1, marker=cfg.run_dir / ".failed_once")
     summary = run_training(cfg, callbacks=[RecordReports(str(reports))], worker_callbacks=[die])
@@ -139,6 +167,36 @@ def test_ddp_run_writes_a_loadable_bundle(ddp_run):
     assert (Path(summary["report"]).parent / "report.json").is_file()
     (tn, fp_), (fn, tp) = test["confusion_matrix"]
     assert test["sensitivity"] == pytest.approx(tp / (tp + fn))
+
+
+def test_bundle_records_its_scope_view_head_and_ood_reference(ddp_run):
+    cfg, summary, _ = ddp_run
+    bundle = load_bundle(summary["bundle"], device="cpu")
+    meta = bundle.meta
+    assert bundle.heads.view is not None and bundle.heads.ood is not None
+    scope = meta.scope
+    # every real training example is counted once, under the view its manifest, header or the view head gave
+    n_train = int(
+        pd.read_parquet(Path(summary["run_dir"]) / "split_manifest.parquet")["split"].eq("train").sum()
+    )
+    counted = sum(n for per in scope["counts"]["view"].values() for n in per.values())
+    assert counted + scope["synthetic"] == n_train and scope["synthetic"] == 0
+    assert set(scope["counts"]["view"]) <= {"axial", "coronal", "sagittal", "oblique", "unknown"}
+    assert scope["min_examples"] == cfg.scope_min_examples and scope["view_head"] is True
+    # the OOD threshold lets ~99 % of validation images pass (the val split is small: allow 1-2 over)
+    ood = meta.metrics["ood"]
+    assert ood["threshold"] == scope["ood_threshold"] > 0 and ood["val_flagged"] <= 0.05
+    # the view head is measured on held-out IXI subjects' slices
+    vh = meta.metrics["view_head"]
+    assert vh["held_out_slices"] > 0 and set(vh["held_out_per_view"]) == {"axial", "coronal", "sagittal"}
+    assert vh["held_out_accuracy"] > 0.8
+    # the calibrated test predictions carry the score rows' scope columns (what `raytumor cv` pools)
+    tp = pd.read_parquet(Path(summary["run_dir"]) / "test_predictions.parquet")
+    assert {"view", "view_source", "ood_score", "in_scope", "scope_reason", "score", "pred"} <= set(
+        tp.columns
+    )
+    assert len(tp) == meta.metrics["test"]["n"] and "features" not in tp.columns
+    assert meta.metrics["test_in_scope"]["out_of_scope"] == int((~tp["in_scope"].astype(bool)).sum())
 
 
 def test_bundle_and_report_cis_agree_on_the_test_split(ddp_run):
@@ -370,3 +428,27 @@ def test_args_parser_round_trip():
     assert TrainConfig(data="a", worker_resources={"slot": 1}).worker_resources == {"slot": 1.0}
     with pytest.raises(ValueError, match="worker resource"):
         TrainConfig(data="a", worker_resources={"GPU": 1})
+
+
+def test_balance_sources_repeats_smaller_sources_up_to_a_share_and_a_cap():
+    from raytumor.train.data import MAX_SOURCE_REPEAT, balance_sources
+
+    files = pd.DataFrame(
+        {
+            "path": [f"f{i}" for i in range(1110)],
+            "label": 0,
+            "source": ["big"] * 1000 + ["mid"] * 100 + ["tiny"] * 10,
+        }
+    )
+    out = balance_sources(files, 0.5, seed=0)
+    n = out["source"].value_counts()
+    assert n["big"] == 1000 and n["mid"] == 500  # 5 whole repeats
+    assert n["tiny"] == 10 * MAX_SOURCE_REPEAT  # capped: 50x would be memorising 10 files
+    assert set(out.loc[out["source"] == "mid", "path"]) == set(files.loc[files["source"] == "mid", "path"])
+    fractional = balance_sources(files, 0.25, seed=0)["source"].value_counts()
+    assert fractional["mid"] == 250 and balance_sources(files, 0.25, seed=0).equals(
+        balance_sources(files, 0.25, 0)
+    )
+    assert balance_sources(files, 0.0, 0) is files and balance_sources(
+        files[files.source == "big"], 1.0, 0
+    ).equals(files[files.source == "big"])

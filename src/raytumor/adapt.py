@@ -426,8 +426,10 @@ def flip_tta_probs(
     images: np.ndarray | torch.Tensor,
     device: torch.device,
     temperature: float = 1.0,
+    plain: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax probabilities averaged over each (B, H, W) image and its left-right mirror.
+    """Softmax probabilities averaged over each (B, H, W) image and its left-right mirror (``plain``: the
+    unflipped images' probabilities when the caller already has them).
 
     Brain MRI is roughly left-right symmetric and tumours occur on either side, so the mirror is an
     in-distribution view; the average is symmetric, hence invariant to flipping the input. Two
@@ -435,7 +437,7 @@ def flip_tta_probs(
     size.
     """
     x = _as_batch(images)
-    p = forward_probs(model, x, device, temperature)
+    p = forward_probs(model, x, device, temperature) if plain is None else plain
     p_flip = forward_probs(model, torch.flip(x, dims=(-1,)), device, temperature)
     return (p + p_flip) / 2
 

@@ -7,6 +7,9 @@ Layout (MONAI-bundle spirit, one JSON instead of a config tree):
   train_fingerprints.parquet   sha256/dHash/thumbnail of every train+val file, so evaluation can drop
                                test files that duplicate what the model saw
   history.csv                  per-epoch training metrics
+  heads.pt                     view head and OOD reference on the backbone's features (``raytumor.scope``;
+                               tensors only, ``weights_only=True``); bundle.json's ``scope`` says what the
+                               model may score
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from raytumor import __version__
 from raytumor.model import create_model
+from raytumor.scope import HEADS_FILE, Heads, Scope
 from raytumor.storage import get_filesystem
 
 BUNDLE_FORMAT = 1
@@ -56,6 +60,9 @@ class BundleMeta:
     train_config: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)  # source, split manifest sha256, counts
     versions: dict[str, str] = field(default_factory=dict)
+    # raytumor.scope.Scope.to_dict(): training examples per view/sequence and class, what is in scope, the
+    # OOD threshold; {} (older bundles) means no scope recorded: every input is scored as before.
+    scope: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     bundle_id: str = ""
     format: int = BUNDLE_FORMAT
@@ -92,6 +99,7 @@ def save_bundle(
     meta: BundleMeta,
     train_fingerprints: pd.DataFrame | None = None,
     history: pd.DataFrame | None = None,
+    heads: Heads | None = None,
 ) -> Path:
     """Write a bundle atomically (to a temp dir, then rename) so a crash never leaves half a bundle."""
     path = Path(path)
@@ -102,6 +110,9 @@ def save_bundle(
         meta.bundle_id = file_sha256(tmp / MODEL_FILE)[:16]
         meta.created_at = meta.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
         meta.versions = meta.versions or package_versions()
+        if heads is not None and (heads.view is not None or heads.ood is not None):
+            heads.save(tmp / HEADS_FILE)
+            meta.scope = {**meta.scope, "heads_sha256": file_sha256(tmp / HEADS_FILE)}
         if train_fingerprints is not None:
             train_fingerprints.reset_index(drop=True).to_parquet(tmp / FINGERPRINTS_FILE, index=False)
         if history is not None:
@@ -174,6 +185,11 @@ class LoadedBundle:
     meta: BundleMeta
     model: torch.nn.Module
     device: torch.device
+    heads: Heads = field(default_factory=Heads)
+
+    @property
+    def scope(self) -> Scope | None:
+        return Scope.from_dict(self.meta.scope)
 
     def train_fingerprints(self) -> pd.DataFrame | None:
         f = self.path / FINGERPRINTS_FILE
@@ -189,4 +205,12 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
     state = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.eval().to(dev, memory_format=torch.channels_last)
-    return LoadedBundle(path=path, meta=meta, model=model, device=dev)
+    heads = Heads()
+    if (path / HEADS_FILE).is_file():
+        want = meta.scope.get("heads_sha256")
+        if want and file_sha256(path / HEADS_FILE) != want:
+            raise ValueError(
+                f"{path / HEADS_FILE} does not match the bundle (sha256 differs from bundle.json)"
+            )
+        heads = Heads.load(path / HEADS_FILE)
+    return LoadedBundle(path=path, meta=meta, model=model, device=dev, heads=heads)

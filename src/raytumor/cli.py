@@ -16,10 +16,17 @@ from raytumor.model import list_backbones
 STAGES: dict[str, tuple[str, str]] = {
     "train": ("raytumor.train", "fine-tune a classifier on a labelled folder/bucket/manifest"),
     "tune": ("raytumor.tune", "search backbones and hyperparameters with Ray Tune (ASHA)"),
+    "cv": (
+        "raytumor.cv",
+        "cross-validate: group folds or leave-one-source-out, folds in parallel, one report",
+    ),
     "score": ("raytumor.score", "batch-score a folder/bucket/archive of scans: one row per file, resumable"),
     "report": ("raytumor.report", "self-contained HTML evaluation report of a bundle on labelled data"),
     "evaluate": ("raytumor.evaluate", "metrics of a bundle on labelled data, with 95 percent CIs"),
-    "slices": ("raytumor.slices", "export axial training slices (PNG + manifest) from volumes"),
+    "slices": (
+        "raytumor.slices",
+        "export training slices (PNG + manifest) from volumes: axial, or every plane for the view head",
+    ),
     "demo": ("raytumor.demo", "synthetic phantoms -> tune -> train -> score -> report, on a fresh machine"),
 }
 

@@ -10,6 +10,17 @@ value ``NAME via PROVENANCE`` counts as ``NAME`` (``ingest.source_key``): the IX
 ``IXI T1 (2mm, uint8 downsampled) via github:...:IXI012-HH-1211_T1.nii.gz axial slice z=56`` is one source,
 ``IXI T1 (2mm, uint8 downsampled)``, not 462. ``--source-pattern REGEX`` replaces that rule: its first
 group (else the whole match) in the raw value is the key.
+
+Scope: a bundle refuses inputs it was not trained for (another modality or view, out of distribution), and
+a prediction row says so (``in_scope``, ``scope_reason``, ``view``). Metrics are given for all rows (the
+probabilities of a refused row are kept, so this is what the model would have said) and for the in-scope
+rows only; refused rows are counted with their reasons, never as negatives. Predictions without these columns
+(older outputs) are all in scope, view unknown. Everything is also broken down by view and, when the labelled
+manifest has a ``sequence`` column, by sequence.
+
+Localisation: when the manifest has a ``mask`` column (an expert tumour mask per tumour image, a path
+relative to the manifest like ``path``), the Grad-CAM peak of each tumour image is checked against its mask
+in the original image's coordinates (:func:`localise`, :func:`raytumor.explain.pointing_game`).
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +41,16 @@ import pandas as pd
 from raytumor import split
 from raytumor.bundle import FINGERPRINTS_FILE, fetch_bundle, read_meta
 from raytumor.config import add_options, from_args, opt, stage_parser
+from raytumor.explain import GradCAM, InputGeometry, localisation_summary, pointing_game
+from raytumor.formats import decode_image
 from raytumor.ingest import build_catalogue, decode_dataset, is_negative_name, list_labelled, source_key
-from raytumor.metrics import BINARY_METRICS, metrics_with_ci, per_source_metrics
+from raytumor.metrics import BINARY_METRICS, metrics_with_ci, per_source_metrics, tumour_binary
 from raytumor.predict import Predictor
+from raytumor.preprocess import PreprocessConfig, crop_box, head_mask, mask_is_plausible
 from raytumor.results import read_scores
 from raytumor.runtime import init_ray, predictor_resources
-from raytumor.storage import StorageOptions, is_manifest, read_manifest
+from raytumor.scope import OUT_OF_SCOPE, UNKNOWN
+from raytumor.storage import StorageOptions, is_manifest, read_bytes, read_manifest
 
 # ----------------------------------------------------------------------------------------------------------
 # Labels and sources of evaluation data
@@ -125,6 +140,333 @@ def pattern_source_keys(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Manifest columns beyond path/label/source/patient_id (listing keeps only those)
+
+EXTRA_COLUMNS = ("sequence", "mask")
+
+
+def _resolve_like_path(manifest: str, value: Any) -> str | None:
+    """A path cell resolved as ``storage.read_manifest`` resolves ``path``: absolute paths and URIs as they
+    are, relative ones against the manifest's folder. Blank cells (a no-tumour slice has no mask) are None."""
+    if value is None or (not isinstance(value, str) and bool(pd.isna(value))) or not str(value).strip():
+        return None
+    p = str(value).strip()
+    if p.startswith("/") or "://" in p:
+        return p
+    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
+    return f"{base}/{p}" if "://" in base else os.path.abspath(os.path.join(base, p))
+
+
+def manifest_columns(
+    data: Sequence[str], columns: Sequence[str] = EXTRA_COLUMNS, storage: Any = None
+) -> pd.DataFrame:
+    """``path`` plus those of ``columns`` that the manifests among ``data`` have (one row per path; blank
+    cells None). ``mask`` cells are paths, resolved like ``path`` (relative to their manifest)."""
+    frames = []
+    for d in data:
+        if not is_manifest(d):
+            continue
+        df = read_manifest(d, storage)
+        have = [c for c in columns if c in df.columns]
+        if not have:
+            continue
+        out = df[["path", *have]].astype(object)
+        for c in have:
+            if c == "mask":
+                out[c] = [_resolve_like_path(d, v) for v in out[c]]
+            else:
+                text = out[c].where(out[c].notna(), None)
+                out[c] = [None if v is None or not str(v).strip() else str(v).strip() for v in text]
+        frames.append(out)
+    if not frames:
+        return pd.DataFrame({"path": pd.Series(dtype=object)})
+    out = pd.concat(frames, ignore_index=True).drop_duplicates("path")
+    return out.astype(object).where(out.notna(), None)
+
+
+def _with_manifest_columns(table: pd.DataFrame, data: Sequence[str], storage: Any) -> pd.DataFrame:
+    extra = manifest_columns(data, storage=storage)
+    if len(extra.columns) == 1:
+        return table
+    return table.drop(columns=[c for c in extra.columns if c != "path" and c in table.columns]).merge(
+        extra, on="path", how="left", validate="many_to_one"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scope: in-scope vs all rows, out-of-scope rows counted with their reasons, by view and by sequence
+
+
+def _prob_ok(preds: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    """Rows with a prediction (finite probabilities), the rows :func:`metrics_with_ci` evaluates."""
+    return np.isfinite(preds[[f"prob_{c}" for c in classes]].to_numpy(dtype=np.float64)).all(1)
+
+
+def _text_keys(values: pd.Series, default: str = UNKNOWN) -> pd.Series:
+    """Strings with null/blank cells as ``default``."""
+    v = values.astype(object)
+    blank = v.isna() | (v.astype(str).str.strip() == "")
+    return v.where(~blank, default).astype(str)
+
+
+def out_of_scope_rows(preds: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    """Rows the bundle refused: predicted (an error row was not scored: it is an error, not out of scope)
+    and ``in_scope`` False. No ``in_scope`` column (older outputs), or a null cell: in scope."""
+    if "in_scope" not in preds.columns:
+        return np.zeros(len(preds), dtype=bool)
+    v = preds["in_scope"].astype(object)
+    refused = v.notna().to_numpy() & ~v.where(v.notna(), True).astype(bool).to_numpy()
+    return refused & _prob_ok(preds, classes)
+
+
+def view_keys(preds: pd.DataFrame) -> pd.Series:
+    """The ``view`` of each row, ``unknown`` where nobody could tell it (or the predictions predate views)."""
+    if "view" not in preds.columns:
+        return pd.Series(UNKNOWN, index=preds.index, dtype=object)
+    return _text_keys(preds["view"])
+
+
+def metrics_by(
+    preds: pd.DataFrame,
+    keys: pd.Series,
+    classes: list[str],
+    negative_class: str | None,
+    threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
+    out_of_scope: np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """{key: :func:`metrics_with_ci` of the rows with that key} (view, sequence), each with its number of
+    ``out_of_scope`` rows when ``out_of_scope`` is given."""
+    keys = pd.Series(np.asarray(keys, dtype=object), index=preds.index).astype(str)
+    out = {}
+    for key in sorted(keys.unique()):
+        sel = (keys == key).to_numpy()
+        m = metrics_with_ci(preds[sel], classes, negative_class, threshold, n_boot, seed)
+        if out_of_scope is not None:
+            m["out_of_scope"] = int(out_of_scope[sel].sum())
+        out[key] = m
+    return out
+
+
+def _count(values: pd.Series) -> dict[str, int]:
+    """Counts per value, most frequent first (ties by name)."""
+    vc = values.astype(str).value_counts()
+    return {str(k): int(vc[k]) for k in sorted(vc.index, key=lambda k: (-vc[k], str(k)))}
+
+
+def scope_results(
+    preds: pd.DataFrame,
+    classes: list[str],
+    negative_class: str | None,
+    threshold: float,
+    metrics: dict[str, Any],
+    by_source: dict[str, dict[str, Any]],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """evaluate's result keys on scope: ``by_view`` and ``by_sequence`` (all rows; None without a sequence
+    column), and ``scope``: how many rows were in and out of scope and why, what the model would have called
+    the refused rows (``out_of_scope_metrics``), and the metrics and breakdowns of the in-scope rows only.
+
+    ``metrics``/``by_source`` are the all-row ones already computed (``by_source`` entries gain their
+    ``out_of_scope`` count). Without refused rows the in-scope numbers are those same dicts."""
+    oos = out_of_scope_rows(preds, classes)
+    ok = _prob_ok(preds, classes)
+    views = view_keys(preds)
+    seqs = (
+        _text_keys(preds["sequence"])
+        if "sequence" in preds.columns and preds["sequence"].notna().any()
+        else None
+    )
+    args = (classes, negative_class, threshold, n_boot, seed)
+    by_view = metrics_by(preds, views, *args, out_of_scope=oos)
+    by_sequence = metrics_by(preds, seqs, *args, out_of_scope=oos) if seqs is not None else None
+    if "source" in preds.columns:
+        src = preds["source"].astype(str).to_numpy()
+        for key, m in by_source.items():
+            m["out_of_scope"] = int(oos[src == key].sum())
+    scope: dict[str, Any] = {
+        "recorded": "in_scope" in preds.columns,
+        "evaluated": int(ok.sum()),
+        "in_scope": int((ok & ~oos).sum()),
+        "out_of_scope": int(oos.sum()),
+        "out_of_scope_share": float(oos.sum() / ok.sum()) if ok.any() else None,
+        "reasons": _count(_text_keys(preds.loc[oos, "scope_reason"], "unspecified"))
+        if "scope_reason" in preds.columns
+        else ({"unspecified": int(oos.sum())} if oos.any() else {}),
+        "out_of_scope_by_class": _count(preds.loc[oos, "label"].map(lambda i: classes[int(i)])),
+        "views": _count(views[ok]),
+        "view_source": _count(_text_keys(preds.loc[ok, "view_source"], "none"))
+        if "view_source" in preds.columns
+        else {"none": int(ok.sum())},
+    }
+    if not oos.any():
+        scope.update(metrics=metrics, by_source=by_source, by_view=by_view, by_sequence=by_sequence)
+        scope["out_of_scope_metrics"] = None
+    else:
+        keep = ~oos
+        sub = preds[keep]
+        scope["metrics"] = metrics_with_ci(sub, *args)
+        scope["by_source"] = per_source_metrics(sub, *args) if "source" in sub.columns and len(sub) else {}
+        scope["by_view"] = metrics_by(sub, views[keep], *args)
+        scope["by_sequence"] = metrics_by(sub, seqs[keep], *args) if seqs is not None else None
+        # What the model would have said about the refused rows (their probabilities are kept).
+        scope["out_of_scope_metrics"] = metrics_with_ci(preds[oos], *args)
+    return {"by_view": by_view, "by_sequence": by_sequence, "scope": scope}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grad-CAM localisation against expert masks (pointing game)
+
+
+def input_box(gray: np.ndarray, cfg: PreprocessConfig | dict[str, Any] | None) -> tuple[int, int, int, int]:
+    """The crop box (y0, y1, x0, x1) ``preprocess.apply`` takes from ``gray`` under ``cfg``; the whole slice
+    without a crop."""
+    if cfg is not None and not isinstance(cfg, PreprocessConfig):
+        cfg = PreprocessConfig.from_dict(cfg)
+    h, w = gray.shape
+    if cfg is None:
+        return 0, h, 0, w
+    return crop_box(gray, cfg)
+
+
+def input_geometry(
+    gray: np.ndarray, size: int, cfg: PreprocessConfig | dict[str, Any] | None
+) -> InputGeometry:
+    """Where the model input ``preprocess.to_model_input(gray, size, cfg)`` came from in ``gray``."""
+    h, w = gray.shape
+    return InputGeometry(h, w, input_box(gray, cfg), size)
+
+
+def read_mask(uri: str, storage: Any = None) -> np.ndarray:
+    """A binary mask image (any raster format, 255 or 1 = tumour) as a boolean (H, W) array."""
+    return decode_image(read_bytes(uri, storage)).pixels >= 128
+
+
+def _head_share(gray: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the head covered by the mask: the hit rate of a random point inside the head, a stricter
+    baseline than a random point in the whole image (heat maps rarely point at the background)."""
+    head = head_mask(gray)
+    if head.shape != mask.shape or not mask_is_plausible(head):
+        return float("nan")
+    return float((head & mask).sum() / head.sum())
+
+
+Heatmap = Callable[[np.ndarray, list[int]], np.ndarray]
+
+
+def localise(
+    bundle_dir: str | os.PathLike,
+    rows: pd.DataFrame,
+    storage: Any = None,
+    tolerance: float = 0.01,
+    batch_size: int = 16,
+    device: str | None = None,
+    heatmap: Heatmap | None = None,
+    with_scores: bool = False,
+) -> pd.DataFrame:
+    """The pointing game on each row (``path``, ``mask``, ``label``: the class index to explain): ``rows``
+    plus :func:`raytumor.explain.pointing_game`'s columns, ``head_share``, ``tolerance_px`` and ``error``.
+
+    The image goes through the bundle's own bytes -> model-input path (:meth:`Predictor.inputs`); the peak of
+    ``heatmap(inputs, targets)`` (default: Grad-CAM of the bundle's model, as stored) is mapped back through
+    the input's crop, padding and resize (:func:`input_geometry`). A hit within ``tolerance`` x the image's
+    long side of the mask is a tolerant hit. Rows that cannot be read get an ``error`` and no result.
+    ``with_scores`` adds the tumour ``score`` of the same inputs (the bundle as stored, no test-time
+    adaptation), for callers without predictions."""
+    predictor = Predictor.from_bundle(bundle_dir, device=device, storage=storage)
+    meta = predictor.meta
+    cam = heatmap if heatmap is not None else GradCAM(predictor.bundle.model)
+    rows = rows.reset_index(drop=True)
+    results: list[dict[str, Any]] = [{} for _ in range(len(rows))]
+    pending: list[tuple[int, np.ndarray, InputGeometry, np.ndarray, int]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        images = np.stack([p[1] for p in pending])
+        heat = cam(images, [p[4] for p in pending])
+        scores = predictor.scores(predictor.predict_probs(images)) if with_scores else None
+        for j, ((i, _, geo, mask, _), h) in enumerate(zip(pending, heat, strict=True)):
+            tol = tolerance * max(mask.shape)
+            results[i].update(pointing_game(h, geo, mask, tol), tolerance_px=tol)
+            if scores is not None:
+                results[i]["score"] = float(scores[j])
+        pending.clear()
+
+    for i, r in enumerate(rows.itertuples(index=False)):
+        try:
+            stack, scan = predictor.inputs(read_bytes(str(r.path), storage))
+            gray = scan.slices[0]
+            mask = read_mask(str(r.mask), storage)
+            geo = input_geometry(gray, meta.image_size, meta.preprocess)
+            # the geometry's checks, before the batch's heat maps are spent on it
+            pointing_game(np.zeros((meta.image_size, meta.image_size), np.float32), geo, mask)
+        except Exception as e:  # a missing or broken image or mask: say which, keep going
+            results[i] = {"error": f"{type(e).__name__}: {e}"[:200]}
+            continue
+        results[i] = {"error": None, "head_share": _head_share(gray, mask)}
+        pending.append((i, stack[0], geo, mask, int(r.label)))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return pd.concat([rows, pd.DataFrame(results, index=rows.index)], axis=1)
+
+
+def localisation_results(
+    bundle_dir: str | os.PathLike,
+    preds: pd.DataFrame,
+    classes: list[str],
+    negative_class: str | None,
+    threshold: float,
+    storage: Any = None,
+    tolerance: float = 0.01,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, Any], pd.DataFrame] | None:
+    """evaluate's ``localisation`` key and its per-image rows, over the true tumour images of ``preds`` that
+    have a ``mask`` (single images with a prediction); None when no row has a mask or the classes define no
+    tumour. The heat map explains the image's true class; ``called`` marks the images the model called
+    tumour at ``threshold``."""
+    if "mask" not in preds.columns or not preds["mask"].notna().any():
+        return None
+    ok = _prob_ok(preds, classes)
+    probs = preds[[f"prob_{c}" for c in classes]].to_numpy(dtype=np.float64)
+    y, s = tumour_binary(preds["label"].to_numpy().astype(np.int64), probs, classes, negative_class)
+    if y is None:
+        return None
+    image = (
+        preds["kind"].astype(str).eq("image").to_numpy()
+        if "kind" in preds.columns
+        else np.ones(len(preds), bool)
+    )
+    has_mask = preds["mask"].notna().to_numpy()
+    tumour = (y == 1) & ok & image
+    sel = tumour & has_mask
+    keep = [
+        c
+        for c in ("path", "mask", "label", "patient_id", "source", "sequence", "group")
+        if c in preds.columns
+    ]
+    rows = preds.loc[sel, keep].assign(
+        called=s[sel] >= threshold, in_scope=~out_of_scope_rows(preds, classes)[sel]
+    )
+    loc = localise(bundle_dir, rows, storage, tolerance)
+    summary = localisation_summary(loc, n_boot, seed, by=("sequence", "source"))
+    summary = {
+        "method": "pointing game: the Grad-CAM peak on the model input, mapped back through the head crop, "
+        "padding and resize, inside the expert tumour mask of the original image",
+        "heatmap": "Grad-CAM of the true class, the bundle's model as stored",
+        "tolerance": float(tolerance),
+        "tumour_images": int(tumour.sum()),
+        "without_mask": int((tumour & ~has_mask).sum()),
+        **summary,
+    }
+    return summary, loc
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Predicting a set of files with a bundle (Ray Data: decode on CPU tasks, model on an actor pool)
 
 
@@ -133,8 +475,10 @@ def predict_files(
     files: pd.DataFrame,
     storage: Any = None,
     batch_size: int = 64,
+    features: bool = False,
 ) -> pd.DataFrame:
-    """Score every row of ``files`` (needs ``path``): one output row per input row, errors kept."""
+    """Score every row of ``files`` (needs ``path``): one output row per input row, errors kept
+    (``features``: also each image's pooled backbone features, for fitting a bundle's heads)."""
     from ray.data import ActorPoolStrategy
 
     meta = read_meta(bundle_dir)
@@ -144,7 +488,11 @@ def predict_files(
     )
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "num_threads": r["threads"]},
+        fn_constructor_kwargs={
+            "bundle_dir": str(bundle_dir),
+            "num_threads": r["threads"],
+            "features": features,
+        },
         compute=ActorPoolStrategy(size=r["size"]),
         batch_size=batch_size,
         num_cpus=r["num_cpus"],
@@ -181,7 +529,22 @@ class SourceOptions:
 
 
 @dataclass(kw_only=True)
-class EvaluateConfig(SourceOptions):
+class LocalisationOptions:
+    """The Grad-CAM pointing game on manifests with a ``mask`` column; shared by ``evaluate`` and ``report``."""
+
+    localisation: bool = opt(
+        True,
+        "skip the Grad-CAM pointing game (is the heat map's peak inside the tumour mask?) that runs when the "
+        "labelled manifest has a `mask` column (mask image paths, relative to the manifest like `path`)",
+        flag="--no-localisation",
+    )
+    localisation_tolerance: float = opt(
+        0.01, "tolerant pointing game: a peak this fraction of the image's long side from the mask is a hit"
+    )
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(SourceOptions, LocalisationOptions):
     bundle: str = opt(
         help="model bundle: a directory or s3://|gs:// URI (from raytumor train/tune)", required=True
     )
@@ -223,8 +586,17 @@ def _data_list(data: str | Sequence[str]) -> list[str]:
     return datas
 
 
-def _write_evaluation(out_dir: str | os.PathLike | None, result: dict[str, Any], preds: pd.DataFrame) -> None:
-    """metrics.json and predictions.parquet (without the fingerprint thumbnails) into ``out_dir``, if given."""
+LOCALISATION_FILE = "localisation.parquet"
+
+
+def _write_evaluation(
+    out_dir: str | os.PathLike | None,
+    result: dict[str, Any],
+    preds: pd.DataFrame,
+    localisation: pd.DataFrame | None = None,
+) -> None:
+    """metrics.json, predictions.parquet (without the fingerprint thumbnails) and, with a pointing game,
+    localisation.parquet (one row per tumour image with a mask) into ``out_dir``, if given."""
     if not out_dir:
         return
     out = Path(out_dir)
@@ -233,6 +605,35 @@ def _write_evaluation(out_dir: str | os.PathLike | None, result: dict[str, Any],
     preds.drop(columns=[c for c in ("thumb", "thumb_crop") if c in preds.columns]).to_parquet(
         out / "predictions.parquet", index=False
     )
+    if localisation is not None:
+        localisation.to_parquet(out / LOCALISATION_FILE, index=False)
+
+
+def _scope_and_localisation(
+    result: dict[str, Any],
+    preds: pd.DataFrame,
+    bundle_dir: Any,
+    meta: Any,
+    thr: float,
+    storage: Any,
+    localisation: bool,
+    tolerance: float,
+    n_boot: int,
+    seed: int,
+) -> pd.DataFrame | None:
+    """Adds ``by_view``, ``by_sequence``, ``scope`` and ``localisation`` to ``result``; returns the pointing
+    game's per-image rows (None without one)."""
+    classes, neg = list(meta.classes), meta.negative_class
+    result.update(
+        scope_results(preds, classes, neg, thr, result["metrics"], result["by_source"], n_boot, seed)
+    )
+    loc = (
+        localisation_results(bundle_dir, preds, classes, neg, thr, storage, tolerance, n_boot, seed)
+        if localisation
+        else None
+    )
+    result["localisation"] = loc[0] if loc is not None else None
+    return loc[1] if loc is not None else None
 
 
 def evaluate_source(
@@ -245,10 +646,14 @@ def evaluate_source(
     seed: int = 0,
     s3_endpoint: str | None = None,
     source_pattern: str | None = None,
+    localisation: bool = True,
+    localisation_tolerance: float = 0.01,
 ) -> dict[str, Any]:
     """Metrics of ``bundle_dir`` on one or more labelled sources: pooled (``metrics``) and per source key
     (``by_source``), both with 95% bootstrap CIs; writes metrics.json and predictions.parquet (with a
-    ``source`` column) to ``out_dir``. A single-class source (a folder of healthy scans) is fine."""
+    ``source`` column) to ``out_dir``. A single-class source (a folder of healthy scans) is fine. Adds the
+    scope keys (:func:`scope_results`) and, for a manifest with masks, ``localisation``
+    (:func:`localisation_results`)."""
     t0 = time.time()
     datas = _data_list(data)
     rx = compile_source_pattern(source_pattern)  # a bad pattern fails before any decoding
@@ -269,6 +674,7 @@ def evaluate_source(
     if rx is not None:
         table["source"] = pattern_source_keys(table, datas, rx, storage)
     table["source"] = table["source"].astype(str)
+    table = _with_manifest_columns(table, datas, storage)  # sequence, mask
     per_source_listed = {str(k): int(v) for k, v in table["source"].value_counts().sort_index().items()}
     table = table[table["error"].isna()].copy()
     table["label"] = table["class_name"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
@@ -283,7 +689,7 @@ def evaluate_source(
     # Only path/label/row travel through Ray Data; source and patient_id are joined back by row. A text
     # column with nulls (folder rows have no patient_id) came back from Ray 2.60 in a pandas block that
     # pandas 3.1 cannot row-index (IndexError on df[mask]).
-    carry = [c for c in ("source", "patient_id", "group") if c in used.columns]
+    carry = [c for c in ("source", "patient_id", "group", *EXTRA_COLUMNS) if c in used.columns]
     preds = predict_files(
         bundle_dir, used[["path", "label"]].assign(_row=np.arange(len(used))), storage=storage
     )
@@ -309,9 +715,12 @@ def evaluate_source(
         },
         "rejected_files": cat.summary()["rejected_files"],
         "excluded_files": table.loc[excluded, "path"].tolist()[:1000],
-        "seconds": round(time.time() - t0, 1),
     }
-    _write_evaluation(out_dir, result, preds)
+    loc = _scope_and_localisation(
+        result, preds, bundle_dir, meta, thr, storage, localisation, localisation_tolerance, n_boot, seed
+    )
+    result["seconds"] = round(time.time() - t0, 1)
+    _write_evaluation(out_dir, result, preds, loc)
     return result
 
 
@@ -371,8 +780,13 @@ def _join_score_rows(
             f"{len(unscored)} labelled files have no score row in {scores_dir} (e.g. {unscored.iloc[0]}): "
             "score the same files with `raytumor score` first"
         )
-    keep = ["path", "label", "source"] + [c for c in ("patient_id",) if c in table.columns]
-    rows = scores.drop(columns=["path", "label", "source", "patient_id"], errors="ignore")
+    keep = ["path", "label", "source"] + [c for c in ("patient_id", *EXTRA_COLUMNS) if c in table.columns]
+    if "in_scope" not in scores.columns and "label" in scores.columns:  # only the label says it was refused
+        refused = scores["label"].astype(str).eq(OUT_OF_SCOPE)
+        if refused.any():
+            scores = scores.assign(in_scope=~refused)
+    # The score row's label is the model's call (a class, or out_of_scope); the truth comes from the labels.
+    rows = scores.drop(columns=[c for c in keep if c != "label"] + ["label"], errors="ignore")
     preds = (
         table[keep + ["_key"]].merge(rows, on="_key", how="left", validate="one_to_one").drop(columns="_key")
     )
@@ -392,8 +806,11 @@ def evaluate_scores(
     seed: int = 0,
     s3_endpoint: str | None = None,
     source_pattern: str | None = None,
+    localisation: bool = True,
+    localisation_tolerance: float = 0.01,
 ) -> dict[str, Any]:
-    """Metrics of a finished ``raytumor score`` output against the labels of ``data``: no model is run.
+    """Metrics of a finished ``raytumor score`` output against the labels of ``data``: no model is run
+    (except the bundle's, as stored, for the Grad-CAM pointing game of a manifest with masks).
 
     This is how volumes (NIfTI, multi-frame DICOM: one volume-level row each) and test-time adaptation
     (AdaBN, flip TTA: the rows record which) are evaluated. Every labelled file must have a score row
@@ -417,6 +834,7 @@ def evaluate_scores(
     if rx is not None:
         table["source"] = pattern_source_keys(table, datas, rx, storage)
     table["source"] = table["source"].astype(str)
+    table = _with_manifest_columns(table, datas, storage)  # sequence, mask
     scores = read_scores(scores_dir, storage)
     preds, ignored = _join_score_rows(table, scores, scores_dir, meta, bundle_uri)
     thr = meta.threshold if threshold is None else threshold
@@ -441,9 +859,12 @@ def evaluate_scores(
             "score_errors": int(preds["error"].notna().sum()) if "error" in preds.columns else 0,
             "evaluated": int(len(preds)),
         },
-        "seconds": round(time.time() - t0, 1),
     }
-    _write_evaluation(out_dir, result, preds)
+    loc = _scope_and_localisation(
+        result, preds, bundle_dir, meta, thr, storage, localisation, localisation_tolerance, n_boot, seed
+    )
+    result["seconds"] = round(time.time() - t0, 1)
+    _write_evaluation(out_dir, result, preds, loc)
     return result
 
 
@@ -470,18 +891,96 @@ def format_table(metrics: dict[str, Any], by_source: dict[str, dict[str, Any]] |
 
 
 def format_source_lines(by_source: dict[str, dict[str, Any]], what: str = "source") -> str:
-    """n, accuracy, ROC-AUC, sensitivity, specificity and false positives per source; the (long) key last."""
+    """n, accuracy, ROC-AUC, sensitivity, specificity and false positives per source (and the rows out of
+    scope, when the entries count them); the (long) key last."""
 
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:.4f}"
 
-    lines = [f"{'n':>7}{'accuracy':>10}{'roc_auc':>9}{'sensitivity':>13}{'specificity':>13}{'FP':>6}  {what}"]
+    oos = any("out_of_scope" in m for m in by_source.values())
+    head = f"{'n':>7}{'accuracy':>10}{'roc_auc':>9}{'sensitivity':>13}{'specificity':>13}{'FP':>6}"
+    lines = [head + (f"{'OOS':>6}" if oos else "") + f"  {what}"]
     for key, m in by_source.items():
         fp = m.get("false_positives")
+        n_oos = f"{m.get('out_of_scope', '-'):>6}" if oos else ""
         lines.append(
             f"{m.get('n', 0):>7}{f(m.get('accuracy')):>10}{f(m.get('roc_auc')):>9}"
-            f"{f(m.get('sensitivity')):>13}{f(m.get('specificity')):>13}{'-' if fp is None else fp:>6}  {key}"
+            f"{f(m.get('sensitivity')):>13}{f(m.get('specificity')):>13}{'-' if fp is None else fp:>6}{n_oos}"
+            f"  {key}"
         )
+    return "\n".join(lines)
+
+
+def format_scope(res: dict[str, Any]) -> str:
+    """How many rows were in and out of scope and why, the in-scope metrics, and the by-view and
+    by-sequence tables (all rows; OOS = rows out of scope)."""
+    sc = res.get("scope")
+    if not sc:
+        return ""
+    lines = [
+        f"scope: {sc['evaluated']} scans with a prediction, {sc['in_scope']} in scope, "
+        f"{sc['out_of_scope']} out of scope"
+        + (f" ({100 * sc['out_of_scope_share']:.1f}%)" if sc.get("out_of_scope_share") else "")
+    ]
+    if not sc["recorded"]:
+        lines.append("  (the predictions carry no scope columns: every row taken as in scope, view unknown)")
+    if sc["out_of_scope"]:
+        lines.append("  reasons: " + ", ".join(f"{k} {v}" for k, v in sc["reasons"].items()))
+        lines.append(
+            "  true classes: " + ", ".join(f"{k} {v}" for k, v in sc["out_of_scope_by_class"].items())
+        )
+        lines += ["", "in-scope rows only:", format_table(sc["metrics"], sc.get("by_source") or None)]
+    for key, what in (("by_view", "view"), ("by_sequence", "sequence")):
+        if res.get(key):
+            lines += ["", f"per {what} (all rows; OOS = out of scope):", format_source_lines(res[key], what)]
+    return "\n".join(lines)
+
+
+def _rate(h: dict[str, Any]) -> str:
+    if h.get("rate") is None:
+        return f"{'-':>7}{'':>17}"
+    lo, hi = h["ci95"]
+    band = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else ""
+    return f"{h['rate']:>7.3f} {band:<16}"
+
+
+def format_localisation(loc: dict[str, Any] | None, title: str = "Grad-CAM pointing game") -> str:
+    """The pointing game: hit rates with 95% CIs, the tolerant variant and the baselines, pooled and per
+    sequence and source (every ``by_*`` grouping with more than one group)."""
+    if not loc:
+        return ""
+
+    def f(v: Any) -> str:
+        return f"{'-':>9}" if v is None else f"{v:>9.3f}"
+
+    tol = f"<={100 * loc['tolerance']:g}%"
+    lines = [
+        f"{title} (peak of the heat map inside the expert tumour mask, original image pixels; "
+        f"95% CIs resample {loc.get('ci95_resampling', 'scans')}):",
+        f"  tumour images with a mask {loc['n']} (+{loc['errors']} unreadable), without a mask "
+        f"{loc.get('without_mask', 0)}; empty heat maps {loc['cam_empty']}, peaks in the padding "
+        f"{loc['peak_in_padding']}",
+        f"{'n':>7}{'hit':>7} {'95% CI':<16}{tol:>7} {'95% CI':<16}{'centre':>7} {'95% CI':<16}"
+        f"{'random':>9}{'in head':>9}  group",
+    ]
+
+    def line(b: dict[str, Any], name: str) -> str:
+        return (
+            f"{b['n']:>7}{_rate(b['hit'])}{_rate(b['hit_tolerant'])}{_rate(b['centre_hit'])}"
+            f"{f(b['random_point'])}{f(b['random_point_in_head'])}  {name}"
+        )
+
+    lines.append(line(loc, "all"))
+    if loc.get("among_called_tumour"):
+        lines.append(line(loc["among_called_tumour"], "called tumour"))
+    if loc.get("in_scope"):
+        lines.append(line(loc["in_scope"], "in scope"))
+    for key in [
+        k for k in loc if k.startswith("by_")
+    ]:  # by_sequence, by_source (or what the caller grouped by)
+        groups = loc[key] or {}
+        for name, b in groups.items() if len(groups) > 1 else ():  # one group would repeat "all"
+            lines.append(line(b, f"{key[3:]} {name}"))
     return "\n".join(lines)
 
 
@@ -508,7 +1007,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     for a bundle in a bucket)."""
     out = cfg.out or (os.path.join(cfg.bundle, "evaluation") if "://" not in cfg.bundle else "evaluation")
     common = dict(threshold=cfg.threshold, n_boot=cfg.n_boot, seed=cfg.seed, s3_endpoint=cfg.s3_endpoint,
-                  source_pattern=cfg.source_pattern)  # fmt: skip
+                  source_pattern=cfg.source_pattern, localisation=cfg.localisation,
+                  localisation_tolerance=cfg.localisation_tolerance)  # fmt: skip
     if cfg.scores:
         res = evaluate_scores(cfg.bundle, cfg.data, cfg.scores, out, **common)
     else:
@@ -525,5 +1025,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if res.get("by_kind"):
         print("\nper kind (image = one slice per file, volume = volume rule):")
         print(format_source_lines(res["by_kind"], what="kind"))
+    for text in (format_scope(res), format_localisation(res.get("localisation"))):
+        if text:
+            print("\n" + text)
     print(f"metrics written to {os.path.join(res['out'], 'metrics.json')}")
     return res

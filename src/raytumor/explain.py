@@ -1,26 +1,38 @@
-"""Grad-CAM heat maps and PNG overlays for positive scans (``raytumor score --explain``).
+"""Grad-CAM heat maps, PNG overlays for positive scans (``raytumor score --explain``), and the pointing game
+that checks a heat map against an expert tumour mask.
 
 Hand-written rather than the ``grad-cam`` PyPI package: that one pulls in opencv and ttach, while standard
 Grad-CAM (Selvaraju et al., 2017) on a single layer is a few dozen lines of torch.
 
 The scoring actor already holds the model (eval mode, channels_last, often frozen, usually called under
 ``torch.inference_mode()`` and bf16 autocast); :class:`GradCAM` leaves all of that as it found it.
+
+Pointing game (Zhang et al., 2016): a heat map "hits" when its peak lies inside the tumour mask. The peak is
+found on the model input and mapped back to the original image through the input's geometry
+(:class:`InputGeometry`: head crop, zero-pad to square, resize), so masks are compared where the expert drew
+them. This module stays free of the preprocessing code: the caller says what the geometry was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from raytumor.groups import cluster_ids
+from raytumor.metrics import bootstrap_ci
 from raytumor.model import TumorClassifier
 
 # Side of the dummy image used to locate the CAM layer: stride-32 backbones still give a 2x2 map there, which
@@ -203,4 +215,182 @@ def explain_name(unit_id: str) -> str:
     return digest[:20] + ".png"
 
 
-__all__ = ["GradCAM", "explain_name", "find_cam_layer", "overlay_png"]
+# ----------------------------------------------------------------------------------------------------------
+# Pointing game: does the heat map's peak fall inside the expert's tumour mask?
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """How a (size, size) model input was cut from its decoded (height, width) slice: the crop ``box``
+    (y0, y1, x0, x1, half-open; the whole slice when nothing was cropped), then zero-padding of the shorter
+    side (the odd pixel at the bottom/right) and a resize to ``size``, as ``formats.fit_square`` does."""
+
+    height: int
+    width: int
+    box: tuple[int, int, int, int]
+    size: int
+
+    def __post_init__(self) -> None:
+        y0, y1, x0, x1 = self.box
+        if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width) or self.size < 1:
+            raise ValueError(f"crop box {self.box} does not fit a {self.height}x{self.width} slice")
+
+    def to_source(self, row: float, col: float) -> tuple[float, float]:
+        """Continuous (y, x) in the decoded slice (pixel i spans [i, i + 1)) of the centre of model-input pixel
+        (row, col). The resize maps pixel centres linearly ((i + 0.5) * side / size of the padded square);
+        the result lies outside the slice when that pixel is padding."""
+        y0, y1, x0, x1 = self.box
+        h, w = y1 - y0, x1 - x0
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        k = side / self.size
+        return (row + 0.5) * k - top + y0, (col + 0.5) * k - left + x0
+
+
+def cam_peak(cam: np.ndarray) -> tuple[int, int] | None:
+    """(row, col) of the heat map's maximum (the first in row-major order on ties); None for an all-zero map:
+    Grad-CAM found no positive evidence anywhere, so it points nowhere."""
+    c = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0)
+    if c.size == 0 or float(c.max()) <= 0.0:
+        return None
+    r, q = np.unravel_index(int(np.argmax(c)), c.shape)
+    return int(r), int(q)
+
+
+def point_in_mask(mask: np.ndarray, y: float, x: float) -> tuple[bool, float]:
+    """(inside, distance): whether the continuous point (y, x) lies on a mask pixel (pixel i spans [i, i + 1)),
+    and its distance in pixels to the nearest mask pixel's centre (0 inside, inf for an empty mask)."""
+    m = np.asarray(mask, dtype=bool)
+    iy, ix = math.floor(y), math.floor(x)
+    if 0 <= iy < m.shape[0] and 0 <= ix < m.shape[1] and m[iy, ix]:
+        return True, 0.0
+    ys, xs = np.nonzero(m)
+    if not len(ys):
+        return False, math.inf
+    return False, float(np.sqrt(((ys + 0.5 - y) ** 2 + (xs + 0.5 - x) ** 2).min()))
+
+
+def pointing_game(
+    cam: np.ndarray, geometry: InputGeometry, mask: np.ndarray, tolerance_px: float = 0.0
+) -> dict[str, Any]:
+    """The peak of ``cam`` (on the model input) against ``mask``, in the original image's pixels.
+
+    ``mask`` has the original image's shape; a slice decoded at another resolution (a large JPEG decoded at a
+    reduced DCT scale) is scaled to it, while a different aspect ratio is an error (not the same picture).
+    Returns ``hit`` (peak on the mask), ``hit_tolerant`` (within ``tolerance_px`` of a mask pixel),
+    ``distance_px``, the peak ``peak_y``/``peak_x`` (mask pixels), ``in_image`` (False: the peak was padding),
+    ``cam_empty`` (no peak: a miss), ``centre_hit`` (the same test for the model input's centre: a baseline
+    that always points there) and ``mask_share`` (the hit rate of a uniformly random point)."""
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2 or not m.size:
+        raise ValueError(f"expected a 2-D mask, got shape {m.shape}")
+    if tuple(np.shape(cam)) != (geometry.size, geometry.size):
+        raise ValueError(
+            f"heat map shape {np.shape(cam)} is not the model input's ({geometry.size}, {geometry.size})"
+        )
+    sy, sx = m.shape[0] / geometry.height, m.shape[1] / geometry.width
+    if not math.isclose(sy, sx, rel_tol=0.02):
+        raise ValueError(
+            f"mask {m.shape[0]}x{m.shape[1]} and image {geometry.height}x{geometry.width} differ in aspect ratio"
+        )
+
+    def place(row: float, col: float) -> tuple[float, float]:
+        y, x = geometry.to_source(row, col)
+        return y * sy, x * sx
+
+    c = (geometry.size - 1) / 2
+    out: dict[str, Any] = {
+        "centre_hit": point_in_mask(m, *place(c, c))[0],
+        "mask_share": float(m.mean()),
+        "cam_empty": False,
+    }
+    peak = cam_peak(cam)
+    if peak is None:
+        nan = float("nan")
+        out.update(hit=False, hit_tolerant=False, distance_px=nan, peak_y=nan, peak_x=nan, in_image=False)
+        out["cam_empty"] = True
+        return out
+    y, x = place(*peak)
+    hit, dist = point_in_mask(m, y, x)
+    in_image = 0 <= y < m.shape[0] and 0 <= x < m.shape[1]
+    out.update(
+        hit=hit, hit_tolerant=dist <= tolerance_px, distance_px=dist, peak_y=y, peak_x=x, in_image=in_image
+    )
+    return out
+
+
+def hit_rate(
+    hits: np.ndarray, clusters: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Share of hits with a percentile-bootstrap 95 % interval that resamples whole ``clusters`` (patients).
+
+    The interval is :func:`raytumor.metrics.bootstrap_ci`'s sensitivity of an all-tumour set whose score is
+    the hit (1) or miss (0): the same resampling as every other interval in the project."""
+    h = np.asarray(hits, dtype=bool)
+    n = len(h)
+    if n == 0:
+        return {"n": 0, "hits": 0, "rate": None, "ci95": [None, None]}
+    probs = np.c_[~h, h].astype(np.float64)
+    ci = bootstrap_ci(
+        np.ones(n, dtype=np.int64), probs, ["miss", "hit"], "miss", 0.5, n_boot, seed, groups=clusters
+    )
+    return {"n": n, "hits": int(h.sum()), "rate": float(h.mean()), "ci95": ci["sensitivity"]}
+
+
+def _mean_or_none(v: pd.Series) -> float | None:
+    v = pd.to_numeric(v, errors="coerce").dropna()
+    return float(v.mean()) if len(v) else None
+
+
+def _pointing_block(df: pd.DataFrame, n_boot: int, seed: int) -> dict[str, Any]:
+    clusters, what = cluster_ids(df)
+    out: dict[str, Any] = {"n": int(len(df)), "ci95_resampling": what}
+    for k in ("hit", "hit_tolerant", "centre_hit"):
+        out[k] = hit_rate(df[k].to_numpy(dtype=bool), clusters, n_boot, seed)
+    out["random_point"] = _mean_or_none(df["mask_share"])
+    out["random_point_in_head"] = _mean_or_none(df["head_share"]) if "head_share" in df.columns else None
+    out["cam_empty"] = int(df["cam_empty"].astype(bool).sum())
+    out["peak_in_padding"] = int((~df["in_image"].astype(bool) & ~df["cam_empty"].astype(bool)).sum())
+    d = pd.to_numeric(df["distance_px"], errors="coerce").to_numpy(dtype=np.float64)
+    d = d[np.isfinite(d)]  # an empty map has no peak, so no distance
+    out["median_distance_px"] = float(np.median(d)) if len(d) else None
+    return out
+
+
+def localisation_summary(
+    rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0, by: Sequence[str] = ("sequence", "source")
+) -> dict[str, Any]:
+    """Pointing-game numbers over per-image rows (:func:`pointing_game`'s columns, ``error``, and
+    ``patient_id``/``source``/``group`` for the clusters): the hit rate, the within-tolerance hit rate and the
+    centre point's hit rate, each with a 95 % interval over whole patients (:func:`hit_rate`), and the
+    random-point baselines (mean mask share of the image, ``head_share`` of the head). The same per value of
+    each column of ``by``, among the images the model called tumour (``called``) and, when some rows are out
+    of scope, among the in-scope ones (``in_scope``). Rows with an ``error`` are counted, not scored."""
+    err = rows["error"].notna().to_numpy() if "error" in rows.columns else np.zeros(len(rows), dtype=bool)
+    ok = rows[~err].reset_index(drop=True)
+    out: dict[str, Any] = {**_pointing_block(ok, n_boot, seed), "errors": int(err.sum())}
+    if "called" in ok.columns:
+        out["among_called_tumour"] = _pointing_block(ok[ok["called"].astype(bool)], n_boot, seed)
+    if "in_scope" in ok.columns and not ok["in_scope"].astype(bool).all():
+        out["in_scope"] = _pointing_block(ok[ok["in_scope"].astype(bool)], n_boot, seed)
+    for col in by:
+        if col in ok.columns and ok[col].notna().any():
+            keys = ok[col].astype(object).where(ok[col].notna(), "unknown").astype(str)
+            out[f"by_{col}"] = {
+                k: _pointing_block(ok[keys == k], n_boot, seed) for k in sorted(keys.unique())
+            }
+    return out
+
+
+__all__ = [
+    "GradCAM",
+    "InputGeometry",
+    "cam_peak",
+    "explain_name",
+    "find_cam_layer",
+    "hit_rate",
+    "localisation_summary",
+    "overlay_png",
+    "point_in_mask",
+    "pointing_game",
+]

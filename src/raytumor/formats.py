@@ -19,7 +19,15 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from raytumor import medical
-from raytumor.scan import DecodedImage, DecodedScan, DecodeError, rescale_robust, sniff_format
+from raytumor.scan import (
+    MAX_PIXELS,
+    MAX_VOXELS,
+    DecodedImage,
+    DecodedScan,
+    DecodeError,
+    rescale_robust,
+    sniff_format,
+)
 
 __all__ = [
     "DECODERS",
@@ -226,7 +234,7 @@ DECODERS["nifti"] = _decode_medical_image
 _NOT_IMAGES = {"pdf", "zip", "gzip"}
 
 
-def decode_image(data: bytes, *, max_pixels: int = 50_000_000, draft_size: int | None = None) -> DecodedImage:
+def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> DecodedImage:
     """Decode image bytes to a single-channel uint8 :class:`DecodedImage`.
 
     Raises :class:`DecodeError` for empty, unknown, non-image, truncated, corrupt or oversized input.
@@ -247,12 +255,14 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000, draft_size: int |
 def decode_scan(
     data: bytes,
     *,
-    max_pixels: int = 50_000_000,
-    max_voxels: int = 400_000_000,
+    max_pixels: int = MAX_PIXELS,
+    max_voxels: int = MAX_VOXELS,
     draft_size: int | None = None,
     min_foreground: float = 0.05,
+    require_2d: bool = False,
 ) -> DecodedScan:
-    """Decode any supported scan (raster, DICOM, NIfTI) to a :class:`DecodedScan` slice stack.
+    """Decode any supported scan (raster, DICOM, NIfTI) to a :class:`DecodedScan` slice stack
+    (``require_2d``: one slice, a volume is a DecodeError; the header's view and modality are kept).
 
     Rasters go through :func:`decode_image` (K = 1). DICOM: every frame. NIfTI: RAS-canonical axial
     slices, anterior up, with one intensity window per volume; slices whose head foreground covers
@@ -263,6 +273,11 @@ def decode_scan(
         raise DecodeError("empty file")
     fmt = sniff_format(data)
     if fmt in ("dicom", "nifti"):
+        if require_2d:  # a 2-D image has one slice, so max_pixels also bounds its voxels
+            scan = _decode_medical(bytes(data), fmt, max_pixels, max_pixels, require_2d=True)
+            if scan.num_slices != 1:  # defensive: require_2d already refused volumes from the header
+                raise DecodeError(f"3-D volume ({fmt}): not a 2-D image")
+            return scan
         return _decode_medical(bytes(data), fmt, max_pixels, max_voxels, min_foreground)
     img = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
     return DecodedScan(

@@ -116,6 +116,14 @@ class Listing:
         return out
 
 
+# Manifest columns that describe a file and travel with it into the split manifest and the bundle's scope
+# counts (view: axial/coronal/sagittal; sequence: flair/t1c...; site) besides path/label/source/patient_id.
+CARRIED_COLUMNS = ("view", "sequence", "site")
+# A labelled tree whose root holds this file is SYNTHETIC (raytumor.phantoms writes it): its examples never
+# count towards a bundle's scope. A manifest says so with a boolean ``synthetic`` column.
+SYNTHETIC_MARKER = "SYNTHETIC_README.txt"
+
+
 def list_labelled(source: str | Sequence[str], storage: StorageOptions | None = None) -> Listing:
     """List a labelled tree ``ROOT/<class>/**/<file>`` or a CSV/Parquet manifest with ``path,label``.
 
@@ -141,12 +149,14 @@ def list_labelled(source: str | Sequence[str], storage: StorageOptions | None = 
     if info.type != pafs.FileType.Directory:
         raise ValueError(f"{source} is neither a directory nor a .csv/.parquet manifest")
     rows, ignored = [], []
+    synthetic = False
     for fi in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if fi.type != pafs.FileType.File:
             continue
         rel = posixpath.relpath(fi.path.replace(os.sep, "/"), root.replace(os.sep, "/"))
         parts = rel.split("/")
         uri = to_uri(source, fi.path)
+        synthetic = synthetic or rel == SYNTHETIC_MARKER
         if any(p.startswith(".") for p in parts):
             ignored.append((uri, "hidden file"))
         elif len(parts) < 2:
@@ -161,6 +171,7 @@ def list_labelled(source: str | Sequence[str], storage: StorageOptions | None = 
     if files.empty:
         raise ValueError(f"no files found under class folders in {source}: expected ROOT/<class>/<files>")
     files["source"] = source_key(None, source)
+    files["synthetic"] = synthetic
     return Listing(source=source, files=files, ignored=ignored)
 
 
@@ -168,8 +179,10 @@ def _list_many(sources: list[str], storage: StorageOptions | None) -> Listing:
     listings = [list_labelled(s, storage) for s in sources]
     # Folder rows have no patient_id: concat fills NaN, which must read as "no id" (None), not a float.
     files = pd.concat([lst.files for lst in listings], ignore_index=True)
-    if "patient_id" in files.columns:
-        files["patient_id"] = files["patient_id"].astype(object).where(files["patient_id"].notna(), None)
+    for col in ("patient_id", *CARRIED_COLUMNS):
+        if col in files.columns:
+            files[col] = files[col].astype(object).where(files[col].notna(), None)
+    files["synthetic"] = files["synthetic"].fillna(False).astype(bool)
     twice = files["path"].duplicated(keep=False)
     if twice.any():
         dup = files.loc[twice].sort_values("path")
@@ -215,6 +228,13 @@ def _list_manifest(source: str, storage: StorageOptions | None) -> Listing:
         pid = df["patient_id"].astype(object)
         ok = pid.notna() & (pid.astype(str).str.strip() != "")
         out["patient_id"] = pid.astype(str).str.strip().where(ok, None)
+    for col in CARRIED_COLUMNS:
+        if col in df.columns:
+            v = df[col].astype(object)
+            ok = v.notna() & (v.astype(str).str.strip() != "")
+            out[col] = v.astype(str).str.strip().where(ok, None)
+    syn = df["synthetic"] if "synthetic" in df.columns else pd.Series(False, index=df.index)
+    out["synthetic"] = syn.map(lambda x: str(x).strip().lower() in ("1", "true", "yes")).astype(bool)
     return Listing(source=source, files=out.reset_index(drop=True))
 
 
@@ -252,6 +272,8 @@ def decode_batch(
     dhash_crop = np.zeros(n, dtype=np.int64)
     thumb_crop = np.empty(n, dtype=object)
     images = np.zeros((n, image_size, image_size), dtype=np.uint8) if image_size else None
+    view = np.empty(n, dtype=object)  # from the file's geometry (DICOM orientation), else None
+    modality = np.empty(n, dtype=object)  # DICOM Modality, else None
     for i, path in enumerate(paths):
         try:
             data = read_bytes(path, storage)
@@ -274,6 +296,7 @@ def decode_batch(
             err[i] = f"decode failed: {type(e).__name__}: {e}"[:300]
             continue
         fmt[i], mode[i], width[i], height[i] = dec.format, dec.mode, dec.width, dec.height
+        view[i], modality[i] = getattr(dec, "view", None), getattr(dec, "modality", None)
         if fingerprints:
             fp = split.fingerprint(pixels)
             dhash[i], thumb[i] = fp["dhash"], fp["thumb"]
@@ -282,7 +305,7 @@ def decode_batch(
     if fingerprints:
         out.update(dhash=dhash, thumb=thumb, dhash_crop=dhash_crop, thumb_crop=thumb_crop)
     if images is not None:
-        out["image"] = images
+        out.update(image=images, view_header=view, modality=modality)
     return out
 
 

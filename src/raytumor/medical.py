@@ -1,21 +1,40 @@
 """DICOM and NIfTI decoding from in-memory bytes into stacks of uint8 slices.
 
 Used by :mod:`raytumor.formats`; pydicom/nibabel are imported inside the decoders (heavy, and most Ray tasks only see
-rasters). Everything works on bytes: no temp files. Outputs never carry DICOM tags (PHI): only
-pixels plus a photometric/bit-depth mode string, and error reasons never quote tag values.
+rasters). Everything works on bytes: no temp files. Outputs never carry free-text DICOM tags (PHI): only
+pixels plus a photometric/bit-depth mode string, the Modality code (only when it is a well-formed code
+string) and the view derived from the orientation vectors; error reasons never quote tag values.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import re
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
-from raytumor.scan import DecodedScan, DecodeError, dicom_start, rescale_robust
+from raytumor.scan import (
+    MAX_PIXELS,
+    MAX_VOXELS,
+    VIEW_OF_AXIS,
+    DecodedScan,
+    DecodeError,
+    dicom_start,
+    rescale_robust,
+    view_from_orientation,
+)
 
-__all__ = ["decode_dicom", "decode_nifti"]
+__all__ = [
+    "NiftiVolume",
+    "decode_dicom",
+    "decode_nifti",
+    "decode_nifti_volume",
+    "head_slices",
+    "plane_slices",
+]
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -163,12 +182,61 @@ def _dicom_uint8(ds, arr: np.ndarray, pi: str, samples: int) -> np.ndarray:
     return 255 - u8 if pi == "MONOCHROME1" else u8  # MONOCHROME1: low values are white
 
 
+# A Modality value is a code string (CS: upper case, digits, space, underscore; 16 characters at most);
+# anything else is not reported, so a malformed header can never smuggle free text into the outputs.
+_CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")
+
+
+def _dicom_modality(ds) -> str | None:
+    """Modality ('MR', 'CT', ...) stripped and upper case; None when absent or not a code string."""
+    try:
+        value = ds.get("Modality")
+    except MemoryError:
+        raise
+    except Exception:  # a malformed element fails lazily, on access
+        return None
+    if not isinstance(value, str):  # absent, or several values (VM is 1)
+        return None
+    code = value.strip().upper()
+    return code if _CODE_STRING.fullmatch(code) else None
+
+
+def _dicom_orientations(ds):
+    """ImageOrientationPatient candidates, in order: the top level (classic images), then the enhanced
+    multi-frame functional groups (shared, else the first frame's)."""
+    yield ds.get("ImageOrientationPatient")
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        seq = ds.get(groups)
+        if seq:
+            planes = seq[0].get("PlaneOrientationSequence")
+            if planes:
+                yield planes[0].get("ImageOrientationPatient")
+
+
+def _dicom_view(ds) -> str | None:
+    """The plane of the frames from the first usable ImageOrientationPatient; None when there is none
+    (a missing or malformed orientation is no reason to refuse pixels that decode)."""
+    try:
+        for iop in _dicom_orientations(ds):
+            if iop is None:
+                continue
+            try:
+                return view_from_orientation(iop)
+            except ValueError:
+                continue
+    except MemoryError:
+        raise
+    except Exception:  # malformed sequences / values fail lazily, on access
+        return None
+    return None
+
+
 def decode_dicom(data: bytes, *, max_pixels: int, max_voxels: int, require_2d: bool = False) -> DecodedScan:
     """Decode DICOM bytes (with or without preamble/meta) to a (frames, H, W) uint8 stack.
 
     Monochrome: modality LUT, then the file's VOI LUT/window (else a 0.5-99.5 % window over all
     frames), MONOCHROME1 inverted. Colour (RGB/YBR/palette): luminance. One window per file so frames
-    of a volume stay comparable.
+    of a volume stay comparable. ``modality`` and ``view`` come from the header (None when it lacks them).
     """
     ds = _read_dicom(data)
     rows, cols, frames, samples, pi, bits = _dicom_geometry(ds, max_pixels, max_voxels, require_2d)
@@ -188,6 +256,8 @@ def decode_dicom(data: bytes, *, max_pixels: int, max_voxels: int, require_2d: b
         kind="volume" if frames > 1 else "image",
         slice_index=np.arange(frames, dtype=np.int64),
         num_slices=frames,
+        view=_dicom_view(ds),
+        modality=_dicom_modality(ds),
     )
 
 
@@ -270,8 +340,24 @@ def _nifti_shape(hdr, max_pixels: int, max_voxels: int, require_2d: bool) -> lis
     return shape
 
 
-def _nifti_canonical(raw: bytes, img_cls, shape: list[int], nbytes: int) -> tuple[np.ndarray, float | None]:
-    """The volume in RAS+ voxel order (axis 2 inferior -> superior) and its slice spacing."""
+@dataclass
+class NiftiVolume:
+    """A NIfTI volume in RAS+ voxel order after the volume's intensity window (what decode_nifti slices).
+
+    ``voxels`` (X, Y, Z) uint8: the index grows towards the patient's right, anterior and superior.
+    ``spacing_mm``: the voxel size along each axis (None where the header's is not positive and finite).
+    ``mode``: the stored dtype, e.g. 'int16'.
+    """
+
+    voxels: np.ndarray
+    spacing_mm: tuple[float | None, float | None, float | None]
+    mode: str
+
+
+def _nifti_canonical(
+    raw: bytes, img_cls, shape: list[int], nbytes: int
+) -> tuple[np.ndarray, tuple[float | None, float | None, float | None]]:
+    """The volume in RAS+ voxel order (axis 2 inferior -> superior) and its voxel size per axis."""
     import nibabel as nib
 
     try:
@@ -288,10 +374,77 @@ def _nifti_canonical(raw: bytes, img_cls, shape: list[int], nbytes: int) -> tupl
         raise DecodeError("corrupt NIfTI: non-finite affine")
     try:
         can = nib.as_closest_canonical(img_cls(vol, affine))  # flips/transposes only
-        zooms = can.header.get_zooms()
-        return np.asanyarray(can.dataobj), (float(abs(zooms[2])) if len(zooms) > 2 else None)
+        zooms = [abs(float(z)) for z in can.header.get_zooms()[:3]]
     except Exception as e:
         raise DecodeError(f"corrupt NIfTI: orientation {type(e).__name__}") from e
+    zooms += [0.0] * (3 - len(zooms))
+    sx, sy, sz = (z if math.isfinite(z) and z > 0 else None for z in zooms)
+    return np.asanyarray(can.dataobj), (sx, sy, sz)
+
+
+def _nifti_volume(data: bytes, max_pixels: int, max_voxels: int, require_2d: bool) -> NiftiVolume:
+    gz = data[:2] == _GZIP
+    hdr, img_cls, size = _nifti_header(data, gz)
+    shape = _nifti_shape(hdr, max_pixels, max_voxels, require_2d)
+    nbytes = math.prod(shape) * hdr.get_data_dtype().itemsize
+    need = max(int(hdr["vox_offset"]), size + 4) + nbytes
+    # The header bounded the payload: never inflate more than it declared (gzip bombs).
+    raw = _gunzip_limited(data, need + _EXT_SLACK)[0] if gz else bytes(data)
+    if len(raw) < need:
+        raise DecodeError("truncated NIfTI")
+    vol, spacing = _nifti_canonical(raw, img_cls, shape, nbytes)
+    lo, hi = _volume_window(vol)
+    return NiftiVolume(
+        voxels=_scale_range(vol, lo, hi), spacing_mm=spacing, mode=hdr.get_data_dtype().newbyteorder("=").name
+    )
+
+
+def decode_nifti_volume(
+    data: bytes, *, max_pixels: int = MAX_PIXELS, max_voxels: int = MAX_VOXELS
+) -> NiftiVolume:
+    """Decode .nii / .nii.gz bytes to the whole RAS-canonical uint8 volume (no slice selection), with the
+    intensity window and size guards of :func:`decode_nifti`; cut it with :func:`plane_slices`."""
+    return _nifti_volume(data, max_pixels, max_voxels, require_2d=False)
+
+
+# view -> (transpose of the (X, Y, Z) volume to (slice, row, column), reverse the rows, reverse the columns)
+_PLANE_LAYOUT = {
+    "axial": ((2, 1, 0), True, False),
+    "coronal": ((1, 2, 0), True, True),
+    "sagittal": ((0, 2, 1), True, True),
+}
+
+
+def plane_slices(voxels: np.ndarray, view: str) -> np.ndarray:
+    """All slices of a RAS-canonical (X, Y, Z) volume along ``view``'s axis (sagittal: x, coronal: y,
+    axial: z), as a contiguous (K, H, W) stack in index order (left -> right, posterior -> anterior,
+    inferior -> superior).
+
+    Image orientation:
+
+    * axial: anterior up, the patient's right on the image right (the orientation scoring has always
+      decoded volumes in; left/right flips are a training augmentation anyway);
+    * coronal: superior up, the patient's right on the image left (radiological convention);
+    * sagittal: superior up, anterior (the face) on the image left.
+    """
+    if view not in _PLANE_LAYOUT:
+        raise ValueError(f"unknown view {view!r}: expected one of {sorted(_PLANE_LAYOUT)}")
+    axes, flip_rows, flip_cols = _PLANE_LAYOUT[view]
+    stack = np.transpose(voxels, axes)
+    return np.ascontiguousarray(stack[:, :: -1 if flip_rows else 1, :: -1 if flip_cols else 1])
+
+
+def head_slices(stack: np.ndarray, min_foreground: float) -> np.ndarray:
+    """Positions (int64) of the slices of a (K, H, W) uint8 stack whose head foreground covers at least
+    ``min_foreground`` of the slice; the middle slice when none does (a volume always yields one)."""
+    # Head foreground: above 5 % of the volume window. Low on purpose: dim edge slices and dark
+    # tissue still count, while zero padding and MR background noise (well under 5 % of the
+    # 99.5th percentile) do not. Otsu was tried and dropped dim-but-real slices.
+    frac = (stack > _FOREGROUND_LEVEL).mean(axis=(1, 2))
+    keep = np.flatnonzero(frac >= min_foreground)
+    if keep.size == 0:
+        keep = np.array([len(stack) // 2])
+    return keep.astype(np.int64)
 
 
 def decode_nifti(
@@ -306,41 +459,28 @@ def decode_nifti(
 
     One intensity window for the whole volume; slices whose head foreground covers less than
     ``min_foreground`` of the slice are dropped (at least the middle slice is kept) and
-    ``slice_index`` records the canonical z of each kept slice.
+    ``slice_index`` records the canonical z of each kept slice. A single-plane image keeps its plane
+    whole (its ``view`` says which: the singleton axis), a volume's view is axial.
     """
-    gz = data[:2] == _GZIP
-    hdr, img_cls, size = _nifti_header(data, gz)
-    shape = _nifti_shape(hdr, max_pixels, max_voxels, require_2d)
-    nbytes = math.prod(shape) * hdr.get_data_dtype().itemsize
-    need = max(int(hdr["vox_offset"]), size + 4) + nbytes
-    # The header bounded the payload: never inflate more than it declared (gzip bombs).
-    raw = _gunzip_limited(data, need + _EXT_SLACK)[0] if gz else bytes(data)
-    if len(raw) < need:
-        raise DecodeError("truncated NIfTI")
-    vol, spacing = _nifti_canonical(raw, img_cls, shape, nbytes)
-    if vol.shape[2] != 1 and sum(s > 1 for s in vol.shape) == 2:
-        vol = np.moveaxis(vol, vol.shape.index(1), 2)  # a single (e.g. sagittal) plane: keep it whole
-    if require_2d and vol.shape[2] > 1:
-        raise DecodeError(f"3-D volume (nifti, {vol.shape[2]} slices): not a 2-D image")
-    lo, hi = _volume_window(vol)
-    # rot90 over axes (0, 1) per slice: rows become A (anterior at row 0), columns R.
-    u8 = np.ascontiguousarray(np.moveaxis(np.rot90(_scale_range(vol, lo, hi), 1, axes=(0, 1)), 2, 0))
-    nz = u8.shape[0]
-    # Head foreground: above 5 % of the volume window. Low on purpose: dim edge slices and dark
-    # tissue still count, while zero padding and MR background noise (well under 5 % of the
-    # 99.5th percentile) do not. Otsu was tried and dropped dim-but-real slices.
-    frac = (u8 > _FOREGROUND_LEVEL).mean(axis=(1, 2))
-    keep = np.flatnonzero(frac >= min_foreground)
-    if keep.size == 0:
-        keep = np.array([nz // 2])
+    vol = _nifti_volume(data, max_pixels, max_voxels, require_2d)
+    u8, view, spacing = vol.voxels, "axial", vol.spacing_mm[2]
+    if u8.shape[2] != 1 and sum(s > 1 for s in u8.shape) == 2:
+        axis = u8.shape.index(1)  # a single (e.g. sagittal) plane: keep it whole, its view is its normal
+        u8, view = np.moveaxis(u8, axis, 2), VIEW_OF_AXIS[axis]
+    if require_2d and u8.shape[2] > 1:
+        raise DecodeError(f"3-D volume (nifti, {u8.shape[2]} slices): not a 2-D image")
+    stack = plane_slices(u8, "axial")
+    nz = stack.shape[0]
+    keep = head_slices(stack, min_foreground)
     return DecodedScan(
-        slices=u8[keep] if keep.size < nz else u8,
+        slices=stack[keep] if keep.size < nz else stack,
         format="nifti",
-        mode=hdr.get_data_dtype().newbyteorder("=").name,
-        width=int(u8.shape[2]),
-        height=int(u8.shape[1]),
+        mode=vol.mode,
+        width=int(stack.shape[2]),
+        height=int(stack.shape[1]),
         kind="volume" if nz > 1 else "image",
-        slice_index=keep.astype(np.int64),
+        slice_index=keep,
         num_slices=nz,
-        spacing_mm=spacing if spacing and np.isfinite(spacing) and nz > 1 else None,
+        spacing_mm=spacing if nz > 1 else None,
+        view=view,
     )

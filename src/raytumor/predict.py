@@ -8,6 +8,8 @@ build on it, so bytes -> model input -> probabilities -> tumour score -> label i
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,15 +19,17 @@ from raytumor.bundle import LoadedBundle, fetch_bundle, load_bundle
 from raytumor.metrics import predict_labels, tumour_score
 from raytumor.preprocess import model_inputs
 from raytumor.scan import DecodedScan, ok_mask
+from raytumor.scope import OUT_OF_SCOPE, Scope
 
 
-def forward_probs(
+def forward_outputs(
     model: torch.nn.Module,
     images: np.ndarray | torch.Tensor,
     device: torch.device,
     temperature: float = 1.0,
-) -> torch.Tensor:
-    """Softmax probabilities for a (B, H, W) uint8 batch: channels_last, bf16 autocast on CUDA."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax probabilities, pooled backbone features) for a (B, H, W) uint8 batch in one forward pass:
+    channels_last, bf16 autocast on CUDA. The features feed the view head and the OOD score."""
     x = torch.as_tensor(images)
     if x.ndim == 3:
         x = x.unsqueeze(1)
@@ -36,13 +40,45 @@ def forward_probs(
         torch.inference_mode(),
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
     ):
-        logits = model(x)
-    return torch.softmax(logits.float() / temperature, dim=1).cpu()
+        feats = model.forward_features(x)
+        logits = model.head(feats)
+    return torch.softmax(logits.float() / temperature, dim=1).cpu(), feats.float().cpu()
+
+
+def forward_probs(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    device: torch.device,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Softmax probabilities for a (B, H, W) uint8 batch (:func:`forward_outputs` without the features)."""
+    return forward_outputs(model, images, device, temperature)[0]
+
+
+@dataclass
+class Assessment:
+    """Per input: the view and where it came from, the OOD score, and whether the bundle may score it."""
+
+    view: list[str | None]
+    view_source: list[str | None]
+    ood_score: np.ndarray
+    in_scope: np.ndarray
+    scope_reason: list[str | None]
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "view": self.view,
+            "view_source": self.view_source,
+            "ood_score": self.ood_score,
+            "in_scope": self.in_scope,
+            "scope_reason": self.scope_reason,
+        }
 
 
 class Predictor:
     """A loaded bundle and the steps of inference; also a Ray Data ``map_batches`` callable over batches
-    with an ``image`` column (adds ``prob_<class>``, ``score``, ``pred``)."""
+    with an ``image`` column (adds ``prob_<class>``, ``score``, ``pred`` and the :class:`Assessment`
+    columns; ``features=True`` also the pooled features, for fitting the bundle's heads)."""
 
     def __init__(
         self,
@@ -50,11 +86,16 @@ class Predictor:
         device: str | None = None,
         num_threads: int | None = None,
         storage: Any = None,
+        features: bool = False,
     ):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.bundle: LoadedBundle = load_bundle(fetch_bundle(bundle_dir, storage), device=device)
         self.meta = self.bundle.meta
+        self.heads = self.bundle.heads
+        self.scope: Scope = self.bundle.scope or Scope(classes=list(self.meta.classes), counts={})
+        self.scope_recorded = self.bundle.scope is not None
+        self.with_features = features
 
     @classmethod
     def from_bundle(cls, uri: str | os.PathLike, **kwargs: Any) -> Predictor:
@@ -67,7 +108,67 @@ class Predictor:
         return model_inputs(data, self.meta.image_size, self.meta.preprocess, **kwargs)
 
     def predict_probs(self, images: np.ndarray) -> np.ndarray:
-        return forward_probs(self.bundle.model, images, self.bundle.device, self.meta.temperature).numpy()
+        return self.predict(images)[0]
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, pooled features) of a (B, S, S) uint8 batch."""
+        p, f = forward_outputs(self.bundle.model, images, self.bundle.device, self.meta.temperature)
+        return p.numpy(), f.numpy()
+
+    def ood_scores(self, features: np.ndarray) -> np.ndarray:
+        """OOD score per row (NaN without an OOD reference in the bundle)."""
+        if self.heads.ood is None:
+            return np.full(len(features), np.nan, dtype=np.float32)
+        return self.heads.ood.score(features)
+
+    def assess(
+        self,
+        ood: np.ndarray,
+        model_views: Sequence[Any] | None,
+        header_views: Sequence[Any] | None = None,
+        modalities: Sequence[Any] | None = None,
+        ok: np.ndarray | None = None,
+    ) -> Assessment:
+        """View (the header's when it has one, else the view head's), scope and reason per unit; units that
+        are not ``ok`` (decode errors) get nulls."""
+        n = len(ood)
+        ok = np.ones(n, dtype=bool) if ok is None else np.asarray(ok, dtype=bool)
+        views: list[str | None] = [None] * n
+        source: list[str | None] = [None] * n
+        for i in range(n):
+            hv = header_views[i] if header_views is not None else None
+            mv = model_views[i] if model_views is not None else None
+            if isinstance(hv, str) and hv:
+                views[i], source[i] = hv, "header"
+            elif isinstance(mv, str) and mv:
+                views[i], source[i] = mv, "model"
+        mods = list(modalities) if modalities is not None else [None] * n
+        # No scope recorded (an older bundle): only the modality rule applies.
+        keep, reasons = self.scope.check(views, mods, ood, gate_views=self.scope_recorded)
+        in_scope = np.where(ok, keep, False)
+        reasons = [r if ok[i] else None for i, r in enumerate(reasons)]
+        return Assessment(
+            view=[v if ok[i] else None for i, v in enumerate(views)],
+            view_source=[s if ok[i] else None for i, s in enumerate(source)],
+            ood_score=np.where(ok, ood, np.nan).astype(np.float32),
+            in_scope=in_scope,
+            scope_reason=reasons,
+        )
+
+    def label_names(
+        self, pred: np.ndarray, ok: np.ndarray, in_scope: np.ndarray, score_out_of_scope: bool = False
+    ) -> list[str | None]:
+        """Class name per unit, ``out_of_scope`` where the bundle may not score it (unless the user asked to
+        score out-of-scope inputs anyway), None for decode errors."""
+        return [
+            None if not ok[i]
+            else OUT_OF_SCOPE if not (in_scope[i] or score_out_of_scope)
+            else self.meta.classes[int(pred[i])]
+            for i in range(len(pred))
+        ]  # fmt: skip
+
+    def model_views(self, features: np.ndarray) -> np.ndarray | None:
+        return None if self.heads.view is None else self.heads.view.predict(features)
 
     def scores(self, probs: np.ndarray) -> np.ndarray | None:
         """Tumour score per row (float32), or None when the bundle's classes define none."""
@@ -88,8 +189,20 @@ class Predictor:
         n = len(images)
         ok = ok_mask(batch["error"]) if "error" in batch else np.ones(n, dtype=bool)
         probs = np.full((n, self.meta.num_classes), np.nan, dtype=np.float32)
+        feats = np.zeros((n, 0), dtype=np.float32)
         if ok.any():
-            probs[ok] = self.predict_probs(images[ok])
+            p, f = self.predict(images[ok])
+            probs[ok] = p
+            feats = np.zeros((n, f.shape[1]), dtype=np.float32)
+            feats[ok] = f
+        ood = self.ood_scores(feats) if feats.shape[1] else np.full(n, np.nan, dtype=np.float32)
+        mv = self.model_views(feats) if feats.shape[1] else None
+        a = self.assess(ood, mv, batch.get("view_header"), batch.get("modality"), ok)
+        batch.update(
+            {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in a.columns().items()}
+        )
+        if self.with_features:
+            batch["features"] = feats
         for i, c in enumerate(self.meta.classes):
             batch[f"prob_{c}"] = probs[:, i]
         score = self.scores(probs)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from raytumor.formats import decode_image, decode_scan, fit_square
+from raytumor.formats import decode_scan, fit_square
 from raytumor.scan import DecodedScan
 from raytumor.volumes import brain_slice_range
 
@@ -402,6 +402,19 @@ class PreprocessConfig:
         return cls(**kw)
 
 
+def crop_box(
+    gray: np.ndarray, cfg: PreprocessConfig, mask: np.ndarray | None = None
+) -> tuple[int, int, int, int]:
+    """The half-open box (y0, y1, x0, x1) :func:`apply` crops ``gray`` to under ``cfg``: the whole slice
+    without a crop or when the head mask is implausible. Grad-CAM localisation maps points back with it."""
+    h, w = gray.shape
+    if not cfg.crop:
+        return 0, h, 0, w
+    if mask is None:
+        mask = head_mask(_check_gray(gray))
+    return _crop_box(mask, cfg.margin) if mask_is_plausible(mask) else (0, h, 0, w)
+
+
 def apply(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """Run the enabled steps (crop, then standardise) with one head mask; returns (h, w) uint8.
 
@@ -417,7 +430,7 @@ def apply(gray: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     if not mask_is_plausible(mask):
         return standardise_intensity(gray, None, cfg.low, cfg.high) if cfg.standardise else gray
     if cfg.crop:
-        y0, y1, x0, x1 = _crop_box(mask, cfg.margin)
+        y0, y1, x0, x1 = crop_box(gray, cfg, mask)
         gray, mask = gray[y0:y1, x0:x1], mask[y0:y1, x0:x1]
     if cfg.standardise:
         return standardise_intensity(gray, mask, cfg.low, cfg.high)
@@ -481,9 +494,5 @@ def model_inputs(
                 scan, slices=scan.slices[keep], slice_index=np.asarray(scan.slice_index)[keep]
             )
     else:
-        img = decode_image(data, draft_size=size)
-        scan = DecodedScan(
-            slices=img.pixels[None], format=img.format, mode=img.mode, width=img.width, height=img.height,
-            kind="image", slice_index=np.zeros(1, dtype=np.int64), num_slices=1,
-        )  # fmt: skip
+        scan = decode_scan(data, draft_size=size, require_2d=True)
     return np.stack([to_model_input(s, size, cfg) for s in scan.slices]), scan

@@ -25,6 +25,8 @@ EXPLAIN_DIR = "explain"
 RUN_FILE = "run.json"
 ADABN_FILE = "adabn_state.pt"
 SUMMARY_FILE = "summary.json"
+# The label of a row the bundle may not score (raytumor.scope): its probabilities are kept, its class is not.
+OUT_OF_SCOPE = "out_of_scope"
 
 
 def output_schema(classes: list[str], explain: bool, slice_rows: bool) -> pa.Schema:
@@ -39,6 +41,11 @@ def output_schema(classes: list[str], explain: bool, slice_rows: bool) -> pa.Sch
         pa.field("slice", pa.int32()),
         pa.field("score_mean", pa.float32()),
         pa.field("score_max", pa.float32()),
+        pa.field("view", pa.string()),
+        pa.field("view_source", pa.string()),
+        pa.field("ood_score", pa.float32()),
+        pa.field("in_scope", pa.bool_()),
+        pa.field("scope_reason", pa.string()),
         pa.field("adaptation", pa.string()),
         pa.field("bundle_id", pa.string()),
         pa.field("bundle_version", pa.string()),
@@ -97,7 +104,10 @@ def read_scores(
     for p in parts:
         try:
             with fs.open_input_file(p) as f:
-                tables.append(pq.read_table(f, columns=columns))
+                pf = pq.ParquetFile(f)
+                # Parts written before a column existed (e.g. scope_reason) still read; the column is null.
+                cols = None if columns is None else [c for c in columns if c in pf.schema_arrow.names]
+                tables.append(pf.read(columns=cols))
         except Exception:
             if not skip_unreadable:
                 raise
@@ -150,15 +160,16 @@ def write_slice_rows(output: str, storage: StorageOptions | None) -> str:
     return join(output, "slices.parquet")
 
 
-SUMMARY_COLUMNS = ["path", "label", "error", "kind", "n_slices"]
+SUMMARY_COLUMNS = ["path", "label", "error", "kind", "n_slices", "scope_reason"]
 
 
 def summarise(df: pd.DataFrame, negative_class: str | None) -> dict[str, Any]:
     """Counts over all score rows (``SUMMARY_COLUMNS`` of an output folder)."""
     err = df["error"].notna()
+    oos = df["label"] == OUT_OF_SCOPE
     # Without a no-tumour class (multi-class bundles) nothing is "positive": see the label counts.
     if negative_class:
-        pos = df["label"].notna() & (df["label"] != negative_class)
+        pos = df["label"].notna() & (df["label"] != negative_class) & ~oos
     else:
         pos = pd.Series(False, index=df.index)
     return {
@@ -168,6 +179,12 @@ def summarise(df: pd.DataFrame, negative_class: str | None) -> dict[str, Any]:
         "scored": int((~err).sum()),
         "errors": int(err.sum()),
         "positives": int(pos.sum()),
+        "out_of_scope": int(oos.sum()),
+        "out_of_scope_reasons": (
+            {str(k): int(v) for k, v in df.loc[oos, "scope_reason"].fillna("?").value_counts().items()}
+            if "scope_reason" in df.columns
+            else {}
+        ),
         "volumes": int((df["kind"] == "volume").sum()),
         "images_scored": int(df["n_slices"].fillna(0).sum()),
         "error_reasons": dict(Counter(str(e).split(":", 1)[0] for e in df.loc[err, "error"]).most_common(20)),

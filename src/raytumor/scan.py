@@ -6,14 +6,20 @@ detected from the content (magic bytes), never from the file name; real datasets
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "MAX_PIXELS",
+    "MAX_VOXELS",
+    "VIEWS",
+    "VIEW_OF_AXIS",
     "DecodeError",
     "DecodedImage",
     "DecodedScan",
@@ -22,7 +28,17 @@ __all__ = [
     "ok_mask",
     "rescale_robust",
     "sniff_format",
+    "view_from_orientation",
 ]
+
+# Default size (bomb) guards of the decoders: one slice, and a whole volume.
+MAX_PIXELS = 50_000_000
+MAX_VOXELS = 400_000_000
+
+# Anatomical planes (a scan's view may also be "oblique"), and the plane normal to each patient axis of
+# RAS/LPS space: x (left-right) sagittal, y (anterior-posterior) coronal, z (inferior-superior) axial.
+VIEWS = ("axial", "coronal", "sagittal")
+VIEW_OF_AXIS = ("sagittal", "coronal", "axial")
 
 
 class DecodeError(ValueError):
@@ -61,7 +77,9 @@ class DecodedScan:
     ``width``/``height`` are those of one source slice/frame. ``kind`` is 'image' (2-D source) or
     'volume' (3-D NIfTI, multi-frame DICOM). ``slice_index`` (K,) int64 is each kept slice's index in
     the source (NIfTI: canonical RAS z; DICOM: frame number) and ``num_slices`` the source's count
-    before slice selection.
+    before slice selection. ``view``: the plane of the slices ('axial', 'coronal', 'sagittal' or
+    'oblique'), None when the source does not say (rasters, DICOM without orientation). ``modality``:
+    the DICOM Modality ('MR', 'CT', ...), None when the format does not carry one (rasters, NIfTI).
     """
 
     slices: np.ndarray
@@ -73,6 +91,42 @@ class DecodedScan:
     slice_index: np.ndarray
     num_slices: int
     spacing_mm: float | None = None  # distance between adjacent slices (NIfTI), None when not known
+    view: str | None = None
+    modality: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry
+
+
+def view_from_orientation(iop: Sequence[float], oblique_cos: float = 0.8) -> str:
+    """The plane of a DICOM image from its ImageOrientationPatient (row then column direction cosines,
+    patient LPS axes): the slice normal row x column points along x for sagittal, y for coronal and z for
+    axial. 'oblique' when the normal's largest direction cosine is below ``oblique_cos`` (0.8: tilted
+    more than ~37 degrees from the nearest plane). ValueError for anything that is not two finite,
+    non-zero, non-parallel 3-vectors.
+    """
+    if not 0.0 <= oblique_cos <= 1.0:
+        raise ValueError(f"oblique_cos must be in [0, 1], got {oblique_cos}")
+    try:
+        v = np.asarray([float(c) for c in iop], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError("ImageOrientationPatient must be 6 numbers") from e
+    if v.shape != (6,):
+        raise ValueError(f"ImageOrientationPatient must be 6 numbers, got {v.size}")
+    if not np.isfinite(v).all():
+        raise ValueError("ImageOrientationPatient is not finite")
+    row, col = v[:3], v[3:]
+    nr, nc = float(np.linalg.norm(row)), float(np.linalg.norm(col))
+    if nr == 0.0 or nc == 0.0:
+        raise ValueError("ImageOrientationPatient has a zero direction")
+    normal = np.cross(row / nr, col / nc)
+    sin = float(np.linalg.norm(normal))  # sine of the angle between row and column
+    if sin < math.sin(math.radians(1.0)):  # (near) parallel: no plane; DICOM requires orthogonal
+        raise ValueError("ImageOrientationPatient row and column are parallel")
+    cos = np.abs(normal) / sin
+    axis = int(np.argmax(cos))
+    return VIEW_OF_AXIS[axis] if cos[axis] >= oblique_cos else "oblique"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ its head (``dhash_crop``/``thumb_crop``: re-framed, cropped and re-padded copies
 of each (derived from the stored fields at search time: br35h-3000 holds thousands of mirrored copies).
 Patient ids (a manifest's ``patient_id``, scoped by its ``source``: ids of different datasets are not
 comparable) join groups too, so all scans of one patient land in one split. :func:`holdout_split` is the
-leave-one-source-out variant: one source is the whole test split.
+leave-one-source-out variant: one source is the whole test split. Cross-validation folds come from
+:func:`assign_folds` (whole groups per fold, stratified like the split) or :func:`source_folds` (one source
+per fold); each fold is then held out with :func:`holdout_split`.
 Pure numpy/pandas: runs on the driver over catalogue columns, no pixels needed after ingest.
 """
 
@@ -54,6 +56,7 @@ __all__ = [
     "HOLDOUT_DUPLICATE",
     "SPLIT_NAMES",
     "THUMB_SIZE",
+    "assign_folds",
     "duplicate_groups_table",
     "duplicate_report",
     "find_duplicate_groups",
@@ -63,6 +66,7 @@ __all__ = [
     "leakage",
     "match_reference",
     "patient_groups",
+    "source_folds",
     "split_groups",
     "thumb_features",
 ]
@@ -571,7 +575,9 @@ def find_duplicate_groups(
 ) -> np.ndarray:
     """An int64 group id per row (0..G-1, numbered by first row): connected components of
 
-    (a) identical non-null ``sha256``; (b) near-duplicates: ``dhash`` within ``max_hamming`` bits, confirmed
+    (a) identical non-null ``sha256``; (b) near-duplicates (never between two rows whose manifest names
+    different patients: those ids are authoritative, and low slices of different patients — near-empty
+    skull-base images — would otherwise chain whole patients together): ``dhash`` within ``max_hamming`` bits, confirmed
     by ``thumb`` Pearson correlation >= ``min_corr`` (``None``: dHash only) of the thumbnails' gradients
     (``confirm_on="gradient"``, see :class:`_Corr`) or raw pixels (``"pixel"``); likewise the head view
     ``dhash_crop``/``thumb_crop`` at ``crop_min_corr`` (used when the columns exist; ``None``: off); with
@@ -613,6 +619,10 @@ def find_duplicate_groups(
             for a, b in _near_row_pairs(
                 h, rows, int(max_hamming), corr, c, ref_h, ref_rows, ordered=mirrored
             ):
+                if patients is not None:
+                    key, null = patients[0].to_numpy(dtype=object), patients[1]
+                    keep = null[a] | null[b] | (key[a] == key[b])
+                    a, b = a[keep], b[keep]
                 edges_a.append(a)
                 edges_b.append(b)
     a = np.concatenate(edges_a) if edges_a else np.zeros(0, np.int64)
@@ -708,6 +718,38 @@ def _water_fill(deficit: np.ndarray, r: int, priority: np.ndarray) -> np.ndarray
     return add
 
 
+def _strata(
+    df: pd.DataFrame, gid: np.ndarray, ngroups: int, seed: int, label_col: str
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(class index, group ids) per (class, source) stratum, the groups in a seeded order that does not
+    depend on row order: the one stratification rule of :func:`split_groups` and :func:`assign_folds`.
+
+    A group's class is its majority label (ties: the smallest label); with several sources its source is
+    its majority source (ties: the smallest key). Groups are sorted by a content key (min sha256), then
+    shuffled by a generator seeded by (seed, class) only: a source's groups get the order they get alone,
+    so adding a source leaves the others' assignment as it was (comparable runs) unless duplicates join
+    them."""
+    # labels compared as str: one stable order for ties and mixed types
+    lab, cols = pd.factorize(pd.Series(df[label_col].to_numpy(), dtype=object).astype(str), sort=True)
+    counts = np.bincount(gid * len(cols) + lab, minlength=ngroups * len(cols)).reshape(ngroups, len(cols))
+    major = counts.argmax(axis=1)
+    present = counts.sum(axis=1) > 0  # a group may have no row in df (rows outside a fold scope)
+    n_src, gsrc = 1, np.zeros(ngroups, dtype=np.int64)  # one stratum per class when a single source
+    if "source" in df.columns:
+        src, names = pd.factorize(pd.Series(df["source"].to_numpy(), dtype=object).astype(str), sort=True)
+        if len(names) > 1:
+            sc = np.bincount(gid * len(names) + src, minlength=ngroups * len(names))
+            n_src, gsrc = len(names), sc.reshape(ngroups, len(names)).argmax(axis=1)
+    key = _group_keys(df, gid, ngroups)
+    for (c, cls), si in itertools.product(enumerate(cols), range(n_src)):
+        g = np.flatnonzero(present & (major == c) & (gsrc == si))
+        if not len(g):
+            continue
+        g = g[np.argsort(key[g], kind="stable")]
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(str(cls).encode())])
+        yield c, g[rng.permutation(len(g))]
+
+
 def split_groups(
     df: pd.DataFrame,
     groups: np.ndarray,
@@ -742,32 +784,11 @@ def split_groups(
         return out.astype(str)
     gid = patient_groups(df, groups)
     ng = int(gid.max()) + 1
-    # labels compared as str: one stable order for ties and mixed types
-    lab, cols = pd.factorize(pd.Series(df[label_col].to_numpy(), dtype=object).astype(str), sort=True)
-    counts = np.bincount(gid * len(cols) + lab, minlength=ng * len(cols)).reshape(ng, len(cols))
-    major = counts.argmax(axis=1)  # ties: the smallest label
-    size = counts.sum(axis=1)
-    # Majority source of each group (ties: the smallest source key); one stratum when a single source.
-    srcs: list[str] = [""]
-    gsrc = np.zeros(ng, dtype=np.int64)
-    if "source" in df.columns:
-        src, names = pd.factorize(pd.Series(df["source"].to_numpy(), dtype=object).astype(str), sort=True)
-        if len(names) > 1:
-            sc = np.bincount(gid * len(names) + src, minlength=ng * len(names)).reshape(ng, len(names))
-            srcs, gsrc = [str(n) for n in names], sc.argmax(axis=1)
-    key = _group_keys(df, gid, ng)
     active = np.flatnonzero(frac > 0)
     priority = np.argsort(np.argsort(-frac, kind="stable"), kind="stable")  # 0 = largest fraction
     assign = np.full(ng, -1, dtype=np.int64)
-    for (c, cls), si in itertools.product(enumerate(cols), range(len(srcs))):
-        g = np.flatnonzero((major == c) & (gsrc == si))
-        if not len(g):
-            continue
-        g = g[np.argsort(key[g], kind="stable")]
-        # Seeded by (seed, class) only: a source's split is the one it gets alone, so adding a source
-        # leaves the others' test sets as they were (comparable runs) unless duplicates join them.
-        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(str(cls).encode())])
-        g = g[rng.permutation(len(g))]
+    size = np.bincount(gid, minlength=ng)
+    for _, g in _strata(df, gid, ng, seed, label_col):
         target = frac * size[g].sum()
         current = np.zeros(3, dtype=np.float64)
         # Every active split gets a group when possible: the smaller splits are seeded with the smallest
@@ -824,6 +845,69 @@ def holdout_split(
     if rest.any():
         out[rest] = split_groups(df[rest], gid[rest], (frac[0], frac[1], 0.0), seed=seed, label_col=label_col)
     return out.astype(str), int(drop.sum())
+
+
+def assign_folds(
+    df: pd.DataFrame,
+    groups: np.ndarray,
+    n_folds: int,
+    seed: int = 0,
+    label_col: str = "label",
+    scope: np.ndarray | None = None,
+) -> np.ndarray:
+    """Cross-validation fold (0..n_folds-1) per row; -1 for rows outside ``scope`` (never held out).
+
+    Whole groups (duplicates merged with patients, :func:`patient_groups`) go to one fold, so a group never
+    straddles folds; groups are taken per (class, source) stratum in :func:`split_groups`' seeded order,
+    largest first, each to the fold holding the fewest files of its stratum (then of its class, then in
+    all): every fold gets each class and source in proportion where there are enough groups. Only rows in
+    ``scope`` count and get a fold; a group with rows on both sides takes its in-scope rows' fold, and a
+    fold's training then drops the group's other rows (:func:`holdout_split`).
+    """
+    n = len(df)
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups has shape {groups.shape}, expected ({n},)")
+    keep = np.ones(n, dtype=bool) if scope is None else np.asarray(scope, dtype=bool)
+    if keep.shape != (n,):
+        raise ValueError(f"scope has shape {keep.shape}, expected ({n},)")
+    out = np.full(n, -1, dtype=np.int64)
+    if not keep.any():
+        return out
+    gid = patient_groups(df, groups)
+    ng = int(gid.max()) + 1
+    n_groups = len(np.unique(gid[keep]))
+    if n_folds < 2 or n_folds > n_groups:
+        raise ValueError(f"need 2 <= folds <= {n_groups} (the groups to share out), got {n_folds}")
+    inside = df[keep]
+    size = np.bincount(gid[keep], minlength=ng)
+    n_classes = int(inside[label_col].astype(str).nunique())
+    files = np.zeros(n_folds, dtype=np.int64)
+    per_class = np.zeros((n_folds, n_classes), dtype=np.int64)
+    assign = np.full(ng, -1, dtype=np.int64)
+    for c, g in _strata(inside, gid[keep], ng, seed, label_col):
+        per_stratum = np.zeros(n_folds, dtype=np.int64)
+        for grp in g[np.argsort(-size[g], kind="stable")]:
+            f = min(range(n_folds), key=lambda f: (per_stratum[f], per_class[f, c], files[f], f))
+            assign[grp] = f
+            per_stratum[f] += size[grp]
+            per_class[f, c] += size[grp]
+            files[f] += size[grp]
+    out[keep] = assign[gid[keep]]
+    return out
+
+
+def source_folds(df: pd.DataFrame, sources: Sequence[str]) -> np.ndarray:
+    """Leave-one-source-out folds: fold i is every row of ``sources[i]``, -1 the rows of other sources
+    (never held out). A group spanning sources is not split here: each fold's :func:`holdout_split` drops
+    the group's rows outside the held-out source from its training."""
+    if "source" not in df.columns:
+        raise ValueError("leave-one-source-out folds need a 'source' column")
+    src = df["source"].astype(str).to_numpy()
+    out = np.full(len(df), -1, dtype=np.int64)
+    for i, name in enumerate(sources):
+        out[src == str(name)] = i
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -317,8 +317,11 @@ def leaderboard(result_grid: Any, metric: str, mode: str, max_epochs: int) -> pd
     return df
 
 
-def _make_tuner(cfg: SearchConfig, trainable: Any, metric: str, res: dict[str, Any], where: tuple) -> Any:
-    """A new Tuner, or the interrupted search at the same storage restored (finished trials kept)."""
+def _make_tuner(
+    cfg: SearchConfig, trainable: Any, metric: str, res: dict[str, Any], where: tuple, scheduler: Any = None
+) -> Any:
+    """A new Tuner, or the interrupted search at the same storage restored (finished trials kept).
+    ``scheduler``: ASHA over ``cfg``'s epochs unless given (``raytumor cv``: FIFO, every fold runs out)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -341,7 +344,8 @@ def _make_tuner(cfg: SearchConfig, trainable: Any, metric: str, res: dict[str, A
             search_alg=BasicVariantGenerator(
                 random_state=cfg.train.seed, max_concurrent=res["max_concurrent_trials"]
             ),
-            scheduler=ASHAScheduler(
+            scheduler=scheduler
+            or ASHAScheduler(
                 time_attr="epochs_done",
                 max_t=cfg.max_epochs,
                 grace_period=cfg.grace_period,

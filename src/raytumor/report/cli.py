@@ -7,15 +7,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from raytumor.config import from_args, opt, stage_parser
-from raytumor.evaluate import SourceOptions
+from raytumor.evaluate import LocalisationOptions, SourceOptions
 from raytumor.report.compute import build_report
 from raytumor.runtime import init_ray  # imports Ray only when called
 
 
 @dataclass(kw_only=True)
-class ReportConfig(SourceOptions):
-    """``--data`` (repeatable) and ``--source-pattern`` are evaluate's (:class:`SourceOptions`), so both stages
-    read sources alike."""
+class ReportConfig(SourceOptions, LocalisationOptions):
+    """``--data`` (repeatable), ``--source-pattern`` and the pointing-game options are evaluate's
+    (:class:`SourceOptions`, :class:`LocalisationOptions`), so both stages read sources alike."""
 
     bundle: str = opt(
         help="model bundle: a directory or s3://|gs:// URI (from raytumor train/tune)", required=True
@@ -60,6 +60,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         exclude_duplicates=not cfg.keep_duplicates,
         source_pattern=cfg.source_pattern,
         scores=cfg.scores,
+        localisation=cfg.localisation,
+        localisation_tolerance=cfg.localisation_tolerance,
     )
     print(f"report written to {rep['outputs']['html']}")
     print(f"metrics written to {rep['outputs']['metrics_json']}")

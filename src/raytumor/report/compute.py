@@ -25,7 +25,7 @@ from raytumor.bundle import HISTORY_FILE, BundleMeta, fetch_bundle, read_meta
 from raytumor.report import figures
 from raytumor.report.card import RESEARCH_BANNER, model_card, threshold_provenance
 from raytumor.report.fmt import fmt
-from raytumor.report.gallery import gallery_items, render_gallery
+from raytumor.report.gallery import gallery_items, render_gallery, render_thumbnails, scope_items
 from raytumor.report.render import render_html
 from raytumor.results import read_scores
 from raytumor.scan import ok_mask
@@ -49,6 +49,8 @@ def build_report(
     exclude_duplicates: bool = True,
     source_pattern: str | None = None,
     scores: str | None = None,
+    localisation: bool = True,
+    localisation_tolerance: float = 0.01,
 ) -> dict[str, Any]:
     """Evaluate ``bundle_dir`` on ``data`` (one or more sources) and write report.html, report.json,
     metrics.json and PNGs.
@@ -58,7 +60,9 @@ def build_report(
     volume rows judged by their volume score, test-time adaptation as scored) and ``by_kind`` holds the
     slice and volume metrics apart. Returns the report dict (as ``report.json``) with an ``outputs`` entry
     listing the files written. ``by_source`` holds metrics.json's per-source metrics when
-    :func:`show_by_source` says they add something (else None).
+    :func:`show_by_source` says they add something (else None). ``scope`` (in and out of scope, by view and
+    sequence, thumbnails of refused inputs) and ``localisation`` (the Grad-CAM pointing game on a manifest
+    with masks) are metrics.json's, plus the thumbnails.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +70,8 @@ def build_report(
     local_bundle = fetch_bundle(bundle_dir, storage)
     meta = read_meta(local_bundle)
     exclude_duplicates = exclude_duplicates and not scores  # a score output is taken as it is
-    common = dict(n_boot=n_boot, seed=seed, s3_endpoint=s3_endpoint, source_pattern=source_pattern)
+    common = dict(n_boot=n_boot, seed=seed, s3_endpoint=s3_endpoint, source_pattern=source_pattern,
+                  localisation=localisation, localisation_tolerance=localisation_tolerance)  # fmt: skip
     if scores:
         res = evaluate.evaluate_scores(bundle_dir, data, scores, out, threshold=None, **common)
     else:
@@ -75,7 +80,8 @@ def build_report(
         )
     m = res["metrics"]
     thr = float(m.get("threshold", meta.threshold))
-    rows = Rows.load(pd.read_parquet(out / "predictions.parquet"), meta, thr)
+    preds = pd.read_parquet(out / "predictions.parquet")
+    rows = Rows.load(preds, meta, thr)
     settings = {
         "target_sensitivity": float(target_sensitivity),
         "n_boot": int(n_boot),
@@ -83,11 +89,16 @@ def build_report(
         "gallery": int(gallery),
         "exclude_duplicates": bool(exclude_duplicates),
         "source_pattern": res.get("source_pattern"),
+        "localisation": bool(localisation),
+        "localisation_tolerance": float(localisation_tolerance),
     }
     figs: dict[str, bytes] = {}
     rep = _summary(bundle_dir, meta, res, settings, scores)
     rep["score_output"] = _score_output(scores, res, storage) if scores else None
     rep["curves"] = _discrimination(rows, m, thr, figs) if rows.binary else None
+    rep["scope"] = _scope(res, preds, meta, gallery, bundle_dir, storage, figs)
+    rep["by_view"], rep["by_sequence"] = res.get("by_view"), res.get("by_sequence")  # all rows
+    rep["localisation"] = res.get("localisation")
     rep.update(_per_class(rows, m, thr, figs))
     rep["calibration"] = _calibration(rows, meta, figs)
     prov = threshold_provenance(meta)
@@ -335,6 +346,31 @@ def _gallery(
     gal = gallery_items(rows.paths, rows.labels, rows.pred, rows.y, score, thr, k)
     figs.update(render_gallery(bundle_dir, gal, storage))
     return gal
+
+
+def _scope(
+    res: dict[str, Any],
+    preds: pd.DataFrame,
+    meta: BundleMeta,
+    k: int,
+    bundle_dir: Any,
+    storage: StorageOptions,
+    figs: dict[str, bytes],
+) -> dict[str, Any] | None:
+    """metrics.json's scope (counts and reasons, the in-scope rows' metrics and breakdowns) and thumbnails
+    of up to ``k`` refused inputs (one per reason in turn). None when the evaluation has no scope record at
+    all (a metrics.json written before bundles knew their scope)."""
+    sc = res.get("scope")
+    if sc is None:
+        return None
+    oos = evaluate.out_of_scope_rows(preds, list(meta.classes))
+    sel = preds[oos]
+    reasons = sel["scope_reason"].tolist() if "scope_reason" in sel.columns else [None] * len(sel)
+    views = sel["view"].tolist() if "view" in sel.columns else [None] * len(sel)
+    scores = sel["score"].tolist() if "score" in sel.columns else [None] * len(sel)
+    items = scope_items(sel["path"].astype(str).tolist(), reasons, views, scores, k)
+    figs.update(render_thumbnails(bundle_dir, items, storage))
+    return {**sc, "thumbnails": items}
 
 
 # ----------------------------------------------------------------------------------------------------------

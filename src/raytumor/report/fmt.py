@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Any
 
@@ -46,3 +47,20 @@ def fmt_setting(v: Any) -> str:
 def data_text(data: Any) -> str:
     """One or several data arguments as one line."""
     return " + ".join(map(str, data)) if isinstance(data, (list, tuple)) else str(data)
+
+
+def html_cell(v: Any) -> str:
+    """A table cell's text: :func:`fmt` (strings as they are), HTML-escaped."""
+    return html.escape(fmt(v))
+
+
+def html_table(head: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def html_kv(rows: list[tuple[str, Any]]) -> str:
+    """A two-column key/value table."""
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html_cell(v)}</td></tr>" for k, v in rows)
+    return f'<table class="kv"><tbody>{body}</tbody></table>'

@@ -1,4 +1,5 @@
-"""Grad-CAM gallery: the most confident errors, explained on the bundle's own model input.
+"""Grad-CAM gallery: the most confident errors, explained on the bundle's own model input; and thumbnails of
+inputs the bundle refused (out of scope).
 
 The scan bytes go through :meth:`raytumor.predict.Predictor.inputs`, the one bytes -> model-input path of
 training, evaluation and scoring, so the map is of the input the model actually scored.
@@ -7,6 +8,7 @@ training, evaluation and scoring, so the map is of the input the model actually 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -86,4 +88,55 @@ def render_gallery(
         name = f"gallery_{'fn' if kind == 'false_negatives' else 'fp'}_{i + 1:02d}.png"
         pngs[name] = overlay_png(img, heat, caption=caption)
         it.update(png=name, cam_target=meta.classes[target])
+    return pngs
+
+
+def scope_items(
+    paths: Sequence[str], reasons: Sequence[Any], views: Sequence[Any], scores: Sequence[float], k: int
+) -> list[dict[str, Any]]:
+    """Up to ``k`` out-of-scope rows to show, taking one of each reason in turn (most frequent reason first),
+    so the few thumbnails cover why inputs were refused rather than ``k`` examples of the commonest reason."""
+    by_reason: dict[str, list[int]] = {}
+    for i, r in enumerate(reasons):
+        by_reason.setdefault(str(r) if r is not None else "unspecified", []).append(i)
+    queues = sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    picked: list[tuple[str, int]] = []
+    depth = 0
+    while len(picked) < max(0, k) and any(depth < len(q) for _, q in queues):
+        picked += [(r, q[depth]) for r, q in queues if depth < len(q)][: k - len(picked)]
+        depth += 1
+    return [
+        {
+            "path": str(paths[i]),
+            "basename": os.path.basename(str(paths[i])),
+            "reason": reason,
+            "view": None if views[i] is None else str(views[i]),
+            "score": None if scores[i] is None or not np.isfinite(scores[i]) else float(scores[i]),
+        }
+        for reason, i in picked
+    ]
+
+
+def render_thumbnails(
+    bundle: str | os.PathLike, items: list[dict[str, Any]], storage: StorageOptions, prefix: str = "scope"
+) -> dict[str, bytes]:
+    """The model input of each item (a volume's middle kept slice) as a captioned greyscale PNG keyed by
+    file name; sets ``png`` on each item it rendered and ``error`` on each it could not."""
+    if not items:
+        return {}
+    predictor = Predictor.from_bundle(bundle, device="cpu", storage=storage)
+    pngs: dict[str, bytes] = {}
+    for i, it in enumerate(items):
+        try:
+            stack, _ = predictor.inputs(read_bytes(it["path"], storage), volumes=True)
+        except Exception as e:  # the file vanished or changed since evaluation: say so, keep going
+            it["error"] = f"{type(e).__name__}: {e}"[:200]
+            continue
+        img = stack[len(stack) // 2]
+        name = f"{prefix}_{i + 1:02d}.png"
+        # overlay_png with an empty map: the plain input, upscaled and captioned like the gallery's
+        pngs[name] = overlay_png(
+            img, np.zeros(img.shape, np.float32), caption=f"{it['basename']}  {it['reason']}"
+        )
+        it["png"] = name
     return pngs

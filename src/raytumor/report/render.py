@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from raytumor.report.card import unfitted_threshold
-from raytumor.report.fmt import data_text, fmt, fmt_ci, fmt_setting
+from raytumor.report.fmt import data_text, fmt, fmt_ci, fmt_setting, html_cell, html_kv, html_table
 
 Figures = dict[str, bytes]
 
@@ -43,8 +43,8 @@ ul{margin:4px 0 8px 18px;padding:0}
 def render_html(rep: dict[str, Any], figures: Figures) -> str:
     """The whole page from a JSON-clean report dict (``report.json``) and its PNGs."""
     sections: list[Callable[[dict[str, Any], Figures], str]] = [
-        _summary, _curves, _by_source, _by_kind, _confusion, _calibration, _threshold, _training, _splits,
-        _gallery, _model_card,
+        _summary, _curves, _by_source, _by_kind, _scope, _confusion, _calibration, _threshold, _training,
+        _splits, _gallery, _localisation, _model_card,
     ]  # fmt: skip
     b = rep["bundle"]
     head = (
@@ -67,26 +67,11 @@ def render_html(rep: dict[str, Any], figures: Figures) -> str:
 # Building blocks
 
 
-def _e(v: Any) -> str:
-    return html.escape(fmt(v))
-
-
 def _img(figures: Figures, name: str, alt: str) -> str:
     if name not in figures:
         return ""
     b64 = base64.b64encode(figures[name]).decode("ascii")
     return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
-
-
-def _table(head: list[str], rows: list[list[Any]], cls: str = "") -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _kv(rows: list[tuple[str, Any]]) -> str:
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
-    return f'<table class="kv"><tbody>{body}</tbody></table>'
 
 
 def _section(sid: str, title: str, *body: str) -> str:
@@ -135,7 +120,9 @@ def _summary(rep: dict[str, Any], figures: Figures) -> str:
     b, m, f, so = rep["bundle"], rep["metrics"], rep["files"], rep.get("score_output")
     headline = [("n scans", rep["n"]), ("ROC AUC", m.get("roc_auc")), ("sensitivity", m.get("sensitivity")),
                 ("specificity", m.get("specificity"))]  # fmt: skip
-    metrics = "".join(f'<span class="metric"><b>{_e(v)}</b>{html.escape(k)}</span>' for k, v in headline)
+    metrics = "".join(
+        f'<span class="metric"><b>{html_cell(v)}</b>{html.escape(k)}</span>' for k, v in headline
+    )
     rows: list[tuple[str, Any]] = [
         ("bundle id", b["bundle_id"]),
         ("backbone", b["backbone"]),
@@ -160,11 +147,14 @@ def _summary(rep: dict[str, Any], figures: Figures) -> str:
             ("excluded as duplicates of training data", f.get("excluded_duplicates_of_training")),
             ("rejected files (could not be decoded)", f.get("files_rejected")),
         ]
+    sc = rep.get("scope")
+    if sc and sc.get("recorded"):
+        rows.append(("out of scope (refused by the bundle)", f"{sc['out_of_scope']} of {sc['evaluated']}"))
     rows += [
         ("files listed", f.get("files_listed")),
         ("bootstrap resamples (95% CI)", rep["settings"]["n_boot"]),
     ]
-    return _section("summary", "Summary", metrics, _kv(rows))
+    return _section("summary", "Summary", metrics, html_kv(rows))
 
 
 def _curves(rep: dict[str, Any], figures: Figures) -> str:
@@ -184,12 +174,12 @@ def _curves(rep: dict[str, Any], figures: Figures) -> str:
     ]
     resampling = c.get("ci95_resampling") or "scans"
     text = (
-        f'<p class="sub">Tumour score vs tumour label; prevalence {_e(c["prevalence"])}. Red dot: operating '
-        f"point at the bundle threshold {_e(rep['bundle']['threshold'])}. The 95% intervals resample "
+        f'<p class="sub">Tumour score vs tumour label; prevalence {html_cell(c["prevalence"])}. Red dot: operating '
+        f"point at the bundle threshold {html_cell(rep['bundle']['threshold'])}. The 95% intervals resample "
         f"{html.escape(resampling)}.</p>"
     )
     grid = f'<div class="grid">{_img(figures, "roc.png", "ROC curve")}{_img(figures, "pr.png", "PR curve")}</div>'
-    return _section("curves", title, _table(["metric", "value", "95% CI (bootstrap)"], rows), text, grid)
+    return _section("curves", title, html_table(["metric", "value", "95% CI (bootstrap)"], rows), text, grid)
 
 
 def _by_source(rep: dict[str, Any], figures: Figures) -> str:
@@ -216,7 +206,7 @@ def _by_source(rep: dict[str, Any], figures: Figures) -> str:
         f"patients where the data names them (patient_id: {clustered} of {len(bs)} sources), else "
         "single scans.</p>"
     )
-    return _section("by-source", "By source", _table(head, rows, "by-source"), text)
+    return _section("by-source", "By source", html_table(head, rows, "by-source"), text)
 
 
 def _by_kind(rep: dict[str, Any], figures: Figures) -> str:
@@ -240,7 +230,149 @@ def _by_kind(rep: dict[str, Any], figures: Figures) -> str:
         "its most suspicious slice; every other file is one slice. The volume false-positive rate is the "
         "share of healthy volumes flagged as a whole.</p>"
     )
-    return _section("by-kind", "Slices and volumes", _table(head, rows, "by-kind"), text)
+    return _section("by-kind", "Slices and volumes", html_table(head, rows, "by-kind"), text)
+
+
+SCOPE_METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "ppv", "npv", "f1")
+
+
+def _breakdown_table(by: dict[str, dict[str, Any]], what: str, cls: str) -> str:
+    """One row per key (view, sequence): n, rows out of scope, positives, AUC, sensitivity and specificity
+    with their 95% CIs, FP rate."""
+    rows = []
+    for key, m in by.items():
+        ci = m.get("ci95") or {}
+        rows.append(
+            [key, m.get("n"), m.get("out_of_scope"), m.get("positives"), m.get("roc_auc"),
+             m.get("sensitivity"), fmt_ci(ci.get("sensitivity")), m.get("specificity"),
+             fmt_ci(ci.get("specificity")), m.get("fp_rate")]
+        )  # fmt: skip
+    head = [what, "n", "out of scope", "positives", "ROC AUC", "sensitivity", "sensitivity 95% CI",
+            "specificity", "specificity 95% CI", "FP rate"]  # fmt: skip
+    return html_table(head, rows, cls)
+
+
+def _scope(rep: dict[str, Any], figures: Figures) -> str:
+    sc = rep.get("scope")
+    if not sc:
+        return ""
+    body = [
+        '<p class="sub">The bundle scores only inputs like those it was trained on: an MR modality, a view of '
+        "which it saw enough examples of every class, and features not too far from its training data (OOD "
+        "score). Refused rows keep their probabilities: “all rows” is what the model would have "
+        "said about everything, “in scope” what it reports. Refused rows are counted here, never "
+        "as negatives.</p>"
+    ]
+    if not sc.get("recorded"):
+        body.append(_note("These predictions carry no scope columns (written before bundles knew their "
+                          "scope): every row is taken as in scope, view unknown."))  # fmt: skip
+    share = sc.get("out_of_scope_share")
+    body.append(
+        html_kv([("scans with a prediction", sc["evaluated"]), ("in scope", sc["in_scope"]),
+             ("out of scope", sc["out_of_scope"]), ("out-of-scope share", share)])
+    )  # fmt: skip
+    if sc["out_of_scope"]:
+        body.append("<h3>Why inputs were refused</h3>")
+        body.append(
+            html_table(["reason", "scans"], [[k, v] for k, v in sc["reasons"].items()], "scope-reasons")
+        )
+        body.append(html_table(["true class of refused scans", "scans"],
+                           [[k, v] for k, v in sc["out_of_scope_by_class"].items()]))  # fmt: skip
+    m_all, m_in = rep["metrics"], sc.get("metrics") or {}
+    ci_all, ci_in = m_all.get("ci95") or {}, m_in.get("ci95") or {}
+    rows = [["n", m_all.get("n"), "", m_in.get("n"), ""]]
+    rows += [
+        [k, m_all.get(k), fmt_ci(ci_all.get(k)), m_in.get(k), fmt_ci(ci_in.get(k))] for k in SCOPE_METRICS
+    ]
+    rows.append(["false positives", m_all.get("false_positives"), "", m_in.get("false_positives"), ""])
+    body.append("<h3>All rows vs in scope</h3>")
+    body.append(
+        html_table(["metric", "all rows", "95% CI", "in scope only", "95% CI"], rows, "scope-metrics")
+    )
+    om = sc.get("out_of_scope_metrics")
+    if om:
+        body.append(
+            f'<p class="sub">Had the model scored the {html_cell(om.get("n"))} refused scans at its threshold: '
+            f"sensitivity {html_cell(om.get('sensitivity'))}, specificity {html_cell(om.get('specificity'))}, "
+            f"{html_cell(om.get('false_positives'))} false positives.</p>"
+        )
+    vs = sc.get("view_source") or {}
+    body.append(
+        '<p class="sub">View of each scan: from the DICOM/NIfTI geometry (header) or the bundle\'s view head '
+        "(model); " + html.escape(", ".join(f"{k} {v}" for k, v in vs.items())) + ".</p>"
+    )
+    if rep.get("by_view"):
+        body += ["<h3>By view (all rows)</h3>", _breakdown_table(rep["by_view"], "view", "by-view")]
+    if rep.get("by_sequence"):
+        body += [
+            "<h3>By sequence (all rows)</h3>",
+            _breakdown_table(rep["by_sequence"], "sequence", "by-sequence"),
+        ]
+    thumbs = sc.get("thumbnails") or []
+    if thumbs:
+        cards = []
+        for it in thumbs:
+            pic = _img(figures, it.get("png", ""), it["basename"]) or _note(
+                f"not rendered: {it.get('error', '')}"
+            )
+            # the view, unless the reason already names it
+            view = "" if it["reason"].startswith("view") else f" \u00b7 view {it.get('view') or 'unknown'}"
+            cards.append(
+                f'<div class="card">{pic}<p><b>{html.escape(it["basename"])}</b><br>'
+                f"{html.escape(it['reason'] + view)}<br>"
+                f"score {html_cell(it.get('score'))}</p></div>"
+            )
+        body += [f"<h3>Refused inputs \u2014 {len(thumbs)} shown (model input)</h3>",
+                 '<div class="cards">' + "".join(cards) + "</div>"]  # fmt: skip
+    return _section("scope", "Scope: in scope vs all inputs", *body)
+
+
+def _localisation(rep: dict[str, Any], figures: Figures) -> str:
+    title = "Grad-CAM localisation: does the heat map point at the tumour?"
+    loc = rep.get("localisation")
+    if not loc:
+        why = (
+            "The pointing game was switched off (--no-localisation)."
+            if not rep["settings"].get("localisation", True)
+            else "The labelled data has no mask column (expert tumour masks): no localisation check."
+        )
+        return _section("localisation", title, _note(why))
+    tol = f"within {100 * loc['tolerance']:g}% of the image"
+    text = (
+        '<p class="sub">Pointing game: for each tumour image with an expert mask, the peak of the Grad-CAM '
+        "heat map of its true class, found on the model input and mapped back through the head crop, padding "
+        "and resize to the original image, hits when it lies on the mask. The tolerant variant also counts a "
+        f"peak {html.escape(tol)} (long side) from the mask. Baselines: a point that always sits at the centre "
+        "of the model input, and a uniformly random point in the image or in the head (the mask's share of "
+        "them). 95% intervals resample "
+        f"{html.escape(loc.get('ci95_resampling') or 'scans')}. A hit says where the evidence came from, not "
+        "that it is clinically meaningful.</p>"
+    )
+    rows = [_localisation_row("all tumour images", loc)]
+    if loc.get("among_called_tumour"):
+        rows.append(_localisation_row("called tumour by the model", loc["among_called_tumour"]))
+    if loc.get("in_scope"):
+        rows.append(_localisation_row("in scope", loc["in_scope"]))
+    for key, what in (("by_sequence", "sequence"), ("by_source", "source")):
+        groups = loc.get(key) or {}
+        if len(groups) > 1:  # one group would repeat the first row
+            rows += [_localisation_row(f"{what} {k}", b) for k, b in groups.items()]
+    head = ["images", "n", "hit rate", "95% CI", f"hit {tol}", "95% CI", "centre point", "95% CI",
+            "random point", "random point in head"]  # fmt: skip
+    facts = html_kv(
+        [("tumour images with a mask", loc["n"]), ("unreadable image or mask (not scored)", loc["errors"]),
+         ("tumour images without a mask", loc["without_mask"]), ("empty heat maps (a miss)", loc["cam_empty"]),
+         ("peaks in the padding (a miss)", loc["peak_in_padding"]),
+         ("median distance of the peak to the mask (px)", loc.get("median_distance_px")),
+         ("heat map", loc.get("heatmap"))]
+    )  # fmt: skip
+    return _section("localisation", title, text, html_table(head, rows, "localisation"), facts)
+
+
+def _localisation_row(name: str, b: dict[str, Any]) -> list[Any]:
+    return [name, b["n"], b["hit"]["rate"], fmt_ci(b["hit"]["ci95"]), b["hit_tolerant"]["rate"],
+            fmt_ci(b["hit_tolerant"]["ci95"]), b["centre_hit"]["rate"], fmt_ci(b["centre_hit"]["ci95"]),
+            b.get("random_point"), b.get("random_point_in_head")]  # fmt: skip
 
 
 def _confusion(rep: dict[str, Any], figures: Figures) -> str:
@@ -249,18 +381,18 @@ def _confusion(rep: dict[str, Any], figures: Figures) -> str:
     if "confusion_matrix" in m:
         (tn, fp), (fn, tp) = m["confusion_matrix"]
         left += [
-            f'<p class="sub">Tumour vs no tumour at the bundle threshold {_e(m.get("threshold"))}.</p>',
-            _table(["truth \\ predicted", "no tumour", "tumour"], [["no tumour", tn, fp], ["tumour", fn, tp]],
+            f'<p class="sub">Tumour vs no tumour at the bundle threshold {html_cell(m.get("threshold"))}.</p>',
+            html_table(["truth \\ predicted", "no tumour", "tumour"], [["no tumour", tn, fp], ["tumour", fn, tp]],
                    "cm"),
-            _kv([("TN", tn), ("FP", fp), ("FN", fn), ("TP", tp), ("n", m["n"])]),
+            html_kv([("TN", tn), ("FP", fp), ("FN", fn), ("TP", tp), ("n", m["n"])]),
         ]  # fmt: skip
     if "mc_confusion_matrix" in m:
-        left.append(_table(["truth \\ predicted", *cls], [[c, *r] for c, r in zip(cls, m["mc_confusion_matrix"],
+        left.append(html_table(["truth \\ predicted", *cls], [[c, *r] for c, r in zip(cls, m["mc_confusion_matrix"],
                                                                                     strict=True)]))  # fmt: skip
     right = _img(figures, "confusion.png", "confusion matrix") + _img(
         figures, "confusion_multiclass.png", "multi-class confusion matrix"
     )
-    per_class = _table(
+    per_class = html_table(
         ["class", "n", "sensitivity / recall", "specificity", "PPV", "NPV", "F1"],
         [[r["class"], r["n"], r["sensitivity"], r["specificity"], r["ppv"], r["npv"], r["f1"]]
          for r in rep["per_class"]],
@@ -286,9 +418,9 @@ def _calibration(rep: dict[str, Any], figures: Figures) -> str:
     rows = [["top-label ECE", cal["ece_before"], cal["ece_after"]]]
     if "binary_ece_before" in cal:
         rows.append(["tumour-score ECE", cal["binary_ece_before"], cal["binary_ece_after"]])
-    body.append(_table(["", "before (T = 1)", f"after (T = {fmt(cal['temperature'])})"], rows))
+    body.append(html_table(["", "before (T = 1)", f"after (T = {fmt(cal['temperature'])})"], rows))
     body.append(
-        _kv([("bundle temperature", cal["temperature"]),
+        html_kv([("bundle temperature", cal["temperature"]),
              ("temperature fitted on this data (diagnostic only)", cal["temperature_fitted_on_this_data"]),
              ("bins", cal["n_bins"])])
     )  # fmt: skip
@@ -329,14 +461,14 @@ def _threshold(rep: dict[str, Any], figures: Figures) -> str:
         word = "costs" if cost is not None and cost >= 0 else "gains"
         text = (
             f"<p>Reaching sensitivity \u2265 {ta['target_sensitivity']:g} on this data needs threshold "
-            f"<b>{_e(at['threshold'])}</b> (sensitivity {_e(at['sensitivity'])}) and {word} "
-            f"<b>{_e(abs(cost) if cost is not None else None)}</b> specificity compared with the bundle's "
-            f"operating threshold {_e(ab['threshold'])} (specificity {_e(ab['specificity'])} \u2192 "
-            f"{_e(at['specificity'])}). {origin}; a threshold picked on this evaluation data is optimistic "
+            f"<b>{html_cell(at['threshold'])}</b> (sensitivity {html_cell(at['sensitivity'])}) and {word} "
+            f"<b>{html_cell(abs(cost) if cost is not None else None)}</b> specificity compared with the bundle's "
+            f"operating threshold {html_cell(ab['threshold'])} (specificity {html_cell(ab['specificity'])} \u2192 "
+            f"{html_cell(at['specificity'])}). {origin}; a threshold picked on this evaluation data is optimistic "
             "for this data.</p>"
         )
     fig = _img(figures, "thresholds.png", "sensitivity and specificity vs threshold")
-    return _section("threshold", title, _table(head, rows), text, fig)
+    return _section("threshold", title, html_table(head, rows), text, fig)
 
 
 def _training(rep: dict[str, Any], figures: Figures) -> str:
@@ -349,9 +481,9 @@ def _training(rep: dict[str, Any], figures: Figures) -> str:
         "training",
         "Training curves",
         f'<p class="sub">{tr["epochs"]} epochs from the bundle\'s history.csv; best epoch '
-        f"{_e(tr['best_epoch'])}.</p>",
+        f"{html_cell(tr['best_epoch'])}.</p>",
         _img(figures, "training.png", "training curves"),
-        _table(cols, [[r.get(k) for k in cols] for r in tr["rows"][:60]]),
+        html_table(cols, [[r.get(k) for k in cols] for r in tr["rows"][:60]]),
     )
 
 
@@ -362,14 +494,14 @@ def _splits(rep: dict[str, Any], figures: Figures) -> str:
     if counts:
         names = sorted({k for row in counts.values() for k in row})
         rows = [[s, *[row.get(k, 0) for k in names], sum(row.values())] for s, row in counts.items()]
-        left.append(_table(["split", *names, "total"], rows))
+        left.append(html_table(["split", *names, "total"], rows))
     else:
         left.append(_note("The bundle records no split counts."))
-    left.append(_kv([("duplicate groups in the training source", sp.get("duplicate_groups"))]))
-    right = ["<p>This evaluation:</p>", _kv(_evaluation_rows(rep))]
+    left.append(html_kv([("duplicate groups in the training source", sp.get("duplicate_groups"))]))
+    right = ["<p>This evaluation:</p>", html_kv(_evaluation_rows(rep))]
     if rep.get("rejected_files"):
         rejected = [[r["path"], r["reason"]] for r in rep["rejected_files"][:20]]
-        right.append(_table(["rejected file", "reason"], rejected))
+        right.append(html_table(["rejected file", "reason"], rejected))
     grid = f'<div class="grid"><div>{"".join(left)}</div><div>{"".join(right)}</div></div>'
     return _section("splits", "Data splits and duplicates", grid)
 
@@ -409,7 +541,7 @@ def _gallery_cards(title: str, items: list[dict[str, Any]], cls: list[str], figu
         cards.append(
             f'<div class="card">{pic}<p><b>{html.escape(it["basename"])}</b><br>true '
             f"{html.escape(cls[it['label']])} / pred {html.escape(cls[it['pred']])}<br>"
-            f"score {_e(it['score'])} \u00b7 Grad-CAM for {html.escape(str(it.get('cam_target', '')))}</p></div>"
+            f"score {html_cell(it['score'])} \u00b7 Grad-CAM for {html.escape(str(it.get('cam_target', '')))}</p></div>"
         )
     return head + '<div class="cards">' + "".join(cards) + "</div>"
 
@@ -418,7 +550,7 @@ def _model_card(rep: dict[str, Any], figures: Figures) -> str:
     mc, sp, m = rep["model_card"], rep["splits"], rep["metrics"]
     counts = sp.get("split_counts") or {}
     limits = "".join(f"<li>{html.escape(x)}</li>" for x in mc["known_limits"])
-    data = _kv(
+    data = html_kv(
         [("training source", sp.get("source")), ("split manifest sha256", sp.get("split_manifest_sha256")),
          ("duplicate groups", sp.get("duplicate_groups")),
          *[(f"{s} scans", sum(row.values())) for s, row in counts.items()],
@@ -437,9 +569,9 @@ def _model_card(rep: dict[str, Any], figures: Figures) -> str:
         "<h3>Data</h3>",
         data,
         "<h3>Metrics summary</h3>",
-        _table(["", *keys], rows),
+        html_table(["", *keys], rows),
         _hyperparameters(rep),
-        "<h3>Versions</h3>" + _kv(list((mc.get("versions") or {}).items())),
+        "<h3>Versions</h3>" + html_kv(list((mc.get("versions") or {}).items())),
     )
 
 
@@ -454,5 +586,7 @@ def _hyperparameters(rep: dict[str, Any]) -> str:
     rows = [[k, fmt_setting(v), searched if k in tuned else "train config"]
             for k, v in (mc.get("train_config") or {}).items()]  # fmt: skip
     out = "<h3>Training configuration</h3>"
-    out += _table(["hyperparameter", "value", "set by"], rows) if rows else _note("The bundle records none.")
-    return out + _kv([("operating threshold", b["threshold"]), ("threshold source", words["source"])])
+    out += (
+        html_table(["hyperparameter", "value", "set by"], rows) if rows else _note("The bundle records none.")
+    )
+    return out + html_kv([("operating threshold", b["threshold"]), ("threshold source", words["source"])])

@@ -19,8 +19,8 @@ import torch
 from raytumor import volumes
 from raytumor.adapt import BNStatsAccumulator, apply_bn_state, flip_tta_probs
 from raytumor.explain import GradCAM, explain_name, overlay_png
-from raytumor.predict import Predictor, forward_probs
-from raytumor.results import EXPLAIN_DIR, output_schema
+from raytumor.predict import Predictor, forward_outputs
+from raytumor.results import EXPLAIN_DIR, OUT_OF_SCOPE, output_schema
 from raytumor.scan import has_error
 from raytumor.storage import StorageOptions, get_filesystem
 
@@ -36,7 +36,9 @@ def unit_stacks(batch: dict[str, np.ndarray], shape: tuple[int, int], counts: np
 
 @dataclass
 class UnitScores:
-    """Per-unit results of one batch: the decision's probabilities and slice, score, mean/max slice score."""
+    """Per-unit results of one batch: the decision's probabilities and slice, score, mean/max slice score,
+    OOD score (a volume's: the median over its slices, so a few unusual edge slices do not flag it) and the
+    view head's view (a volume's: its slices' majority)."""
 
     probs: np.ndarray
     score: np.ndarray
@@ -45,13 +47,15 @@ class UnitScores:
     best: np.ndarray
     slice_indices: list[list[int] | None]
     slice_scores: list[list[float] | None]
+    ood: np.ndarray
+    model_view: list[str | None]
 
     @classmethod
     def empty(cls, n: int, n_classes: int) -> UnitScores:
         nan = np.full(n, np.nan, dtype=np.float32)
         return cls(
             np.full((n, n_classes), np.nan, dtype=np.float32), nan.copy(), nan.copy(), nan.copy(),
-            np.full(n, -1, dtype=np.int64), [None] * n, [None] * n,
+            np.full(n, -1, dtype=np.int64), [None] * n, [None] * n, nan.copy(), [None] * n,
         )  # fmt: skip
 
 
@@ -72,6 +76,7 @@ class ScorePredictor:
         tta: str = "none",
         bn_state: dict | None = None,
         adaptation: str = "none",
+        score_out_of_scope: bool = False,
     ) -> None:
         self.predictor = Predictor.from_bundle(bundle_dir, num_threads=num_threads, storage=storage)
         self.bundle = self.predictor.bundle
@@ -81,6 +86,7 @@ class ScorePredictor:
         self.min_extent_mm = min_extent_mm
         self.tta = tta
         self.adaptation = adaptation
+        self.score_out_of_scope = score_out_of_scope
         self.batch_size = batch_size
         self.threshold = self.meta.threshold if threshold is None else threshold  # --threshold override
         self.explain_dir = explain_dir
@@ -92,22 +98,31 @@ class ScorePredictor:
         self.shape = (size, size)
         self._cam: GradCAM | None = None
 
-    def _probs(self, images: np.ndarray) -> np.ndarray:
-        fwd = flip_tta_probs if self.tta == "flip" else forward_probs
-        out = [
-            fwd(
-                self.bundle.model, images[s : s + self.batch_size], self.bundle.device, self.meta.temperature
-            ).numpy()
-            for s in range(0, len(images), self.batch_size)
-        ]
-        return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes), np.float32)
+    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, pooled features) of every slice, in forward chunks of ``batch_size``."""
+        m, dev, t = self.bundle.model, self.bundle.device, self.meta.temperature
+        probs, feats = [], []
+        for s in range(0, len(images), self.batch_size):
+            chunk = images[s : s + self.batch_size]
+            p, f = forward_outputs(m, chunk, dev, t)
+            if self.tta == "flip":  # the features (view, OOD) stay those of the image as given
+                p = flip_tta_probs(m, chunk, dev, t, plain=p)
+            probs.append(p.numpy())
+            feats.append(f.numpy())
+        if not probs:
+            return np.zeros((0, self.meta.num_classes), np.float32), np.zeros((0, 0), np.float32)
+        return np.concatenate(probs), np.concatenate(feats)
 
-    def _per_unit(self, batch: dict[str, np.ndarray], counts: np.ndarray, probs: np.ndarray) -> UnitScores:
+    def _per_unit(
+        self, batch: dict[str, np.ndarray], counts: np.ndarray, probs: np.ndarray, feats: np.ndarray
+    ) -> UnitScores:
         """Fold slice probabilities into one result per unit: an image's one slice; a volume's score is what
         holds on enough contiguous slices (:func:`raytumor.volumes.volume_score`), with the single most
         suspicious slice and the mean kept for context. Without a tumour score the arg-max decides."""
         n = len(counts)
         slice_scores = self.predictor.scores(probs)
+        slice_ood = self.predictor.ood_scores(feats)
+        slice_views = self.predictor.model_views(feats) if len(feats) else None
         u = UnitScores.empty(n, self.meta.num_classes)
         spacing = np.asarray(batch["spacing"], dtype=np.float64) if "spacing" in batch else np.full(n, np.nan)
         start = 0
@@ -117,6 +132,10 @@ class ScorePredictor:
                 continue
             p = probs[start : start + k]
             s = slice_scores[start : start + k] if slice_scores is not None else None
+            u.ood[i] = np.median(slice_ood[start : start + k])
+            if slice_views is not None:
+                vals, n_of = np.unique(slice_views[start : start + k].astype(str), return_counts=True)
+                u.model_view[i] = str(vals[np.argmax(n_of)])
             start += k
             if s is not None and k > 1:
                 z = np.frombuffer(batch["slice_index"][i], dtype=np.int32)
@@ -139,11 +158,17 @@ class ScorePredictor:
         errors = [e if has_error(e) else None for e in batch["error"]]
         counts = np.array([int(k) if errors[i] is None else 0 for i, k in enumerate(batch["n_slices"])])
         stacks = unit_stacks(batch, self.shape, counts)
-        probs = self._probs(np.concatenate(stacks)) if stacks else np.zeros((0, self.meta.num_classes))
-        u = self._per_unit(batch, counts, probs)
+        if stacks:
+            probs, feats = self._forward(np.concatenate(stacks))
+        else:
+            probs, feats = np.zeros((0, self.meta.num_classes), np.float32), np.zeros((0, 0), np.float32)
+        u = self._per_unit(batch, counts, probs, feats)
         ok = counts > 0
+        scope = self.predictor.assess(
+            u.ood, u.model_view, batch.get("view_header"), batch.get("modality"), ok
+        )
         pred = self.predictor.labels(u.probs, u.score, self.threshold)
-        labels = [self.meta.classes[int(pred[i])] if ok[i] else None for i in range(n)]
+        labels = self.predictor.label_names(pred, ok, scope.in_scope, self.score_out_of_scope)
         kinds = [k if isinstance(k, str) else None for k in batch["kind"]]
         volume = np.array(kinds, dtype=object) == "volume"
         slice_src = [
@@ -163,6 +188,8 @@ class ScorePredictor:
             "slice": slice_src,
             "score_mean": np.where(volume, u.score_mean, np.nan),
             "score_max": np.where(volume, u.score_max, np.nan),
+            **scope.columns(),
+            "in_scope": [bool(scope.in_scope[i]) if ok[i] else None for i in range(n)],
             "adaptation": [self.adaptation] * n,
             "bundle_id": [self.meta.bundle_id] * n,
             "bundle_version": [self.bundle_version] * n,
@@ -179,8 +206,9 @@ class ScorePredictor:
         """Grad-CAM overlay for each positive unit (its most suspicious slice), named by a hash of its id."""
         neg = self.meta.negative_class
         positive = [
-            i for i in range(len(labels)) if labels[i] is not None and (neg is None or labels[i] != neg)
-        ]
+            i for i in range(len(labels))
+            if labels[i] not in (None, OUT_OF_SCOPE) and (neg is None or labels[i] != neg)
+        ]  # fmt: skip
         out: list[str | None] = [None] * len(labels)
         if not positive:
             return out

@@ -18,7 +18,10 @@ from raytumor.preprocess import PreprocessConfig, model_inputs
 from raytumor.scan import DecodeError, sniff_format
 from raytumor.storage import StorageOptions, get_filesystem, member_id
 
-DECODED_COLUMNS = ("path", "kind", "format", "n_slices", "slice_index", "spacing", "pixels", "error")
+DECODED_COLUMNS = (
+    "path", "kind", "format", "n_slices", "slice_index", "spacing", "pixels", "view_header", "modality",
+    "error",
+)  # fmt: skip
 
 
 def decoded_row(
@@ -40,6 +43,8 @@ def decoded_row(
         "slice_index": b"",
         "spacing": np.nan,
         "pixels": b"",
+        "view_header": None,  # the view the file's geometry gives (DICOM orientation, NIfTI volume)
+        "modality": None,  # DICOM Modality
     }
     if error is None and data is not None:
         try:
@@ -53,6 +58,8 @@ def decoded_row(
                 slice_index=np.asarray(scan.slice_index).astype(np.int32).tobytes(),
                 spacing=scan.spacing_mm if scan.spacing_mm else np.nan,
                 pixels=stack.tobytes(),
+                view_header=getattr(scan, "view", None),
+                modality=getattr(scan, "modality", None),
             )
         except DecodeError as e:
             error = e.reason

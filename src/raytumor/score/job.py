@@ -79,6 +79,11 @@ class ScoreConfig:
     units_per_block: int = opt(32, "units per block: what an interrupted run can lose")
     num_actors: int | None = opt(None, "model actors (default: one per GPU, or sized from the CPUs)")
     overwrite: bool = opt(False, "clear OUTPUT first instead of resuming")
+    score_out_of_scope: bool = opt(
+        False,
+        "give inputs outside the bundle's scope (a view or modality it never learned, out-of-distribution "
+        "images) a class label anyway; by default their label is out_of_scope (probabilities kept)",
+    )
 
     def __post_init__(self) -> None:
         if self.adapt not in ("none", "adabn") or self.tta not in ("none", "flip"):
@@ -209,6 +214,7 @@ def run_pipeline(
             "tta": cfg.tta,
             "bn_state": bn_state,
             "adaptation": cfg.adaptation,
+            "score_out_of_scope": cfg.score_out_of_scope,
         },
         compute=ActorPoolStrategy(size=cfg.num_actors or r["size"]),
         # A GPU wants whole forward batches; blocks stay small (resume granularity) and get bundled.
@@ -308,10 +314,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     init_ray()
     s = score(cfg)
     print(
-        f"[score] {s['rows']} rows: {s['scored']} scored, {s['errors']} errors, {s['positives']} positive "
-        f"({s['volumes']} volumes); this run {s['this_run_units']} units in {s['seconds']} s "
+        f"[score] {s['rows']} rows: {s['scored']} scored, {s['errors']} errors, {s['positives']} positive, "
+        f"{s['out_of_scope']} out of scope ({s['volumes']} volumes); this run {s['this_run_units']} units in {s['seconds']} s "
         f"({s['units_per_s']} units/s, {s['device']}, batch {s['batch_size']})"
     )
+    if s["out_of_scope_reasons"]:
+        print(
+            "[score] out of scope (label out_of_scope; --score-out-of-scope labels them anyway): "
+            + ", ".join(f"{k} {v}" for k, v in s["out_of_scope_reasons"].items())
+        )
     if s["error_reasons"]:
         print("[score] errors by reason: " + ", ".join(f"{k} {v}" for k, v in s["error_reasons"].items()))
     if s["missing_rows"] or s["duplicate_rows"]:

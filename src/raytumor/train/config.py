@@ -26,6 +26,29 @@ HOLDOUT_HELP = (
 class TrainConfig:
     data: list[str] = opt(help=DATA_HELP, required=True)
     holdout_source: str | None = opt(None, HOLDOUT_HELP, metavar="KEY")
+    cv_folds: int = opt(
+        0,
+        "cross-validation folds over whole duplicate/patient groups, stratified by class and source "
+        "(`raytumor cv` runs them all; here with --cv-fold: train one)",
+    )
+    cv_fold: int | None = opt(
+        None,
+        "hold out this cross-validation fold (0-based) as the test split, as `raytumor cv` does; the rest is "
+        "split train/val by the --split ratio, dropping files that duplicate a held-out one",
+        metavar="K",
+    )
+    cv_by: str = opt(
+        "group",
+        "what a fold holds out: whole groups (--cv-folds of them), or one source (leave-one-source-out; "
+        "folds are the sources, sorted)",
+        choices=("group", "source"),
+    )
+    cv_sources: list[str] | None = opt(
+        None,
+        "comma list of the sources whose files are held out in turn; the other sources always train",
+        parse=comma_list,
+        metavar="KEY,...",
+    )
     out: str = opt("runs", "runs directory; the run writes to OUT/NAME")
     name: str | None = opt(None, "run name (default: backbone-size-seed); the same name resumes")
     backbone: str = opt("efficientnet_lite0", "model backbone; see `raytumor backbones`")
@@ -92,6 +115,25 @@ class TrainConfig:
         "sensitivity there (0: no calibration, threshold 0.5)",
     )
     report: bool = opt(True, "skip the HTML report on the test split", flag="--no-report")
+    view_data: list[str] = opt(
+        factory=list,
+        help="slices with a known view for the bundle's view head: a manifest (path,view[,patient_id]) such "
+        "as `raytumor slices --planes axial,coronal,sagittal` writes; repeatable. Without it the bundle has "
+        "no view head and 2-D files' views are unknown (then only header views count towards scope)",
+    )
+    scope_min_examples: int = opt(
+        50,
+        "a view/sequence is in the bundle's scope only with at least this many real (not synthetic) "
+        "training examples of every class",
+    )
+    balance_sources: float = opt(
+        0.0,
+        "repeat the training files of smaller sources (augmented afresh each epoch) until each has at least "
+        "this share of the largest source's count, at most 8x; 0: every file once",
+    )
+    ood_quantile: float = opt(
+        0.99, "share of in-distribution validation images the out-of-distribution threshold lets pass"
+    )
 
     def __post_init__(self) -> None:
         self.data = [self.data] if isinstance(self.data, str) else list(self.data)

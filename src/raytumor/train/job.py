@@ -14,7 +14,7 @@ import pandas as pd
 from raytumor.config import echo, from_args, stage_parser
 from raytumor.runtime import init_ray, train_resources
 from raytumor.train.config import TrainConfig, is_min_metric, resolve_metric
-from raytumor.train.data import build_datasets, check_metric, prepare_split
+from raytumor.train.data import Grouping, build_datasets, check_metric, prepare_split
 from raytumor.train.loop import train_loop_per_worker
 from raytumor.train.package import (
     discard_staging,
@@ -112,8 +112,12 @@ def run_training(
     cfg: TrainConfig,
     callbacks: list[Any] | None = None,
     worker_callbacks: list[Callable[[dict[str, Any]], None]] | None = None,
+    grouping: Grouping | None = None,
 ) -> dict[str, Any]:
     """Run the whole training job; returns a summary with the bundle path and test metrics.
+
+    ``grouping``: the catalogue and duplicate/patient groups already computed for this data (a
+    cross-validation fold reuses its driver's instead of decoding every source again).
 
     ``callbacks``: extra ``ray.train.UserCallback`` objects (e.g. to see every worker's reports);
     ``worker_callbacks``: see :func:`make_trainer`."""
@@ -124,7 +128,7 @@ def run_training(
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
     (run_dir / "config.yaml").write_text(echo(cfg))
 
-    data = prepare_split(cfg)
+    data = prepare_split(cfg, grouping)
     split_sha, summary_ingest = write_split(data, run_dir)
     check_metric(resolve_metric(cfg.metric, data.classes, data.negative_class), data.files("val"))
     train_ds, val_ds = build_datasets(data.files("train"), data.files("val"), cfg)

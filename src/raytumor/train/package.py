@@ -3,6 +3,7 @@ once), the split files next to the run, and the HTML report on the test split.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict
@@ -17,14 +18,19 @@ from raytumor.bundle import BundleMeta, file_sha256, save_bundle
 from raytumor.calibrate import calibrate_bundle_meta, rescale_probs
 from raytumor.evaluate import evaluate_source, predict_files
 from raytumor.ingest import summary_to_json
-from raytumor.metrics import metrics_with_ci
+from raytumor.metrics import metrics_with_ci, predict_labels, tumour_score
 from raytumor.model import normalization
+from raytumor.predict import Predictor
 from raytumor.preprocess import parse_spec
 from raytumor.report import build_report
-from raytumor.storage import StorageOptions
+from raytumor.scan import VIEWS, ok_mask
+from raytumor.scope import Heads, Scope, ViewHead, count_scope, fit_ood, fit_threshold, fit_view_head
+from raytumor.storage import StorageOptions, read_manifest
 from raytumor.train.config import TrainConfig
 from raytumor.train.data import SplitData
 from raytumor.train.loop import CHECKPOINT_MODEL, CHECKPOINT_STATE
+
+TEST_PREDICTIONS_FILE = "test_predictions.parquet"
 
 
 def load_checkpoint_files(checkpoint: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -78,16 +84,138 @@ def measure(preds: pd.DataFrame, meta: BundleMeta, seed: int) -> dict[str, Any]:
     return metrics_with_ci(preds, meta.classes, meta.negative_class, meta.threshold, seed=seed)
 
 
-def _predict_val_test(bundle_dir: Path, data: SplitData, cfg: TrainConfig) -> pd.DataFrame:
-    """Validation and test predictions through the Predictor path ``raytumor score`` uses."""
-    carry = ["path", "group", "split"] + [c for c in ("source", "patient_id") if c in data.manifest.columns]
-    files = data.manifest.loc[data.manifest["split"].isin(["val", "test"]), carry + ["label"]]
+DESCRIBING = ("source", "patient_id", "view", "sequence", "site", "synthetic")
+VIEW_HOLDOUT_EVERY = 5  # every 5th view-data patient (by a stable hash) measures the view head
+
+
+def _predict_splits(bundle_dir: Path, data: SplitData, cfg: TrainConfig) -> pd.DataFrame:
+    """Train, validation and test predictions with pooled features, through the Predictor path
+    ``raytumor score`` uses (the train split's features fit the OOD reference and count the scope)."""
+    carry = ["path", "group", "split"] + [c for c in DESCRIBING if c in data.manifest.columns]
+    files = data.manifest.loc[data.manifest["split"].isin(["train", "val", "test"]), carry + ["label"]]
     if files.empty:
         return pd.DataFrame(columns=["path", "split"])
     preds = predict_files(
-        bundle_dir, files[["path", "label"]], storage=StorageOptions.from_env(cfg.s3_endpoint)
+        bundle_dir, files[["path", "label"]], storage=StorageOptions.from_env(cfg.s3_endpoint), features=True
     )
-    return preds.merge(files[carry], on="path", how="left")
+    # The manifest's view is ground truth; the predictions' `view` column is the Predictor's call.
+    return preds.merge(files[carry].rename(columns={"view": "known_view"}), on="path", how="left")
+
+
+def _features(rows: pd.DataFrame) -> np.ndarray:
+    return np.stack([np.asarray(f, dtype=np.float32) for f in rows["features"]])
+
+
+def _stable_bucket(key: str, n: int) -> int:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % n
+
+
+def _view_head(bundle_dir: Path, cfg: TrainConfig) -> tuple[ViewHead | None, dict[str, Any]]:
+    """Fit the view head on ``--view-data`` (slices whose view geometry gave) and measure it on held-out
+    patients' slices (every VIEW_HOLDOUT_EVERY-th patient): the shipped head is the measured one."""
+    if not cfg.view_data:
+        return None, {}
+    storage = StorageOptions.from_env(cfg.s3_endpoint)
+    df = pd.concat([read_manifest(m, storage, required=("path", "view")) for m in cfg.view_data])
+    df = df[df["view"].isin(VIEWS)].reset_index(drop=True)
+    pid = df["patient_id"].astype(str) if "patient_id" in df.columns else df["path"].astype(str)
+    df["held"] = [_stable_bucket(p, VIEW_HOLDOUT_EVERY) == 0 for p in pid]
+    preds = predict_files(bundle_dir, df[["path"]], storage=storage, features=True)
+    truth = df[["path", "view", "held"]].rename(columns={"view": "known_view"})
+    preds = preds.drop(columns=["view"], errors="ignore").merge(truth, on="path", how="left")
+    preds = preds[ok_mask(preds["error"])]
+    fit = preds[~preds["held"].to_numpy(dtype=bool)]
+    if fit["known_view"].nunique() < 2:
+        got = sorted(fit["known_view"].unique())
+        raise ValueError(f"--view-data needs slices of at least 2 views, got {got}")
+    head = fit_view_head(_features(fit), fit["known_view"].tolist(), seed=cfg.seed)
+    held = preds[preds["held"].to_numpy(dtype=bool)]
+    report: dict[str, Any] = {"train_slices": int(len(fit)), "held_out_slices": int(len(held))}
+    if len(held):
+        called = head.predict(_features(held))
+        truth = held["known_view"].to_numpy()
+        report["held_out_accuracy"] = float((called == truth).mean())
+        report["held_out_per_view"] = {
+            v: {"n": int((truth == v).sum()), "accuracy": float((called[truth == v] == v).mean())}
+            for v in VIEWS
+            if (truth == v).any()
+        }
+    return head, report
+
+
+def _scope_and_heads(
+    cfg: TrainConfig, meta: BundleMeta, preds: pd.DataFrame, staging: Path
+) -> tuple[Heads, dict[str, Any]]:
+    """The OOD reference (train features; threshold from validation), the view head, and the scope counts
+    over the real training examples; sets ``meta.scope`` and returns the heads and their metrics."""
+    ok = ok_mask(preds["error"])
+    split = preds["split"].to_numpy()
+    train, val = preds[ok & (split == "train")], preds[ok & (split == "val")]
+    ood = fit_ood(_features(train), train["label"].to_numpy())
+    val_scores = ood.score(_features(val)) if len(val) else ood.score(_features(train))
+    ood.threshold = fit_threshold(val_scores, cfg.ood_quantile)
+    head, view_report = _view_head(staging, cfg)
+    # A training example's view: the manifest's, else its file's geometry (DICOM), else the view head's.
+    n = len(train)
+    views = np.full(n, None, dtype=object)
+    for col in ("known_view", "view_header"):
+        if col in train.columns:
+            v = train[col].to_numpy(dtype=object)
+            fill = np.array(
+                [x is None and isinstance(y, str) and bool(y) for x, y in zip(views, v, strict=True)]
+            )
+            views[fill] = v[fill]
+    if head is not None and n:
+        todo = np.array([v is None for v in views])
+        if todo.any():
+            views[todo] = head.predict(_features(train[todo]))
+    seqs = train["sequence"].tolist() if "sequence" in train.columns else None
+    synthetic = (
+        train["synthetic"].fillna(False).astype(bool).tolist()
+        if "synthetic" in train.columns
+        else [False] * n
+    )
+    names = [meta.classes[int(i)] for i in train["label"]]
+    counts, n_syn = count_scope(names, views.tolist(), seqs, synthetic)
+    scope = Scope(
+        classes=list(meta.classes), counts=counts, synthetic=n_syn, min_examples=cfg.scope_min_examples,
+        ood_threshold=ood.threshold, ood_quantile=cfg.ood_quantile, view_head=head is not None,
+    )  # fmt: skip
+    meta.scope = scope.to_dict()
+    metrics = {
+        "ood": {
+            "method": "mahalanobis (class means, tied Ledoit-Wolf covariance, pooled backbone features)",
+            "threshold": ood.threshold,
+            "quantile": cfg.ood_quantile,
+            "fitted_on": {"reference": "train", "threshold": "val" if len(val) else "train"},
+            "val_flagged": float((val_scores > ood.threshold).mean()) if len(val_scores) else None,
+        },
+        **({"view_head": view_report} if view_report else {}),
+    }
+    return Heads(view=head, ood=ood), metrics
+
+
+def _assess(staging: Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """The score rows' view/OOD/scope columns for predicted rows, by the staging bundle's Predictor (the
+    same rules ``raytumor score`` applies), from the features already computed."""
+    if rows.empty or "features" not in rows.columns:
+        return rows.copy()
+    pr = Predictor.from_bundle(staging, device="cpu")
+    ok = ok_mask(rows["error"])
+    feats = np.zeros((len(rows), 0), np.float32)
+    if ok.any():
+        f = _features(rows[ok])
+        feats = np.zeros((len(rows), f.shape[1]), np.float32)
+        feats[ok] = f
+    ood = pr.ood_scores(feats) if feats.shape[1] else np.full(len(rows), np.nan, np.float32)
+    mv = pr.model_views(feats) if feats.shape[1] else None
+    hv = rows["view_header"].tolist() if "view_header" in rows.columns else None
+    mods = rows["modality"].tolist() if "modality" in rows.columns else None
+    a = pr.assess(ood, mv, hv, mods, ok)
+    out = rows.copy()
+    for k, v in a.columns().items():
+        out[k] = v
+    return out
 
 
 def _calibrate(meta: BundleMeta, val: pd.DataFrame, target: float) -> None:
@@ -130,17 +258,40 @@ def export_bundle(
     staging = staging_dir(bundle_dir)
     shutil.rmtree(staging, ignore_errors=True)  # left by a crashed run
     save_bundle(staging, state_dict, meta)
-    preds = _predict_val_test(staging, data, cfg)
+    preds = _predict_splits(staging, data, cfg)
     val = preds[preds["split"] == "val"]
     if cfg.target_sensitivity and len(val):
         _calibrate(meta, val, cfg.target_sensitivity)
-    test_preds = preds[preds["split"] == "test"].copy()
+    heads = None
+    if (ok_mask(preds["error"]) & (preds["split"] == "train").to_numpy()).any():
+        heads, head_metrics = _scope_and_heads(cfg, meta, preds, staging)
+        meta.metrics.update(head_metrics)
+        save_bundle(staging, state_dict, meta, heads=heads)
+    test_preds = _assess(staging, preds[preds["split"] == "test"]).drop(columns=["features"], errors="ignore")
     prob_cols = [f"prob_{c}" for c in meta.classes]
     if len(test_preds) and meta.temperature != 1.0:
         tp = test_preds[prob_cols].to_numpy(dtype=np.float64)
         test_preds[prob_cols] = rescale_probs(tp, 1.0, meta.temperature).astype(np.float32)
+    if len(test_preds) and "score" in test_preds.columns:  # score/pred at the calibrated bundle
+        probs = test_preds[prob_cols].to_numpy(dtype=np.float64)
+        score = tumour_score(probs, meta.classes, meta.negative_class)
+        if score is not None:
+            test_preds["score"] = np.asarray(score, dtype=np.float32)
+            labels = predict_labels(probs, score, meta.classes, meta.negative_class, meta.threshold)
+            test_preds["pred"] = np.where(np.isfinite(probs).all(1), labels, -1).astype(np.int64)
     test = measure(test_preds, meta, cfg.seed)
     meta.metrics["test"] = test
+    if "in_scope" in test_preds.columns and heads is not None:
+        inside = test_preds[test_preds["in_scope"].fillna(False).astype(bool)]
+        meta.metrics["test_in_scope"] = {
+            **measure(inside, meta, cfg.seed),
+            "out_of_scope": int(len(test_preds) - len(inside)),
+            "reasons": {
+                str(k): int(v) for k, v in test_preds["scope_reason"].dropna().value_counts().items()
+            },
+        }
+    # The calibrated test-split predictions: what `raytumor cv` pools into out-of-fold predictions.
+    test_preds.to_parquet(bundle_dir.parent / TEST_PREDICTIONS_FILE, index=False)
     if cfg.test_data:
         save_bundle(staging, state_dict, meta, fingerprints)  # calibrated, with the duplicate filter
         ext = evaluate_source(
@@ -149,7 +300,7 @@ def export_bundle(
         )  # fmt: skip
         meta.metrics["external_test"] = {"data": cfg.test_data, **ext["metrics"], "files": ext["files"]}
     meta.created_at = ""  # stamped by save_bundle
-    save_bundle(bundle_dir, state_dict, meta, fingerprints, history)
+    save_bundle(bundle_dir, state_dict, meta, fingerprints, history, heads=heads)
     return meta, test
 
 

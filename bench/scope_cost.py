@@ -1,0 +1,93 @@
+"""What the bundle's view head and OOD score cost next to the classifier's forward pass (issue 13).
+
+Both read the pooled features of the one forward pass the classifier already makes (no second network), so
+their cost is a matmul per image: a (3 x D) softmax regression and a Mahalanobis distance (C x D x D). This
+times, on the same images and thread count, the forward pass (``Predictor.predict``: probabilities +
+features) against the heads on its features, and reports the ratio::
+
+    python bench/scope_cost.py                       # random heads of the real size on EfficientNet-Lite0
+    python bench/scope_cost.py --bundle runs/x/bundle  # a trained bundle's own heads
+
+Ratios are against a baseline measured in the same run; say what else ran on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raytumor.bundle import BundleMeta, save_bundle
+from raytumor.model import create_model, normalization
+from raytumor.predict import Predictor
+from raytumor.scope import Heads, OODReference, Scope, ViewHead
+
+
+def synthetic_bundle(root: Path, size: int) -> Path:
+    """A Lite0 bundle with random heads of the shipped shapes (1,280 features, 2 classes, 3 views)."""
+    model = create_model("efficientnet_lite0", 2, weights="none")
+    mean, std = normalization("efficientnet_lite0")
+    d = model.feature_dim
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(d, d)).astype(np.float32) / np.sqrt(d)
+    heads = Heads(
+        ViewHead(["axial", "coronal", "sagittal"], rng.normal(size=(3, d)).astype(np.float32),
+                 np.zeros(3, np.float32), np.zeros(d, np.float32), np.ones(d, np.float32)),
+        OODReference(rng.normal(size=(2, d)).astype(np.float32), (a @ a.T).astype(np.float32), 10.0),
+    )  # fmt: skip
+    meta = BundleMeta(
+        backbone="efficientnet_lite0", classes=["no", "yes"], negative_class="no", image_size=size,
+        mean=list(mean), std=list(std),
+        scope=Scope(classes=["no", "yes"], counts={"view": {"axial": {"no": 99, "yes": 99}}}).to_dict(),
+    )  # fmt: skip
+    return save_bundle(root / "bundle", model.state_dict(), meta, heads=heads)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", default=None)
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        bundle = args.bundle or synthetic_bundle(tmp, 160)
+        pr = Predictor.from_bundle(bundle, device="cpu")
+        size = pr.meta.image_size
+        x = np.random.default_rng(1).integers(0, 256, (args.images, size, size), dtype=np.uint8)
+        fwd, heads = [], []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            feats = np.concatenate(
+                [pr.predict(x[i : i + args.batch])[1] for i in range(0, len(x), args.batch)]
+            )
+            fwd.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for i in range(0, len(x), args.batch):
+                f = feats[i : i + args.batch]
+                pr.assess(pr.ood_scores(f), pr.model_views(f))
+            heads.append(time.perf_counter() - t)
+        out = {
+            "images": args.images,
+            "image_size": size,
+            "threads": args.threads,
+            "forward_img_per_s": round(args.images / min(fwd), 1),
+            "heads_img_per_s": round(args.images / min(heads), 1),
+            "heads_cost_vs_forward": round(min(heads) / min(fwd), 4),
+        }
+        print(json.dumps(out, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""What a bundle may score: its view head, its out-of-distribution reference and its scope.
+
+A 2-D classifier trained on axial brain MRI scores a sagittal slice, a CT or a photograph with the same
+confidence as what it knows. The bundle therefore carries, next to the classifier:
+
+* a **view head**: multinomial logistic regression on the backbone's pooled features (the same forward
+  pass as the classifier: no second network), trained on slices whose view is known from geometry
+  (cut from volumes along each axis, ``raytumor slices --planes``);
+* an **OOD reference**: class-conditional Gaussians with one shared (Ledoit-Wolf shrunk) covariance over
+  the same features (Lee et al. 2018, "Mahalanobis"); an input's OOD score is its distance to the nearest
+  training class, and the threshold lets ``quantile`` (~99 %) of in-distribution validation images pass;
+* the **scope**: how many real (not synthetic) training examples of each class the model saw per view and
+  sequence; a view is in scope only when every class has at least ``min_examples`` of them.
+
+The arrays live in ``heads.pt`` (tensors only, loaded with ``weights_only=True``), the scope in
+``bundle.json``. Every rule here is used by training (fit), the predictor (apply) and evaluation alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from raytumor.results import OUT_OF_SCOPE
+from raytumor.scan import VIEWS
+
+__all__ = ["OUT_OF_SCOPE", "HEADS_FILE", "Heads", "OODReference", "Scope", "ViewHead"]
+
+HEADS_FILE = "heads.pt"
+UNKNOWN = "unknown"  # a training example or input whose view nobody could tell
+DEFAULT_MODALITIES = ("MR",)
+OOD_REASON = "out of distribution"
+# No view has enough real examples of every class (e.g. a bundle trained on SYNTHETIC phantoms only).
+NOTHING_IN_SCOPE = "bundle has no scope (too few real training examples)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# View head
+
+
+@dataclass
+class ViewHead:
+    """Softmax regression on standardised pooled features: views[argmax(((f - mean) / scale) @ W.T + b)]."""
+
+    views: list[str]
+    weight: np.ndarray  # (V, D)
+    bias: np.ndarray  # (V,)
+    mean: np.ndarray  # (D,)
+    scale: np.ndarray  # (D,)
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        z = (np.asarray(features, dtype=np.float32) - self.mean) / self.scale
+        return z @ self.weight.T + self.bias
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        lg = self.logits(features)
+        lg = lg - lg.max(1, keepdims=True)
+        e = np.exp(lg)
+        return e / e.sum(1, keepdims=True)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """View name per row (object array)."""
+        if len(features) == 0:
+            return np.zeros(0, dtype=object)
+        return np.asarray(self.views, dtype=object)[self.logits(features).argmax(1)]
+
+
+def fit_view_head(
+    features: np.ndarray, views: Sequence[str], l2: float = 1e-2, max_iter: int = 300, seed: int = 0
+) -> ViewHead:
+    """Fit the view head (full-batch L-BFGS on the mean cross-entropy + ``l2`` * |W|^2)."""
+    feats = np.asarray(features, dtype=np.float32)
+    names = [v for v in VIEWS if v in set(views)] + sorted(set(views) - set(VIEWS))
+    if len(names) < 2:
+        raise ValueError(f"a view head needs examples of at least 2 views, got {names}")
+    y = torch.as_tensor([names.index(v) for v in views], dtype=torch.int64)
+    mean = feats.mean(0)
+    scale = feats.std(0) + 1e-6
+    x = torch.as_tensor((feats - mean) / scale)
+    torch.manual_seed(seed)
+    w = torch.zeros(len(names), x.shape[1], requires_grad=True)
+    b = torch.zeros(len(names), requires_grad=True)
+    # Classes are balanced by weight: a view with few examples must not be argued away by the others.
+    counts = torch.bincount(y, minlength=len(names)).clamp(min=1).float()
+    class_w = counts.sum() / (len(names) * counts)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w.T + b, y, weight=class_w) + l2 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return ViewHead(names, w.detach().numpy(), b.detach().numpy(), mean, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Out-of-distribution reference
+
+
+@dataclass
+class OODReference:
+    """Class means and a shared precision matrix over pooled features; ``score`` = Mahalanobis distance to
+    the nearest class mean (higher = less like the training data)."""
+
+    means: np.ndarray  # (C, D)
+    precision: np.ndarray  # (D, D)
+    threshold: float = float("inf")
+
+    def __post_init__(self) -> None:
+        # precision = L L^T, so (x - mu)^T P (x - mu) = |(x - mu) L|^2: one (N x D)(D x D) matmul for all
+        # classes instead of a quadratic form per class (measured 0.38 of the forward pass -> bench/scope_cost.py).
+        p = np.asarray(self.precision, dtype=np.float64)
+        self._chol = np.linalg.cholesky((p + p.T) / 2).astype(np.float32)
+        self._means_z = np.asarray(self.means, dtype=np.float32) @ self._chol
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        f = np.asarray(features, dtype=np.float32)
+        if len(f) == 0:
+            return np.zeros(0, dtype=np.float32)
+        z = f @ self._chol
+        d2 = ((z[:, None, :] - self._means_z[None]) ** 2).sum(-1)
+        return np.sqrt(np.maximum(d2.min(1), 0.0)).astype(np.float32)
+
+
+def ledoit_wolf(x: np.ndarray) -> np.ndarray:
+    """Ledoit-Wolf shrunk covariance of centred rows ``x`` (N, D): a well-conditioned estimate when D is
+    not small next to N (1,280 features, a few thousand images)."""
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    s = x.T @ x / n
+    mu = np.trace(s) / d
+    delta = s.copy()
+    delta[np.diag_indices(d)] -= mu
+    delta2 = (delta**2).sum() / d
+    x2 = x**2
+    beta2 = ((x2.T @ x2) / n - s**2).sum() / (d * n)
+    shrink = min(beta2, delta2) / delta2 if delta2 > 0 else 1.0
+    cov = (1 - shrink) * s
+    cov[np.diag_indices(d)] += shrink * mu
+    return cov
+
+
+def fit_ood(features: np.ndarray, labels: Sequence[Any]) -> OODReference:
+    """Class means and the tied Ledoit-Wolf covariance's inverse (threshold set by :func:`fit_threshold`)."""
+    f = np.asarray(features, dtype=np.float64)
+    lab = np.asarray(labels)
+    classes = [c for c in np.unique(lab) if (lab == c).sum() >= 2]
+    if not classes:
+        raise ValueError("an OOD reference needs at least 2 examples of a class")
+    means = np.stack([f[lab == c].mean(0) for c in classes])
+    centred = np.concatenate([f[lab == c] - m for c, m in zip(classes, means, strict=True)])
+    precision = np.linalg.inv(ledoit_wolf(centred))
+    return OODReference(means.astype(np.float32), precision.astype(np.float32))
+
+
+def fit_threshold(in_scores: np.ndarray, quantile: float) -> float:
+    """The score below which ``quantile`` of the in-distribution (validation) scores lie."""
+    s = np.asarray(in_scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if not len(s):
+        raise ValueError("no finite in-distribution OOD scores to fit a threshold on")
+    return float(np.quantile(s, quantile, method="higher"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Heads file
+
+
+@dataclass
+class Heads:
+    view: ViewHead | None = None
+    ood: OODReference | None = None
+
+    def to_tensors(self) -> dict[str, Any]:
+        """A ``torch.save``-able dict of tensors and plain types (loads with ``weights_only=True``)."""
+        out: dict[str, Any] = {}
+        if self.view is not None:
+            out["view"] = {
+                "views": list(self.view.views),
+                **{k: torch.from_numpy(np.asarray(getattr(self.view, k), dtype=np.float32))
+                   for k in ("weight", "bias", "mean", "scale")},
+            }  # fmt: skip
+        if self.ood is not None:
+            out["ood"] = {
+                "means": torch.from_numpy(self.ood.means),
+                "precision": torch.from_numpy(self.ood.precision),
+                "threshold": float(self.ood.threshold),
+            }
+        return out
+
+    @classmethod
+    def from_tensors(cls, d: Mapping[str, Any]) -> Heads:
+        view = ood = None
+        if "view" in d:
+            v = d["view"]
+            view = ViewHead(list(v["views"]), *(v[k].numpy() for k in ("weight", "bias", "mean", "scale")))
+        if "ood" in d:
+            o = d["ood"]
+            ood = OODReference(o["means"].numpy(), o["precision"].numpy(), float(o["threshold"]))
+        return cls(view, ood)
+
+    def save(self, path: Any) -> None:
+        torch.save(self.to_tensors(), path)
+
+    @classmethod
+    def load(cls, path: Any) -> Heads:
+        return cls.from_tensors(torch.load(path, map_location="cpu", weights_only=True))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scope
+
+
+@dataclass
+class Scope:
+    """What the bundle was trained on and therefore may score (``bundle.json``'s ``scope``).
+
+    ``counts``: {"view": {view: {class: n}}, "sequence": {seq: {class: n}}} over the real training split;
+    ``synthetic``: training examples from synthetic sources (never counted towards scope)."""
+
+    classes: list[str]
+    counts: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    synthetic: int = 0
+    min_examples: int = 50
+    modalities: list[str] = field(default_factory=lambda: list(DEFAULT_MODALITIES))
+    ood_threshold: float | None = None
+    ood_quantile: float | None = None
+    view_head: bool = False
+
+    def in_scope_values(self, kind: str) -> list[str]:
+        """Values of ``kind`` (view/sequence) with >= min_examples real examples of every class."""
+        table = self.counts.get(kind, {})
+        return sorted(
+            v for v, per in table.items()
+            if all(int(per.get(c, 0)) >= self.min_examples for c in self.classes)
+        )  # fmt: skip
+
+    @property
+    def views(self) -> list[str]:
+        return self.in_scope_values("view")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "views_in_scope": self.views,
+            "sequences_in_scope": self.in_scope_values("sequence"),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Scope | None:
+        if not d:
+            return None
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def check(
+        self, views: Sequence[Any], modalities: Sequence[Any], ood: np.ndarray, gate_views: bool = True
+    ) -> tuple[np.ndarray, list[str | None]]:
+        """(in_scope, reason) per input: a non-MR DICOM modality, a view the model has not seen both classes
+        of (``unknown`` when no one could tell the view; skipped with ``gate_views=False``), or an OOD score
+        above the threshold. The first failing rule is the reason."""
+        ok_views = set(self.views)
+        allowed = {m.upper() for m in self.modalities}
+        n = len(views)
+        ood = np.asarray(ood, dtype=np.float64)
+        keep = np.ones(n, dtype=bool)
+        reasons: list[str | None] = [None] * n
+        for i in range(n):
+            m, v = modalities[i], views[i]
+            view = v if isinstance(v, str) and v else UNKNOWN
+            if isinstance(m, str) and m and m.upper() not in allowed:
+                reasons[i] = f"modality {m.upper()}"
+            elif gate_views and not ok_views:
+                reasons[i] = NOTHING_IN_SCOPE
+            elif gate_views and view not in ok_views:
+                reasons[i] = f"view {view}"
+            elif self.ood_threshold is not None and np.isfinite(ood[i]) and ood[i] > self.ood_threshold:
+                reasons[i] = OOD_REASON
+            keep[i] = reasons[i] is None
+        return keep, reasons
+
+
+def count_scope(
+    labels: Sequence[str], views: Sequence[Any], sequences: Sequence[Any] | None, synthetic: Sequence[bool]
+) -> tuple[dict[str, dict[str, dict[str, int]]], int]:
+    """({"view": {view: {class: n}}, "sequence": ...}, synthetic count) over training examples; an
+    example's missing view counts as ``unknown``; sequences only where known."""
+    out: dict[str, dict[str, dict[str, int]]] = {"view": {}, "sequence": {}}
+    n_syn = 0
+    for i, lab in enumerate(labels):
+        if synthetic[i]:
+            n_syn += 1
+            continue
+        v = views[i] if isinstance(views[i], str) and views[i] else UNKNOWN
+        per = out["view"].setdefault(v, {})
+        per[str(lab)] = per.get(str(lab), 0) + 1
+        if sequences is not None and isinstance(sequences[i], str) and sequences[i]:
+            per = out["sequence"].setdefault(sequences[i], {})
+            per[str(lab)] = per.get(str(lab), 0) + 1
+    return out, n_syn

@@ -1,0 +1,270 @@
+"""The bundle's scope: view head, OOD reference, scope rules, and out_of_scope rows (raytumor.scope)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from raytumor.bundle import HEADS_FILE, META_FILE, load_bundle, read_meta, save_bundle
+from raytumor.predict import Predictor
+from raytumor.results import OUT_OF_SCOPE, read_scores, summarise
+from raytumor.scope import (
+    Heads,
+    Scope,
+    count_scope,
+    fit_ood,
+    fit_threshold,
+    fit_view_head,
+    ledoit_wolf,
+)
+from tests.conftest import phantom_volume
+
+# ----------------------------------------------------------------------------------------------------------
+# Unit rules
+
+
+def test_scope_rules_modality_view_ood_in_that_order():
+    s = Scope(
+        classes=["no", "yes"],
+        counts={"view": {"axial": {"no": 60, "yes": 55}, "sagittal": {"no": 300, "yes": 10}}},
+        min_examples=50,
+        ood_threshold=3.0,
+    )
+    assert s.views == ["axial"]  # sagittal has too few tumour examples
+    views = ["axial", "sagittal", None, "axial", "axial", "coronal"]
+    mods = [None, "MR", None, "CT", None, "MR"]
+    ood = np.array([1.0, 1.0, 1.0, 9.0, 4.0, np.nan])
+    keep, reasons = s.check(views, mods, ood)
+    assert keep.tolist() == [True, False, False, False, False, False]
+    assert reasons == [
+        None,
+        "view sagittal",
+        "view unknown",
+        "modality CT",
+        "out of distribution",
+        "view coronal",
+    ]
+    # Without a recorded scope only the modality (and OOD) rules apply.
+    keep, reasons = Scope(classes=[]).check(views, mods, np.full(6, np.nan), gate_views=False)
+    assert keep.tolist() == [True, True, True, False, True, True]
+
+
+def test_count_scope_skips_synthetic_examples_and_counts_unknown_views():
+    counts, n_syn = count_scope(
+        ["no", "yes", "yes", "no", "yes"],
+        ["axial", "axial", None, "sagittal", "axial"],
+        ["flair", None, "t1c", "flair", "flair"],
+        [False, False, False, False, True],
+    )
+    assert n_syn == 1
+    assert counts["view"] == {"axial": {"no": 1, "yes": 1}, "unknown": {"yes": 1}, "sagittal": {"no": 1}}
+    assert counts["sequence"] == {"flair": {"no": 2}, "t1c": {"yes": 1}}
+    # A synthetic-only bundle has nothing in scope, however many examples it saw.
+    counts, n_syn = count_scope(["no"] * 100 + ["yes"] * 100, ["axial"] * 200, None, [True] * 200)
+    assert Scope(classes=["no", "yes"], counts=counts, synthetic=n_syn).views == []
+
+
+def test_ledoit_wolf_shrinks_towards_scaled_identity_and_is_invertible():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 200))  # fewer samples than dimensions: the sample covariance is singular
+    x -= x.mean(0)
+    cov = ledoit_wolf(x)
+    assert np.linalg.matrix_rank(x.T @ x) < 200
+    assert np.all(np.linalg.eigvalsh(cov) > 0)
+    off = cov - np.diag(np.diag(cov))
+    assert np.abs(off).mean() < np.abs((x.T @ x / 50) - np.diag(np.diag(x.T @ x / 50))).mean()
+
+
+def test_ood_reference_flags_shifted_points_and_threshold_is_a_quantile():
+    rng = np.random.default_rng(1)
+    feats = np.concatenate([rng.normal(0, 1, (400, 16)), rng.normal(3, 1, (400, 16))])
+    labels = np.array([0] * 400 + [1] * 400)
+    ref = fit_ood(feats, labels)
+    val = np.concatenate([rng.normal(0, 1, (500, 16)), rng.normal(3, 1, (500, 16))])
+    ref.threshold = fit_threshold(ref.score(val), 0.99)
+    assert (ref.score(val) > ref.threshold).mean() <= 0.011
+    far = rng.normal(0, 1, (200, 16)) + np.array([10.0] + [0.0] * 15)
+    assert (ref.score(far) > ref.threshold).mean() == 1.0
+
+
+def test_heads_round_trip_with_weights_only(tmp_path):
+    rng = np.random.default_rng(2)
+    f = np.concatenate([rng.normal(0, 1, (60, 8)), rng.normal(4, 1, (60, 8)), rng.normal(-4, 1, (60, 8))])
+    v = ["axial"] * 60 + ["coronal"] * 60 + ["sagittal"] * 60
+    head = fit_view_head(f, v)
+    assert (head.predict(f) == np.array(v)).mean() > 0.98
+    ood = fit_ood(f, v)
+    ood.threshold = 5.0
+    Heads(head, ood).save(tmp_path / HEADS_FILE)
+    torch.load(tmp_path / HEADS_FILE, weights_only=True)  # tensors and plain types only
+    back = Heads.load(tmp_path / HEADS_FILE)
+    assert back.view.views == ["axial", "coronal", "sagittal"]
+    np.testing.assert_allclose(back.view.predict_proba(f), head.predict_proba(f), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(back.ood.score(f), ood.score(f), rtol=1e-5)
+    assert back.ood.threshold == 5.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A bundle with a scope (the phantom head bundle, its heads fitted here as training fits them)
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _photo() -> np.ndarray:
+    from skimage import data as skdata
+
+    return skdata.astronaut()
+
+
+def _text_page(size: int = 256) -> np.ndarray:
+    img = Image.new("L", (size, size), 255)
+    d = ImageDraw.Draw(img)
+    for i in range(12):
+        d.text((8, 8 + 20 * i), f"Radiology report line {i}: no acute findings", fill=0)
+    return np.asarray(img)
+
+
+def _sagittal_slices(n: int, size: int) -> list[np.ndarray]:
+    vol = phantom_volume(seed=3, n_slices=size, size=size)  # (z, y, x)
+    return [
+        np.ascontiguousarray(vol[::-1, :, x]) for x in np.linspace(size // 4, 3 * size // 4, n).astype(int)
+    ]
+
+
+@pytest.fixture(scope="module")
+def scoped_bundle(head_bundle, tmp_path_factory) -> Path:
+    """The head bundle plus heads fitted on its training half (OOD) and phantom axial vs sagittal cuts
+    (view head), with a scope whose axial view counts as real so the phantoms are in scope."""
+    out = tmp_path_factory.mktemp("scoped") / "bundle"
+    shutil.copytree(head_bundle.bundle, out)
+    pr = Predictor.from_bundle(out, device="cpu")
+    size = pr.meta.image_size
+
+    def feats(blobs: list[bytes]) -> np.ndarray:
+        x = np.concatenate([pr.inputs(b)[0] for b in blobs])
+        return pr.predict(x)[1]
+
+    train = [Path(p).read_bytes() for p in head_bundle.train["path"]]
+    ev = [Path(p).read_bytes() for p in head_bundle.eval["path"]]
+    f_train, f_eval = feats(train), feats(ev)
+    ood = fit_ood(f_train, head_bundle.train["label"].to_numpy())
+    ood.threshold = fit_threshold(ood.score(f_eval), 0.99)
+    sag = _sagittal_slices(24, 96)
+    f_sag = feats([_png(s) for s in sag])
+    head = fit_view_head(
+        np.concatenate([f_train, f_sag]), ["axial"] * len(f_train) + ["sagittal"] * len(f_sag)
+    )
+    meta = read_meta(out)
+    meta.scope = Scope(
+        classes=meta.classes,
+        counts={"view": {"axial": {"no": 200, "yes": 200}, "sagittal": {"no": 200}}},
+        ood_threshold=ood.threshold,
+        ood_quantile=0.99,
+        view_head=True,
+    ).to_dict()
+    state = torch.load(out / "model.pt", weights_only=True)
+    save_bundle(out, state, meta, heads=Heads(head, ood))
+    assert size == meta.image_size
+    return out
+
+
+def test_scoped_bundle_stores_heads_and_refuses_a_swapped_heads_file(scoped_bundle, tmp_path):
+    meta = json.loads((scoped_bundle / META_FILE).read_text())
+    assert meta["scope"]["views_in_scope"] == ["axial"]
+    assert len(meta["scope"]["heads_sha256"]) == 64
+    b = load_bundle(scoped_bundle, device="cpu")
+    assert b.heads.view is not None and b.heads.ood is not None
+    bad = tmp_path / "b"
+    shutil.copytree(scoped_bundle, bad)
+    h = Heads.load(bad / HEADS_FILE)
+    h.ood.threshold = 1e9
+    h.save(bad / HEADS_FILE)
+    with pytest.raises(ValueError, match="does not match the bundle"):
+        load_bundle(bad, device="cpu")
+
+
+def test_predictor_flags_photos_text_noise_and_sagittal_keeps_phantoms(scoped_bundle, head_bundle):
+    pr = Predictor.from_bundle(scoped_bundle, device="cpu")
+    rng = np.random.default_rng(0)
+    others = {
+        "photo": _png(_photo()),
+        "text": _png(_text_page()),
+        "noise": _png(rng.integers(0, 256, (128, 128), dtype=np.uint8)),
+    }
+    phantoms = [Path(p).read_bytes() for p in head_bundle.eval["path"]]
+    sag = [_png(s) for s in _sagittal_slices(5, 96)]
+    blobs = phantoms + list(others.values()) + sag
+    x = np.concatenate([pr.inputs(b)[0] for b in blobs])
+    probs, feats = pr.predict(x)
+    a = pr.assess(pr.ood_scores(feats), pr.model_views(feats))
+    n = len(phantoms)
+    assert a.in_scope[:n].mean() >= 0.95  # ~99 % of in-distribution images pass by construction
+    assert not a.in_scope[n : n + 3].any()
+    assert set(a.scope_reason[n : n + 3]) <= {"out of distribution", "view sagittal"}
+    assert a.view[n + 3 :] == ["sagittal"] * 5 and a.view_source[n + 3 :] == ["model"] * 5
+    assert not a.in_scope[n + 3 :].any()
+    labels = pr.label_names(pr.labels(probs, pr.scores(probs)), np.ones(len(blobs), bool), a.in_scope)
+    assert labels[n:] == [OUT_OF_SCOPE] * (len(blobs) - n)
+    assert OUT_OF_SCOPE not in labels[:n] or a.in_scope[:n].mean() < 1
+    anyway = pr.label_names(pr.labels(probs, pr.scores(probs)), np.ones(len(blobs), bool), a.in_scope, True)
+    assert OUT_OF_SCOPE not in anyway
+
+
+def test_ct_dicom_is_out_of_scope_by_modality(scoped_bundle):
+    from pydicom.data import get_testdata_file
+
+    pr = Predictor.from_bundle(scoped_bundle, device="cpu")
+    x, scan = pr.inputs(Path(get_testdata_file("CT_small.dcm")).read_bytes(), volumes=True)
+    assert scan.modality == "CT"
+    probs, feats = pr.predict(x)
+    a = pr.assess(pr.ood_scores(feats), pr.model_views(feats), [scan.view], [scan.modality])
+    assert a.in_scope.tolist() == [False] and a.scope_reason == ["modality CT"]
+    assert np.isfinite(probs).all()  # the probabilities are kept
+
+
+def test_score_job_writes_out_of_scope_rows(scoped_bundle, head_bundle, ray_session, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    from raytumor.score import ScoreConfig, score
+
+    inp = tmp_path / "archive"
+    inp.mkdir()
+    for p in head_bundle.eval["path"][:6]:
+        shutil.copy(p, inp / Path(p).name)
+    (inp / "photo.png").write_bytes(_png(_photo()))
+    (inp / "sag.png").write_bytes(_png(_sagittal_slices(1, 96)[0]))
+    shutil.copy(get_testdata_file("CT_small.dcm"), inp / "ct.dcm")
+    (inp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "out"
+    s = score(ScoreConfig(bundle=str(scoped_bundle), input=str(inp), output=str(out)))
+    rows = read_scores(str(out)).set_index(pd.Index([Path(p).name for p in read_scores(str(out))["path"]]))
+    assert len(rows) == 10 and s["rows"] == 10
+    assert rows.loc["ct.dcm", "label"] == OUT_OF_SCOPE and rows.loc["ct.dcm", "scope_reason"] == "modality CT"
+    assert rows.loc["photo.png", "label"] == OUT_OF_SCOPE
+    assert rows.loc["sag.png", "label"] == OUT_OF_SCOPE and rows.loc["sag.png", "view"] == "sagittal"
+    assert np.isfinite(rows.loc["photo.png", "score"])  # probabilities kept
+    assert rows.loc["broken.png", "error"] is not None and pd.isna(rows.loc["broken.png", "in_scope"])
+    ph = rows.loc[[Path(p).name for p in head_bundle.eval["path"][:6]]]
+    assert ph["view"].eq("axial").all() and ph["view_source"].eq("model").all()
+    assert s["out_of_scope"] == int((rows["label"] == OUT_OF_SCOPE).sum()) >= 3
+    assert s["out_of_scope_reasons"]["modality CT"] == 1
+    assert s["positives"] == int(rows["label"].eq("yes").sum())
+    assert summarise(rows.reset_index(drop=True), "no")["out_of_scope"] == s["out_of_scope"]
+    # --score-out-of-scope: the same rows labelled with a class anyway, scope columns unchanged.
+    out2 = tmp_path / "out2"
+    score(ScoreConfig(bundle=str(scoped_bundle), input=str(inp), output=str(out2), score_out_of_scope=True))
+    rows2 = read_scores(str(out2))
+    assert OUT_OF_SCOPE not in set(rows2["label"].dropna())
+    assert int((~rows2["in_scope"].fillna(True).astype(bool)).sum()) == s["out_of_scope"]
