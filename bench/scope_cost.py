@@ -26,20 +26,24 @@ import torch
 from raytumor.bundle import BundleMeta, save_bundle
 from raytumor.model import create_model, normalization
 from raytumor.predict import Predictor
-from raytumor.scope import Heads, OODReference, Scope, ViewHead
+from raytumor.scope import Heads, Scope, ViewHead, fit_ood
 
 
 def synthetic_bundle(root: Path, size: int) -> Path:
-    """A Lite0 bundle with random heads of the shipped shapes (1,280 features, 2 classes, 3 views)."""
-    model = create_model("efficientnet_lite0", 2, weights="none")
+    """A Lite0 bundle with random heads of the shipped shapes (features of every OOD layer, 2 classes,
+    3 views)."""
+    model = create_model("efficientnet_lite0", 2, weights="none").eval()
     mean, std = normalization("efficientnet_lite0")
-    d = model.feature_dim
+    with torch.inference_mode():
+        layout = model.forward_with_taps(torch.zeros(1, 1, size, size))[2]
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(d, d)).astype(np.float32) / np.sqrt(d)
+    d = layout[0]
+    # positive-definite per-layer matrices: the cost does not depend on their values
+    fake = rng.normal(size=(4 * sum(layout), sum(layout)))
     heads = Heads(
         ViewHead(["axial", "coronal", "sagittal"], rng.normal(size=(3, d)).astype(np.float32),
                  np.zeros(3, np.float32), np.zeros(d, np.float32), np.ones(d, np.float32)),
-        OODReference(rng.normal(size=(2, d)).astype(np.float32), (a @ a.T).astype(np.float32), 10.0),
+        fit_ood(fake, np.array([0, 1] * (len(fake) // 2)), layout),
     )  # fmt: skip
     meta = BundleMeta(
         backbone="efficientnet_lite0", classes=["no", "yes"], negative_class="no", image_size=size,

@@ -83,6 +83,22 @@ def test_ledoit_wolf_shrinks_towards_scaled_identity_and_is_invertible():
     assert np.abs(off).mean() < np.abs((x.T @ x / 50) - np.diag(np.diag(x.T @ x / 50))).mean()
 
 
+def test_ood_layers_are_scaled_and_an_outlier_in_any_layer_is_flagged():
+    rng = np.random.default_rng(3)
+    # layer 0 is wide with large values; the outlier differs only in layer 1 (narrow)
+    inside = np.concatenate([rng.normal(0, 50, (600, 32)), rng.normal(0, 1, (600, 4))], 1)
+    ref = fit_ood(inside, np.array([0, 1] * 300), [32, 4])
+    # Mahalanobis distances ignore units but grow with width (~sqrt(D)): scaling by each layer's median keeps
+    # the wide layer from hiding the narrow one
+    assert ref.layout == [32, 4] and ref.scales[0] > 2 * ref.scales[1]
+    assert np.median(ref.layer_distances(inside) / ref.scales, axis=0) == pytest.approx([1.0, 1.0], abs=0.05)
+    ref.threshold = fit_threshold(ref.score(inside), 0.99)
+    odd = np.concatenate([rng.normal(0, 50, (50, 32)), rng.normal(0, 1, (50, 4)) + 8], 1)
+    assert (ref.score(odd) > ref.threshold).mean() == 1.0
+    with pytest.raises(ValueError, match="layout"):
+        fit_ood(inside, np.zeros(600), [30, 4])
+
+
 def test_ood_reference_flags_shifted_points_and_threshold_is_a_quantile():
     rng = np.random.default_rng(1)
     feats = np.concatenate([rng.normal(0, 1, (400, 16)), rng.normal(3, 1, (400, 16))])
@@ -159,13 +175,13 @@ def scoped_bundle(head_bundle, tmp_path_factory) -> Path:
     train = [Path(p).read_bytes() for p in head_bundle.train["path"]]
     ev = [Path(p).read_bytes() for p in head_bundle.eval["path"]]
     f_train, f_eval = feats(train), feats(ev)
-    ood = fit_ood(f_train, head_bundle.train["label"].to_numpy())
+    layout = pr.feature_layout()
+    ood = fit_ood(f_train, head_bundle.train["label"].to_numpy(), layout)
     ood.threshold = fit_threshold(ood.score(f_eval), 0.99)
     sag = _sagittal_slices(24, 96)
     f_sag = feats([_png(s) for s in sag])
-    head = fit_view_head(
-        np.concatenate([f_train, f_sag]), ["axial"] * len(f_train) + ["sagittal"] * len(f_sag)
-    )
+    both = np.concatenate([f_train, f_sag])[:, : layout[0]]  # the view head reads the final features
+    head = fit_view_head(both, ["axial"] * len(f_train) + ["sagittal"] * len(f_sag))
     meta = read_meta(out)
     meta.scope = Scope(
         classes=meta.classes,

@@ -220,6 +220,24 @@ def test_near_duplicates_never_link_two_named_patients() -> None:
     assert g2[3] == g2[4]  # identical bytes (sha256) still link p3 and p4
 
 
+def test_identical_blank_images_do_not_link_patients() -> None:
+    """Many TCGA stacks start with the same all-black JPEG: byte-identical, nothing to leak. Linking on it
+    made 46 such slices one group with 1,894 files of 35 patients across two sites."""
+    blank = encode(np.zeros((64, 64), np.uint8))
+    img = encode(brain_like(4))
+    df = pd.DataFrame(
+        [
+            row("a/p1_01.png", blank, patient_id="p1"),
+            row("a/p2_01.png", blank, patient_id="p2"),
+            row("a/p3_05.png", img, patient_id="p3"),
+            row("a/p4_05.png", img, patient_id="p4"),
+        ]
+    )
+    g = split.find_duplicate_groups(df)
+    assert g[0] != g[1]  # same bytes, blank: no edge
+    assert g[2] == g[3]  # same bytes with content: still one group
+
+
 def test_exact_sha_groups_without_fingerprints() -> None:
     df = pd.DataFrame({"path": list("abcde"), "sha256": ["x", "y", "x", None, "y"], "label": 0})
     g = split.find_duplicate_groups(df, min_corr=None)

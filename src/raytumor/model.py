@@ -161,6 +161,42 @@ class TumorClassifier(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize_input(x))
 
+    def tap_modules(self) -> list[nn.Module]:
+        """Intermediate stages whose pooled activations join the pooled features for the OOD score: the
+        final features of a fine-tuned classifier keep what separates its classes and lose what separates
+        a brain slice from a document or a photograph; early stages keep it (Lee et al. 2018 use several
+        layers). EfficientNet (timm): blocks 1, 3, 5; ResNet: layer1-3; torchvision ``features``
+        backbones: a quarter, half and three quarters deep; others: none."""
+        b = self.backbone
+        if hasattr(b, "blocks") and len(b.blocks) >= 6:
+            return [b.blocks[1], b.blocks[3], b.blocks[5]]
+        if all(hasattr(b, f"layer{i}") for i in (1, 2, 3)):
+            return [b.layer1, b.layer2, b.layer3]
+        feats = getattr(b, "features", None)
+        if isinstance(feats, nn.Sequential) and len(feats) >= 4:
+            n = len(feats)
+            return [feats[n // 4], feats[n // 2], feats[3 * n // 4]]
+        return []
+
+    def forward_with_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(logits, features, layout): ``features`` are the pooled backbone features followed by each tap's
+        per-channel mean and standard deviation over the image; ``layout`` the width of each part."""
+        pooled: list[torch.Tensor] = []
+
+        def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+            o = out.float().flatten(2)
+            pooled.append(torch.cat([o.mean(-1), o.std(-1)], 1))
+
+        handles = [m.register_forward_hook(hook) for m in self.tap_modules()]
+        try:
+            feats = self.forward_features(x)
+        finally:
+            for h in handles:
+                h.remove()
+        logits = self.head(feats)
+        parts = [feats.float(), *pooled]
+        return logits, torch.cat(parts, 1), [int(t.shape[1]) for t in parts]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 

@@ -28,8 +28,9 @@ def forward_outputs(
     device: torch.device,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax probabilities, pooled backbone features) for a (B, H, W) uint8 batch in one forward pass:
-    channels_last, bf16 autocast on CUDA. The features feed the view head and the OOD score."""
+    """(softmax probabilities, features) for a (B, H, W) uint8 batch in one forward pass: channels_last,
+    bf16 autocast on CUDA. The features (pooled backbone features, then the pooled intermediate stages of
+    :meth:`~raytumor.model.TumorClassifier.forward_with_taps`) feed the view head and the OOD score."""
     x = torch.as_tensor(images)
     if x.ndim == 3:
         x = x.unsqueeze(1)
@@ -40,8 +41,7 @@ def forward_outputs(
         torch.inference_mode(),
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
     ):
-        feats = model.forward_features(x)
-        logits = model.head(feats)
+        logits, feats, _ = model.forward_with_taps(x)
     return torch.softmax(logits.float() / temperature, dim=1).cpu(), feats.float().cpu()
 
 
@@ -114,6 +114,17 @@ class Predictor:
         """(probabilities, pooled features) of a (B, S, S) uint8 batch."""
         p, f = forward_outputs(self.bundle.model, images, self.bundle.device, self.meta.temperature)
         return p.numpy(), f.numpy()
+
+    def feature_layout(self) -> list[int]:
+        """Widths of the parts of :meth:`predict`'s features (pooled final features, then each tap)."""
+        if not hasattr(self, "_layout"):
+            size = self.meta.image_size
+            x = torch.zeros((1, 1, size, size), device=self.bundle.device)
+            with torch.inference_mode():
+                self._layout = self.bundle.model.forward_with_taps(
+                    x.contiguous(memory_format=torch.channels_last)
+                )[2]
+        return self._layout
 
     def ood_scores(self, features: np.ndarray) -> np.ndarray:
         """OOD score per row (NaN without an OOD reference in the bundle)."""

@@ -53,7 +53,9 @@ class ViewHead:
     scale: np.ndarray  # (D,)
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        z = (np.asarray(features, dtype=np.float32) - self.mean) / self.scale
+        # The pooled final features lead the feature vector (raytumor.model.forward_with_taps).
+        f = np.asarray(features, dtype=np.float32)[:, : len(self.mean)]
+        z = (f - self.mean) / self.scale
         return z @ self.weight.T + self.bias
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
@@ -105,27 +107,45 @@ def fit_view_head(
 
 @dataclass
 class OODReference:
-    """Class means and a shared precision matrix over pooled features; ``score`` = Mahalanobis distance to
-    the nearest class mean (higher = less like the training data)."""
+    """Per feature layer (the pooled final features, then each tapped stage; ``layout`` their widths): class
+    means and a shared precision matrix. A layer's distance is the Mahalanobis distance to the nearest class
+    mean divided by its median on the training data, and ``score`` is the largest over layers: an input
+    unusual at any depth (a document's flat white page, a photograph's colour texture) stands out even where
+    the fine-tuned final features map it near a class."""
 
-    means: np.ndarray  # (C, D)
-    precision: np.ndarray  # (D, D)
+    layout: list[int]
+    means: list[np.ndarray]  # per layer (C, D_l)
+    precisions: list[np.ndarray]  # per layer (D_l, D_l)
+    scales: list[float]
     threshold: float = float("inf")
 
     def __post_init__(self) -> None:
-        # precision = L L^T, so (x - mu)^T P (x - mu) = |(x - mu) L|^2: one (N x D)(D x D) matmul for all
-        # classes instead of a quadratic form per class (measured 0.38 of the forward pass -> bench/scope_cost.py).
-        p = np.asarray(self.precision, dtype=np.float64)
-        self._chol = np.linalg.cholesky((p + p.T) / 2).astype(np.float32)
-        self._means_z = np.asarray(self.means, dtype=np.float32) @ self._chol
+        # precision = L L^T, so (x - mu)^T P (x - mu) = |(x - mu) L|^2: one (N x D)(D x D) matmul per layer for
+        # all classes instead of a quadratic form per class (0.38 -> 0.03 of the forward, bench/scope_cost.py).
+        self._chol = []
+        self._means_z = []
+        for m, p in zip(self.means, self.precisions, strict=True):
+            p = np.asarray(p, dtype=np.float64)
+            c = np.linalg.cholesky((p + p.T) / 2).astype(np.float32)
+            self._chol.append(c)
+            self._means_z.append(np.asarray(m, dtype=np.float32) @ c)
+
+    def layer_distances(self, features: np.ndarray) -> np.ndarray:
+        """(N, layers) Mahalanobis distance to the nearest class mean, per layer, unscaled."""
+        f = np.asarray(features, dtype=np.float32)
+        out = np.zeros((len(f), len(self.layout)), dtype=np.float32)
+        start = 0
+        for k, width in enumerate(self.layout):
+            z = f[:, start : start + width] @ self._chol[k]
+            d2 = ((z[:, None, :] - self._means_z[k][None]) ** 2).sum(-1)
+            out[:, k] = np.sqrt(np.maximum(d2.min(1), 0.0))
+            start += width
+        return out
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        f = np.asarray(features, dtype=np.float32)
-        if len(f) == 0:
+        if len(features) == 0:
             return np.zeros(0, dtype=np.float32)
-        z = f @ self._chol
-        d2 = ((z[:, None, :] - self._means_z[None]) ** 2).sum(-1)
-        return np.sqrt(np.maximum(d2.min(1), 0.0)).astype(np.float32)
+        return (self.layer_distances(features) / np.asarray(self.scales, dtype=np.float32)).max(1)
 
 
 def ledoit_wolf(x: np.ndarray) -> np.ndarray:
@@ -146,17 +166,31 @@ def ledoit_wolf(x: np.ndarray) -> np.ndarray:
     return cov
 
 
-def fit_ood(features: np.ndarray, labels: Sequence[Any]) -> OODReference:
-    """Class means and the tied Ledoit-Wolf covariance's inverse (threshold set by :func:`fit_threshold`)."""
+def fit_ood(features: np.ndarray, labels: Sequence[Any], layout: Sequence[int] | None = None) -> OODReference:
+    """Per layer of ``layout`` (default: one layer of every column): class means, the tied Ledoit-Wolf
+    covariance's inverse, and the median training distance that scales the layer (threshold set by
+    :func:`fit_threshold`)."""
     f = np.asarray(features, dtype=np.float64)
     lab = np.asarray(labels)
+    layout = [f.shape[1]] if layout is None else [int(w) for w in layout]
+    if sum(layout) != f.shape[1]:
+        raise ValueError(f"feature layout {layout} does not add up to {f.shape[1]} columns")
     classes = [c for c in np.unique(lab) if (lab == c).sum() >= 2]
     if not classes:
         raise ValueError("an OOD reference needs at least 2 examples of a class")
-    means = np.stack([f[lab == c].mean(0) for c in classes])
-    centred = np.concatenate([f[lab == c] - m for c, m in zip(classes, means, strict=True)])
-    precision = np.linalg.inv(ledoit_wolf(centred))
-    return OODReference(means.astype(np.float32), precision.astype(np.float32))
+    means, precisions = [], []
+    start = 0
+    for width in layout:
+        x = f[:, start : start + width]
+        mu = np.stack([x[lab == c].mean(0) for c in classes])
+        centred = np.concatenate([x[lab == c] - m for c, m in zip(classes, mu, strict=True)])
+        means.append(mu.astype(np.float32))
+        precisions.append(np.linalg.inv(ledoit_wolf(centred)).astype(np.float32))
+        start += width
+    ref = OODReference(layout, means, precisions, [1.0] * len(layout))
+    med = np.median(ref.layer_distances(f.astype(np.float32)), axis=0)
+    ref.scales = [float(m) if m > 0 else 1.0 for m in med]
+    return ref
 
 
 def fit_threshold(in_scores: np.ndarray, quantile: float) -> float:
@@ -188,8 +222,12 @@ class Heads:
             }  # fmt: skip
         if self.ood is not None:
             out["ood"] = {
-                "means": torch.from_numpy(self.ood.means),
-                "precision": torch.from_numpy(self.ood.precision),
+                "layout": [int(w) for w in self.ood.layout],
+                "means": [torch.from_numpy(np.asarray(m, dtype=np.float32)) for m in self.ood.means],
+                "precisions": [
+                    torch.from_numpy(np.asarray(p, dtype=np.float32)) for p in self.ood.precisions
+                ],
+                "scales": [float(x) for x in self.ood.scales],
                 "threshold": float(self.ood.threshold),
             }
         return out
@@ -202,7 +240,10 @@ class Heads:
             view = ViewHead(list(v["views"]), *(v[k].numpy() for k in ("weight", "bias", "mean", "scale")))
         if "ood" in d:
             o = d["ood"]
-            ood = OODReference(o["means"].numpy(), o["precision"].numpy(), float(o["threshold"]))
+            ood = OODReference(
+                list(o["layout"]), [m.numpy() for m in o["means"]], [p.numpy() for p in o["precisions"]],
+                list(o["scales"]), float(o["threshold"]),
+            )  # fmt: skip
         return cls(view, ood)
 
     def save(self, path: Any) -> None:

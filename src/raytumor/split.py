@@ -575,7 +575,7 @@ def find_duplicate_groups(
 ) -> np.ndarray:
     """An int64 group id per row (0..G-1, numbered by first row): connected components of
 
-    (a) identical non-null ``sha256``; (b) near-duplicates (never between two rows whose manifest names
+    (a) identical non-null ``sha256`` (not for blank images: a flat thumbnail); (b) near-duplicates (never between two rows whose manifest names
     different patients: those ids are authoritative, and low slices of different patients — near-empty
     skull-base images — would otherwise chain whole patients together): ``dhash`` within ``max_hamming`` bits, confirmed
     by ``thumb`` Pearson correlation >= ``min_corr`` (``None``: dHash only) of the thumbnails' gradients
@@ -593,7 +593,14 @@ def find_duplicate_groups(
     edges_a: list[np.ndarray] = []
     edges_b: list[np.ndarray] = []
     if "sha256" in df.columns:
-        a, b = equal_value_edges(df["sha256"], null_strings(df["sha256"]))
+        null = null_strings(df["sha256"])
+        if "thumb" in df.columns:
+            # A blank image (constant pixels, e.g. the empty first slice of many TCGA stacks) has nothing to
+            # leak, and identical blank files of different patients would chain those patients together.
+            present, _ = _thumb_array(df, False)
+            sizes = np.array([isinstance(t, (bytes, bytearray, memoryview, np.ndarray)) for t in df["thumb"]])
+            null = null | (sizes & ~present)
+        a, b = equal_value_edges(df["sha256"], null)
         edges_a.append(a)
         edges_b.append(b)
     patients = patient_keys(df)

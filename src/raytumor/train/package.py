@@ -128,7 +128,9 @@ def _view_head(bundle_dir: Path, cfg: TrainConfig) -> tuple[ViewHead | None, dic
     if fit["known_view"].nunique() < 2:
         got = sorted(fit["known_view"].unique())
         raise ValueError(f"--view-data needs slices of at least 2 views, got {got}")
-    head = fit_view_head(_features(fit), fit["known_view"].tolist(), seed=cfg.seed)
+    # the view head reads the pooled final features (the first part of the layout)
+    width = Predictor.from_bundle(bundle_dir, device="cpu").feature_layout()[0]
+    head = fit_view_head(_features(fit)[:, :width], fit["known_view"].tolist(), seed=cfg.seed)
     held = preds[preds["held"].to_numpy(dtype=bool)]
     report: dict[str, Any] = {"train_slices": int(len(fit)), "held_out_slices": int(len(held))}
     if len(held):
@@ -151,7 +153,8 @@ def _scope_and_heads(
     ok = ok_mask(preds["error"])
     split = preds["split"].to_numpy()
     train, val = preds[ok & (split == "train")], preds[ok & (split == "val")]
-    ood = fit_ood(_features(train), train["label"].to_numpy())
+    layout = Predictor.from_bundle(staging, device="cpu").feature_layout()
+    ood = fit_ood(_features(train), train["label"].to_numpy(), layout)
     val_scores = ood.score(_features(val)) if len(val) else ood.score(_features(train))
     ood.threshold = fit_threshold(val_scores, cfg.ood_quantile)
     head, view_report = _view_head(staging, cfg)
@@ -182,9 +185,18 @@ def _scope_and_heads(
         ood_threshold=ood.threshold, ood_quantile=cfg.ood_quantile, view_head=head is not None,
     )  # fmt: skip
     meta.scope = scope.to_dict()
+    # Say what the bundle will refuse, so a view head that misreads the training data shows at once.
+    print(
+        f"[raytumor] scope: views in scope {scope.views or 'none'} (>= {scope.min_examples} real examples of "
+        "every class); real training examples per view: "
+        + ("; ".join(f"{v} {dict(sorted(c.items()))}" for v, c in sorted(counts["view"].items())) or "none")
+        + (f"; {n_syn} synthetic (not counted)" if n_syn else "")
+    )
     metrics = {
         "ood": {
-            "method": "mahalanobis (class means, tied Ledoit-Wolf covariance, pooled backbone features)",
+            "method": "mahalanobis per feature layer (class means, tied Ledoit-Wolf covariance; pooled final "
+            "features and tapped stages' channel mean/std), max of median-scaled distances",
+            "layout": layout,
             "threshold": ood.threshold,
             "quantile": cfg.ood_quantile,
             "fitted_on": {"reference": "train", "threshold": "val" if len(val) else "train"},
