@@ -7,7 +7,7 @@
 For every tumour image of the manifest whose row names a ``mask`` (a binary PNG, relative to the manifest like
 ``path``; TCGA-LGG's FLAIR masks cover both of its sequences), the Grad-CAM heat map of the tumour class is
 computed on the bundle's own model input, its peak mapped back through the head crop, padding and resize to the
-original image (``raytumor.evaluate.localise``), and counted as a hit when it lies on the mask. Printed and
+original image (``raytumor.localise.localise``), and counted as a hit when it lies on the mask. Printed and
 written (``--out``: ``localisation.json``, ``localisation.parquet`` with one row per image):
 
 * hit rate, and the tolerant hit rate (peak within ``--tolerance`` x the image's long side of the mask), each
@@ -36,8 +36,9 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from raytumor.bundle import fetch_bundle, read_meta
-from raytumor.evaluate import format_localisation, localise, manifest_columns, map_labels
+from raytumor.evaluate import format_localisation, manifest_columns, map_labels
 from raytumor.explain import localisation_summary
+from raytumor.localise import localise
 from raytumor.storage import StorageOptions, read_manifest
 
 DEFAULT_DATA = "/work/shared/data/tcga-lgg-3site/manifest.csv"

@@ -577,8 +577,8 @@ def _head_on_wide_canvas(seed: int, blob: tuple[int, int] | None = None) -> tupl
 
 
 def test_input_box_is_the_crop_preprocess_applies():
-    from raytumor.evaluate import input_box, input_geometry
     from raytumor.formats import fit_square
+    from raytumor.localise import input_box, input_geometry
     from raytumor.preprocess import PreprocessConfig, apply, to_model_input
 
     gray, _ = _head_on_wide_canvas(0)
@@ -600,7 +600,7 @@ def test_localise_maps_peaks_back_through_the_real_model_input(tmp_path, preproc
     from PIL import Image
 
     from raytumor.bundle import BundleMeta, save_bundle
-    from raytumor.evaluate import localise
+    from raytumor.localise import localise
     from raytumor.model import create_model, normalization
 
     mean, std = normalization("efficientnet_lite0")

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("formats", "bundle", "calibrate", "explain"),
     ("preprocess",),
     ("predict", "ingest"),
-    ("adapt",),
+    ("adapt", "localise"),
     # stages
     ("score", "slices"),
     ("evaluate",),
