@@ -110,7 +110,7 @@ def _stable_bucket(key: str, n: int) -> int:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % n
 
 
-def _view_head(bundle_dir: Path, cfg: TrainConfig) -> tuple[ViewHead | None, dict[str, Any]]:
+def _view_head(bundle_dir: Path, cfg: TrainConfig, width: int) -> tuple[ViewHead | None, dict[str, Any]]:
     """Fit the view head on ``--view-data`` (slices whose view geometry gave) and measure it on held-out
     patients' slices (every VIEW_HOLDOUT_EVERY-th patient): the shipped head is the measured one."""
     if not cfg.view_data:
@@ -128,8 +128,7 @@ def _view_head(bundle_dir: Path, cfg: TrainConfig) -> tuple[ViewHead | None, dic
     if fit["known_view"].nunique() < 2:
         got = sorted(fit["known_view"].unique())
         raise ValueError(f"--view-data needs slices of at least 2 views, got {got}")
-    # the view head reads the pooled final features (the first part of the layout)
-    width = Predictor.from_bundle(bundle_dir, device="cpu").feature_layout()[0]
+    # the view head reads the pooled final features (the first ``width`` columns)
     head = fit_view_head(_features(fit)[:, :width], fit["known_view"].tolist(), seed=cfg.seed)
     held = preds[preds["held"].to_numpy(dtype=bool)]
     report: dict[str, Any] = {"train_slices": int(len(fit)), "held_out_slices": int(len(held))}
@@ -157,7 +156,7 @@ def _scope_and_heads(
     ood = fit_ood(_features(train), train["label"].to_numpy(), layout)
     val_scores = ood.score(_features(val)) if len(val) else ood.score(_features(train))
     ood.threshold = fit_threshold(val_scores, cfg.ood_quantile)
-    head, view_report = _view_head(staging, cfg)
+    head, view_report = _view_head(staging, cfg, layout[0])
     # A training example's view: the manifest's, else its file's geometry (DICOM), else the view head's.
     n = len(train)
     views = np.full(n, None, dtype=object)
