@@ -228,6 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         view_data=[str(ixi_views)] + ([str(tcga_views)] if args.tcga_views else []),
         out=str(work), name="run", image_size=args.image_size, epochs=args.epochs, patience=args.patience,
         metric=args.metric, seed=args.seed, report=False, balance_sources=args.balance_sources,
+        known_view=["tcga-lgg-*=axial"],  # PROVENANCE.md: axial stacks
     )  # fmt: skip
     run_dir = cfg.run_dir
     if not (run_dir / "summary.json").is_file():

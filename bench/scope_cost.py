@@ -1,9 +1,9 @@
-"""What the bundle's view head and OOD score cost next to the classifier's forward pass (issue 13).
+"""What the bundle's view net and OOD score cost next to the classifier's forward pass (issue 13).
 
-Both read the pooled features of the one forward pass the classifier already makes (no second network), so
-their cost is a matmul per image: a (3 x D) softmax regression and a Mahalanobis distance (C x D x D). This
-times, on the same images and thread count, the forward pass (``Predictor.predict``: probabilities +
-features) against the heads on its features, and reports the ratio::
+The OOD score reads the features of the classifier's one forward pass (a Mahalanobis distance per layer);
+the view net is a small CNN on the same uint8 input at 64 px. This times, on the same images and thread
+count, the forward pass (``Predictor.predict``: probabilities + features) against both heads, and reports
+the ratio::
 
     python bench/scope_cost.py                       # random heads of the real size on EfficientNet-Lite0
     python bench/scope_cost.py --bundle runs/x/bundle  # a trained bundle's own heads
@@ -26,7 +26,7 @@ import torch
 from raytumor.bundle import BundleMeta, save_bundle
 from raytumor.model import create_model, normalization
 from raytumor.predict import Predictor
-from raytumor.scope import Heads, Scope, ViewHead, fit_ood
+from raytumor.scope import Heads, Scope, ViewNet, fit_ood
 
 
 def synthetic_bundle(root: Path, size: int) -> Path:
@@ -37,14 +37,12 @@ def synthetic_bundle(root: Path, size: int) -> Path:
     with torch.inference_mode():
         layout = model.forward_with_taps(torch.zeros(1, 1, size, size))[2]
     rng = np.random.default_rng(0)
-    d = layout[0]
     # positive-definite per-layer matrices: the cost does not depend on their values
     fake = rng.normal(size=(4 * sum(layout), sum(layout)))
     heads = Heads(
-        ViewHead(["axial", "coronal", "sagittal"], rng.normal(size=(3, d)).astype(np.float32),
-                 np.zeros(3, np.float32), np.zeros(d, np.float32), np.ones(d, np.float32)),
+        ViewNet(["axial", "coronal", "sagittal"]).eval(),
         fit_ood(fake, np.array([0, 1] * (len(fake) // 2)), layout),
-    )  # fmt: skip
+    )
     meta = BundleMeta(
         backbone="efficientnet_lite0", classes=["no", "yes"], negative_class="no", image_size=size,
         mean=list(mean), std=list(std),
@@ -78,7 +76,7 @@ def main() -> None:
             t = time.perf_counter()
             for i in range(0, len(x), args.batch):
                 f = feats[i : i + args.batch]
-                pr.assess(pr.ood_scores(f), pr.model_views(f))
+                pr.assess(pr.ood_scores(f), pr.model_views(x[i : i + args.batch]))
             heads.append(time.perf_counter() - t)
         out = {
             "images": args.images,

@@ -283,3 +283,37 @@ def s3_client(s3_server):
     import boto3
 
     return boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# raytumor runs as subprocesses (each its own process group and in-process Ray session)
+
+
+def run_env(ray_tmpdir: str | os.PathLike, **extra: str) -> dict[str, str]:
+    """The environment of a ``raytumor`` subprocess: this venv's scripts first, no inherited Ray address."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(
+        RAY_TMPDIR=str(ray_tmpdir),
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_TRAIN_V2_ENABLED="1",
+        PYTHONUNBUFFERED="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        **extra,
+    )
+    return env
+
+
+def stop_group(p: subprocess.Popen) -> None:
+    """Stop a subprocess started with ``start_new_session=True`` and everything it started, by PID."""
+    if p.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(p.pid, sig)
+            p.wait(timeout=20)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return

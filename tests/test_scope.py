@@ -1,4 +1,4 @@
-"""The bundle's scope: view head, OOD reference, scope rules, and out_of_scope rows (raytumor.scope)."""
+"""The bundle's scope: view net, OOD reference, scope rules, and out_of_scope rows (raytumor.scope)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from raytumor.scope import (
     count_scope,
     fit_ood,
     fit_threshold,
-    fit_view_head,
+    fit_view_net,
     ledoit_wolf,
 )
 from tests.conftest import phantom_volume
@@ -111,19 +111,31 @@ def test_ood_reference_flags_shifted_points_and_threshold_is_a_quantile():
     assert (ref.score(far) > ref.threshold).mean() == 1.0
 
 
-def test_heads_round_trip_with_weights_only(tmp_path):
-    rng = np.random.default_rng(2)
-    f = np.concatenate([rng.normal(0, 1, (60, 8)), rng.normal(4, 1, (60, 8)), rng.normal(-4, 1, (60, 8))])
-    v = ["axial"] * 60 + ["coronal"] * 60 + ["sagittal"] * 60
-    head = fit_view_head(f, v)
-    assert (head.predict(f) == np.array(v)).mean() > 0.98
-    ood = fit_ood(f, v)
+def _plane_images(n: int, size: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Phantom head slices cut along z (axial) and x (sagittal), as uint8 model inputs."""
+    from raytumor.formats import fit_square
+
+    vol = phantom_volume(seed=seed, n_slices=size, size=size)  # (z, y, x)
+    zs = np.linspace(size // 4, 3 * size // 4, n).astype(int)
+    ax = [vol[z] for z in zs]
+    sag = [np.ascontiguousarray(vol[::-1, :, x]) for x in zs]
+    ims = [fit_square(np.asarray(a, dtype=np.uint8), 96) for a in ax + sag]
+    return np.stack(ims), ["axial"] * n + ["sagittal"] * n
+
+
+def test_view_net_learns_planes_and_round_trips_with_weights_only(tmp_path):
+    x, v = _plane_images(24, 96, seed=3)
+    net = fit_view_net(x, v, max_steps=120, batch_size=32, seed=0)
+    xt, vt = _plane_images(12, 96, seed=11)  # another head
+    assert (net.predict(xt) == np.array(vt)).mean() >= 0.95
+    f = np.random.default_rng(2).normal(0, 1, (120, 8))
+    ood = fit_ood(f, [0] * 60 + [1] * 60)
     ood.threshold = 5.0
-    Heads(head, ood).save(tmp_path / HEADS_FILE)
+    Heads(net, ood).save(tmp_path / HEADS_FILE)
     torch.load(tmp_path / HEADS_FILE, weights_only=True)  # tensors and plain types only
     back = Heads.load(tmp_path / HEADS_FILE)
-    assert back.view.views == ["axial", "coronal", "sagittal"]
-    np.testing.assert_allclose(back.view.predict_proba(f), head.predict_proba(f), rtol=1e-5, atol=1e-6)
+    assert back.view.views == ["axial", "sagittal"]
+    assert (back.view.predict(xt) == net.predict(xt)).all()
     np.testing.assert_allclose(back.ood.score(f), ood.score(f), rtol=1e-5)
     assert back.ood.threshold == 5.0
 
@@ -162,7 +174,7 @@ def _sagittal_slices(n: int, size: int) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def scoped_bundle(head_bundle, tmp_path_factory) -> Path:
     """The head bundle plus heads fitted on its training half (OOD) and phantom axial vs sagittal cuts
-    (view head), with a scope whose axial view counts as real so the phantoms are in scope."""
+    (view net), with a scope whose axial view counts as real so the phantoms are in scope."""
     out = tmp_path_factory.mktemp("scoped") / "bundle"
     shutil.copytree(head_bundle.bundle, out)
     pr = Predictor.from_bundle(out, device="cpu")
@@ -178,10 +190,9 @@ def scoped_bundle(head_bundle, tmp_path_factory) -> Path:
     layout = pr.feature_layout()
     ood = fit_ood(f_train, head_bundle.train["label"].to_numpy(), layout)
     ood.threshold = fit_threshold(ood.score(f_eval), 0.99)
-    sag = _sagittal_slices(24, 96)
-    f_sag = feats([_png(s) for s in sag])
-    both = np.concatenate([f_train, f_sag])[:, : layout[0]]  # the view head reads the final features
-    head = fit_view_head(both, ["axial"] * len(f_train) + ["sagittal"] * len(f_sag))
+    sag = [_png(s) for s in _sagittal_slices(24, 96)]
+    x = np.concatenate([pr.inputs(b)[0] for b in train + sag])
+    net = fit_view_net(x, ["axial"] * len(train) + ["sagittal"] * len(sag), max_steps=150, batch_size=32)
     meta = read_meta(out)
     meta.scope = Scope(
         classes=meta.classes,
@@ -191,7 +202,7 @@ def scoped_bundle(head_bundle, tmp_path_factory) -> Path:
         view_head=True,
     ).to_dict()
     state = torch.load(out / "model.pt", weights_only=True)
-    save_bundle(out, state, meta, heads=Heads(head, ood))
+    save_bundle(out, state, meta, heads=Heads(net, ood))
     assert size == meta.image_size
     return out
 
@@ -224,7 +235,7 @@ def test_predictor_flags_photos_text_noise_and_sagittal_keeps_phantoms(scoped_bu
     blobs = phantoms + list(others.values()) + sag
     x = np.concatenate([pr.inputs(b)[0] for b in blobs])
     probs, feats = pr.predict(x)
-    a = pr.assess(pr.ood_scores(feats), pr.model_views(feats))
+    a = pr.assess(pr.ood_scores(feats), pr.model_views(x))
     n = len(phantoms)
     assert a.in_scope[:n].mean() >= 0.95  # ~99 % of in-distribution images pass by construction
     assert not a.in_scope[n : n + 3].any()
@@ -245,7 +256,7 @@ def test_ct_dicom_is_out_of_scope_by_modality(scoped_bundle):
     x, scan = pr.inputs(Path(get_testdata_file("CT_small.dcm")).read_bytes(), volumes=True)
     assert scan.modality == "CT"
     probs, feats = pr.predict(x)
-    a = pr.assess(pr.ood_scores(feats), pr.model_views(feats), [scan.view], [scan.modality])
+    a = pr.assess(pr.ood_scores(feats), pr.model_views(x), [scan.view], [scan.modality])
     assert a.in_scope.tolist() == [False] and a.scope_reason == ["modality CT"]
     assert np.isfinite(probs).all()  # the probabilities are kept
 
@@ -284,3 +295,21 @@ def test_score_job_writes_out_of_scope_rows(scoped_bundle, head_bundle, ray_sess
     rows2 = read_scores(str(out2))
     assert OUT_OF_SCOPE not in set(rows2["label"].dropna())
     assert int((~rows2["in_scope"].fillna(True).astype(bool)).sum()) == s["out_of_scope"]
+
+
+def test_known_view_fills_views_a_manifest_lacks_and_is_checked():
+    from raytumor.train.config import TrainConfig
+    from raytumor.train.package import declared_views
+
+    man = pd.DataFrame(
+        {
+            "path": ["a", "b", "c", "d"],
+            "source": ["tcga-lgg-CS", "tcga-lgg-DU", "br35h-3000", "IXI"],
+            "view": [None, None, None, "coronal"],
+        }
+    )
+    cfg = TrainConfig(data=["x"], known_view=["tcga-lgg-*=axial"])
+    assert declared_views(man, cfg).tolist() == ["axial", "axial", None, "coronal"]  # the manifest wins
+    assert declared_views(man.drop(columns="view"), TrainConfig(data=["x"])).isna().all()
+    with pytest.raises(ValueError, match="SOURCE=VIEW"):
+        TrainConfig(data=["x"], known_view=["tcga-lgg-*=axail"])

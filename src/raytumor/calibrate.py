@@ -30,8 +30,8 @@ def _logits(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 def rescale_probs(probs: np.ndarray, from_temperature: float, to_temperature: float) -> np.ndarray:
     """Probabilities computed at ``from_temperature`` re-expressed at ``to_temperature`` (float64)."""
-    if from_temperature <= 0 or to_temperature <= 0:
-        raise ValueError(f"temperatures must be > 0, got {from_temperature} and {to_temperature}")
+    if not all(math.isfinite(t) and t > 0 for t in (from_temperature, to_temperature)):
+        raise ValueError(f"temperatures must be finite and > 0, got {from_temperature} and {to_temperature}")
     z = _logits(probs, from_temperature) / float(to_temperature)
     return np.exp(log_softmax(z, axis=1))
 
@@ -124,7 +124,8 @@ def threshold_for_sensitivity(y: np.ndarray, score: np.ndarray, target: float = 
     one of the positives' scores: the k-th highest, k = ceil(target * n_pos). Choosing the score value
     itself (not a midpoint) keeps every positive tied at it predicted positive, and any higher threshold
     drops at least that positive, so sensitivity falls below target; specificity is then as high as the
-    target allows. NaN scores count as -1 (never positive), as in the predictor.
+    target allows. NaN scores count as -1 (never positive) here; :func:`calibrate_bundle_meta` drops
+    non-finite rows first, since the predictor makes them error rows rather than calls.
     """
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
@@ -180,6 +181,10 @@ def calibrate_bundle_meta(
         "ece_after": expected_calibration_error(new, labels),
         "n": int(len(labels)),
     }
+    # Rows without finite probabilities (failed decodes, a NaN forward) are errors, not evidence: a NaN
+    # positive counted as missed would pull the threshold down to -1 (every scan a tumour).
+    ok = np.isfinite(probs).all(1) & np.isfinite(new).all(1)
+    probs, new, labels = probs[ok], new[ok], labels[ok]
     y, s_before = tumour_binary(labels, probs, meta.classes, meta.negative_class)
     if y is None:
         rec["reason"] = "no negative class and more than 2 classes: no tumour score, threshold unchanged"

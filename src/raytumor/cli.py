@@ -1,4 +1,9 @@
-"""``raytumor`` console command: one sub-command per stage, each the same as ``python jobs/<stage>.py``."""
+"""``raytumor`` console command: one sub-command per stage, each the same as ``python jobs/<stage>.py``.
+
+Errors a user can fix from the message alone (a missing input, a bad bundle or config, an output folder
+that is not a run's) end the command with one line on stderr and exit status 2; ``--debug`` (before or
+after the sub-command) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +30,24 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("raytumor.evaluate", "metrics of a bundle on labelled data, with 95 percent CIs"),
     "slices": (
         "raytumor.slices",
-        "export training slices (PNG + manifest) from volumes: axial, or every plane for the view head",
+        "export training slices (PNG + manifest) from volumes: axial, or every plane for the view net",
     ),
     "demo": ("raytumor.demo", "synthetic phantoms -> tune -> train -> score -> report, on a fresh machine"),
 }
+
+
+DEBUG_HELP = "show the full traceback of an error instead of one line"
+
+
+def user_error(e: BaseException) -> bool:
+    """Foreseeable errors the message explains (bad paths, storage, bundles, configs, values): ValueError
+    (incl. BundleError), OSError (incl. FileNotFoundError), YAML. Ray's wrapped worker errors, which may
+    subclass ValueError too, and anything else are bugs: they keep their traceback."""
+    import yaml
+
+    if type(e).__module__.split(".")[0] == "ray":
+        return False
+    return isinstance(e, (ValueError, OSError, yaml.YAMLError))
 
 
 def _backbones(_: argparse.Namespace) -> None:
@@ -40,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; ``parser.stage_parsers`` maps each stage to its sub-parser."""
     p = argparse.ArgumentParser(prog="raytumor", description="Brain-MRI tumour classifiers on Ray")
     p.add_argument("--version", action="version", version=f"raytumor {raytumor.__version__}")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stages: dict[str, argparse.ArgumentParser] = {}
     for name, (module, help_) in STAGES.items():
@@ -51,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
             description=help_,
             formatter_class=HelpFormatter,
         )
+        # SUPPRESS: the sub-command's flag must not reset a --debug given before it
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         sp.set_defaults(func=mod.main)
         stages[name] = sp
     sp = sub.add_parser("backbones", help="list the backbones the model factory builds")
@@ -65,14 +87,22 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
-    config = pre.parse_known_args(argv)[0].config
-    if config and command in parser.stage_parsers and command != "tune":  # tune reads its search file
-        # YAML as defaults, the command line over it (timm's way); options the file gives are not required.
-        sp = parser.stage_parsers[command]
-        apply_config_file(sp, config, [a.dest for a in sp._actions])
-    args = parser.parse_args(argv)
-    func: Callable = args.func
-    func(args)
+    pre.add_argument("--debug", action="store_true")
+    known = pre.parse_known_args(argv)[0]
+    try:
+        if known.config and command in parser.stage_parsers and command != "tune":  # tune reads its own
+            # YAML as defaults, the command line over it (timm's way); options the file gives are not required.
+            sp = parser.stage_parsers[command]
+            apply_config_file(sp, known.config, [a.dest for a in sp._actions])
+        args = parser.parse_args(argv)
+        func: Callable = args.func
+        func(args)
+    except Exception as e:
+        if known.debug or not user_error(e):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"raytumor {command}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
+        return 2
     return 0
 
 

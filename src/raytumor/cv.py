@@ -44,7 +44,17 @@ from raytumor.split import HOLDOUT_DUPLICATE, SPLIT_NAMES
 from raytumor.train import TrainConfig, is_min_metric, prepare_split, resolve_metric, run_training
 from raytumor.train.data import Grouping, cv_folds, group_data
 from raytumor.train.package import TEST_PREDICTIONS_FILE
-from raytumor.tune import DRIVER_CPU, DRIVER_MEMORY, SearchConfig, _make_tuner, _storage, trial_resources
+from raytumor.tune import (
+    DRIVER_CPU,
+    DRIVER_MEMORY,
+    SearchConfig,
+    SearchInterrupted,
+    _make_tuner,
+    _storage,
+    exit_interrupted,
+    fit_search,
+    trial_resources,
+)
 
 # TrainConfig options `raytumor cv` does not take: it sets them per fold (or has its own flag for them).
 CV_SKIP = ("holdout_source", "cv_folds", "cv_fold", "cv_by", "test_data")
@@ -366,7 +376,9 @@ def run_cv(cfg: CVConfig) -> dict[str, Any]:
         f"worker(s) × {res['cpus_per_worker']} CPU{' + 1 GPU' if res['use_gpu'] else ''} per fold; "
         f"≤{base.epochs} epochs, best by {metric} ({'min' if is_min_metric(metric) else 'max'})"
     )
-    grid = tuner.fit()
+    grid, unfinished = fit_search(tuner)
+    if unfinished:  # Ctrl-C: Tune saved the folds' state; pooling unfinished folds would mislead
+        raise SearchInterrupted({"run_dir": str(run_dir), "interrupted": True, "unfinished": len(unfinished)})
     errors = {
         int((r.config or {}).get("cv_fold", -1)): f"{type(r.error).__name__}: {r.error}"[:500]
         for r in grid
@@ -565,7 +577,10 @@ def config_from_args(args: argparse.Namespace) -> CVConfig:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    r = run_cv(config_from_args(args))
+    try:
+        r = run_cv(config_from_args(args))
+    except (SearchInterrupted, KeyboardInterrupt):
+        exit_interrupted("cross-validation")
     keys = ("n", "threshold", "roc_auc", "average_precision", "sensitivity", "specificity", "accuracy")
     rows = [
         {"fold": f["name"], **{k: f["threshold"] if k == "threshold" else f["test"].get(k) for k in keys}}

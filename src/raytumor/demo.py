@@ -23,7 +23,7 @@ from raytumor.report import build_report
 from raytumor.runtime import init_ray
 from raytumor.score import ScoreConfig, score
 from raytumor.train import TrainConfig, run_training
-from raytumor.tune import SearchConfig, run_search
+from raytumor.tune import SearchConfig, SearchInterrupted, exit_interrupted, run_search
 
 
 @dataclass(kw_only=True)
@@ -79,7 +79,7 @@ RECIPE = """[demo] on real data, the recommended multi-source recipe (README: "T
   raytumor slices --input IXI/nifti --out data/ixi_views --label no --source IXI --patient-pattern '^(IXI\\d+)' \\
       --planes axial,coronal,sagittal
   raytumor train --data br35h-3000 --data tcga-lgg-3site/manifest.csv --data data/ixi_axial/manifest.csv \\
-      --view-data data/ixi_views/manifest.csv --metric val_source_min_roc_auc
+      --view-data data/ixi_views/manifest.csv --known-view 'tcga-lgg-*=axial' --metric val_source_min_roc_auc
   raytumor cv --leave-source-out ... (same options): how well it generalises to a source it never saw"""
 
 
@@ -168,7 +168,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    result = run_demo(from_args(DemoConfig, args))
+    try:
+        result = run_demo(from_args(DemoConfig, args))
+    except SearchInterrupted as e:  # Ctrl-C during the search: stop here, train nothing on a partial search
+        exit_interrupted("demo (search)", e.summary)
+    except KeyboardInterrupt:
+        exit_interrupted("demo")
     out = Path(result["scores"]).parent
     print(f"[demo] done in {result['wall_seconds']:.0f}s (SYNTHETIC data).")
     if result["search"]:

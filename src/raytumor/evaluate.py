@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from raytumor import split
-from raytumor.bundle import FINGERPRINTS_FILE, fetch_bundle, read_meta
+from raytumor.bundle import FINGERPRINTS_FILE, fetch_bundle, read_meta, validate_bundle
 from raytumor.config import add_options, from_args, opt, stage_parser
 from raytumor.explain import localisation_summary
 from raytumor.ingest import build_catalogue, decode_dataset, is_negative_name, list_labelled, source_key
@@ -914,6 +914,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     common = dict(threshold=cfg.threshold, n_boot=cfg.n_boot, seed=cfg.seed, s3_endpoint=cfg.s3_endpoint,
                   source_pattern=cfg.source_pattern, localisation=cfg.localisation,
                   localisation_tolerance=cfg.localisation_tolerance)  # fmt: skip
+    # A bad bundle fails here in one line, before Ray starts or anything is written.
+    validate_bundle(cfg.bundle, StorageOptions.from_env(cfg.s3_endpoint))
     if cfg.scores:
         res = evaluate_scores(cfg.bundle, cfg.data, cfg.scores, out, **common)
     else:

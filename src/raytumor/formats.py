@@ -16,15 +16,15 @@ import struct
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps
 
 from raytumor import medical
 from raytumor.scan import (
-    MAX_PIXELS,
-    MAX_VOXELS,
+    DEFAULT_LIMITS,
     DecodedImage,
     DecodedScan,
     DecodeError,
+    DecodeLimits,
     rescale_robust,
     sniff_format,
 )
@@ -34,6 +34,7 @@ __all__ = [
     "RASTER_FORMATS",
     "RESAMPLE",
     "DecodeError",
+    "DecodeLimits",
     "DecodedImage",
     "DecodedScan",
     "decode_image",
@@ -156,7 +157,13 @@ def _classify_pillow_error(exc: Exception, fmt: str) -> DecodeError:
     return DecodeError(f"corrupt image ({fmt}): {msg[:120]}")
 
 
-def _decode_raster(data: bytes, fmt: str, max_pixels: int, draft_size: int | None) -> DecodedImage:
+def _raster_bytes(img: Image.Image) -> int:
+    """Bytes of the pixel buffer Pillow will allocate for ``img`` (bands x sample size, '1' as bytes)."""
+    mode = ImageMode.getmode(img.mode)
+    return img.size[0] * img.size[1] * len(mode.bands) * np.dtype(mode.typestr).itemsize
+
+
+def _decode_raster(data: bytes, fmt: str, limits: DecodeLimits, draft_size: int | None) -> DecodedImage:
     if fmt == "webp" and len(data) < 8 + struct.unpack("<I", data[4:8])[0]:
         # libwebp only says "could not create decoder object"; the RIFF size tells truncation apart.
         raise DecodeError("truncated image")
@@ -166,8 +173,7 @@ def _decode_raster(data: bytes, fmt: str, max_pixels: int, draft_size: int | Non
         width, height = img.size
         mode = img.mode
         # Bomb guard from the header alone, before any pixel buffer is allocated.
-        if width * height > max_pixels:
-            raise DecodeError(f"decompression bomb: {width * height} pixels > limit {max_pixels}")
+        limits.check_pixels(width * height)
         if width < 1 or height < 1:
             raise DecodeError(f"invalid size {width}x{height}")
         if draft_size is not None and fmt == "jpeg":
@@ -177,6 +183,9 @@ def _decode_raster(data: bytes, fmt: str, max_pixels: int, draft_size: int | Non
             req = 2 * draft_size
             if m >= 2 * req:
                 img.draft(None, (max(1, -(-req * width // m)), max(1, -(-req * height // m))))
+        # Decoded bytes and their ratio to the file's size (after any draft reduction): a small PNG or
+        # TIFF can declare an RGBA canvas hundreds of MB large that deflates from a few hundred kB.
+        limits.check_bytes(fmt.upper(), _raster_bytes(img), len(data))
         img.load()  # Image.open leaves multi-frame GIF/TIFF on the first frame
         pixels = to_gray_uint8(img)
     except DecodeError:
@@ -194,29 +203,20 @@ def _decode_raster(data: bytes, fmt: str, max_pixels: int, draft_size: int | Non
 
 
 def _decode_medical(
-    data: bytes,
-    fmt: str,
-    max_pixels: int,
-    max_voxels: int,
-    min_foreground: float = 0.05,
-    require_2d: bool = False,
+    data: bytes, fmt: str, limits: DecodeLimits, min_foreground: float = 0.05, require_2d: bool = False
 ) -> DecodedScan:
     # medical imports pydicom/nibabel lazily: most Ray tasks that import formats only see rasters.
     if fmt == "dicom":
-        return medical.decode_dicom(data, max_pixels=max_pixels, max_voxels=max_voxels, require_2d=require_2d)
-    return medical.decode_nifti(
-        data,
-        max_pixels=max_pixels,
-        max_voxels=max_voxels,
-        min_foreground=min_foreground,
-        require_2d=require_2d,
-    )
+        return medical.decode_dicom(data, require_2d=require_2d, limits=limits)
+    return medical.decode_nifti(data, min_foreground=min_foreground, require_2d=require_2d, limits=limits)
 
 
-def _decode_medical_image(data: bytes, fmt: str, max_pixels: int, draft_size: int | None) -> DecodedImage:
+def _decode_medical_image(
+    data: bytes, fmt: str, limits: DecodeLimits, draft_size: int | None
+) -> DecodedImage:
     """2-D medical input for decode_image; volumes are refused (callers wanting them use decode_scan)."""
     # A 2-D image has one slice, so max_pixels also bounds its voxels.
-    scan = _decode_medical(data, fmt, max_pixels, max_pixels, require_2d=True)
+    scan = _decode_medical(data, fmt, limits.with_sizes(max_voxels=limits.max_pixels), require_2d=True)
     if scan.num_slices != 1:  # defensive: require_2d already refused volumes from the header
         raise DecodeError(f"3-D volume ({fmt}): not a 2-D image")
     return DecodedImage(
@@ -224,7 +224,7 @@ def _decode_medical_image(data: bytes, fmt: str, max_pixels: int, draft_size: in
     )
 
 
-Decoder = Callable[[bytes, str, int, int | None], DecodedImage]
+Decoder = Callable[[bytes, str, DecodeLimits, int | None], DecodedImage]
 
 # Dispatch point by sniffed format for decode_image (2-D only).
 DECODERS: dict[str, Decoder] = {fmt: _decode_raster for fmt in RASTER_FORMATS}
@@ -234,10 +234,17 @@ DECODERS["nifti"] = _decode_medical_image
 _NOT_IMAGES = {"pdf", "zip", "gzip"}
 
 
-def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> DecodedImage:
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int | None = None,
+    draft_size: int | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+) -> DecodedImage:
     """Decode image bytes to a single-channel uint8 :class:`DecodedImage`.
 
-    Raises :class:`DecodeError` for empty, unknown, non-image, truncated, corrupt or oversized input.
+    Raises :class:`DecodeError` for empty, unknown, non-image, truncated, corrupt or oversized input
+    (``limits``, with ``max_pixels`` overriding its slice cap, checked from the header).
     ``draft_size``: the final square size the caller will :func:`fit_square` to; JPEGs may then be
     decoded at a reduced DCT scale that keeps the longer side >= 2 * draft_size.
     """
@@ -249,17 +256,18 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, draft_size: int |
         if fmt in _NOT_IMAGES:
             raise DecodeError(f"not an image ({fmt})")
         raise DecodeError("unknown format")
-    return decoder(bytes(data), fmt, max_pixels, draft_size)
+    return decoder(bytes(data), fmt, limits.with_sizes(max_pixels), draft_size)
 
 
 def decode_scan(
     data: bytes,
     *,
-    max_pixels: int = MAX_PIXELS,
-    max_voxels: int = MAX_VOXELS,
+    max_pixels: int | None = None,
+    max_voxels: int | None = None,
     draft_size: int | None = None,
     min_foreground: float = 0.05,
     require_2d: bool = False,
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> DecodedScan:
     """Decode any supported scan (raster, DICOM, NIfTI) to a :class:`DecodedScan` slice stack
     (``require_2d``: one slice, a volume is a DecodeError; the header's view and modality are kept).
@@ -267,19 +275,24 @@ def decode_scan(
     Rasters go through :func:`decode_image` (K = 1). DICOM: every frame. NIfTI: RAS-canonical axial
     slices, anterior up, with one intensity window per volume; slices whose head foreground covers
     less than ``min_foreground`` of the slice are dropped (the middle one is kept if none qualifies).
-    ``max_pixels`` bounds one slice, ``max_voxels`` the whole volume; errors are :class:`DecodeError`.
+    ``limits`` bound every decoder from headers, before inflating (:class:`raytumor.scan.DecodeLimits`);
+    ``max_pixels`` (one slice) and ``max_voxels`` (the whole volume) override its caps. Errors are
+    :class:`DecodeError`.
     """
     if len(data) == 0:
         raise DecodeError("empty file")
+    limits = limits.with_sizes(max_pixels, max_voxels)
     fmt = sniff_format(data)
     if fmt in ("dicom", "nifti"):
         if require_2d:  # a 2-D image has one slice, so max_pixels also bounds its voxels
-            scan = _decode_medical(bytes(data), fmt, max_pixels, max_pixels, require_2d=True)
+            scan = _decode_medical(
+                bytes(data), fmt, limits.with_sizes(max_voxels=limits.max_pixels), require_2d=True
+            )
             if scan.num_slices != 1:  # defensive: require_2d already refused volumes from the header
                 raise DecodeError(f"3-D volume ({fmt}): not a 2-D image")
             return scan
-        return _decode_medical(bytes(data), fmt, max_pixels, max_voxels, min_foreground)
-    img = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
+        return _decode_medical(bytes(data), fmt, limits, min_foreground)
+    img = decode_image(data, draft_size=draft_size, limits=limits)
     return DecodedScan(
         slices=img.pixels[None],
         format=img.format,

@@ -11,18 +11,21 @@ from __future__ import annotations
 import io
 import math
 import re
+import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from raytumor.scan import (
-    MAX_PIXELS,
-    MAX_VOXELS,
+    DEFAULT_LIMITS,
     VIEW_OF_AXIS,
     DecodedScan,
     DecodeError,
+    DecodeLimits,
     dicom_start,
+    inflate_limited,
     rescale_robust,
     view_from_orientation,
 )
@@ -43,12 +46,21 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
 
 
-def _scale_range(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Linear map [lo, hi] -> [0, 255], clipped; NaN -> 0."""
+def _scale_range(a: np.ndarray, lo: float, hi: float, *, overwrite: bool = False) -> np.ndarray:
+    """Linear map [lo, hi] -> [0, 255], clipped; NaN -> 0. ``overwrite``: ``a`` (float32) is scratch."""
     if not hi > lo:
         return np.zeros(a.shape, dtype=np.uint8)
-    out = (a.astype(np.float32, copy=False) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
-    return np.clip(np.rint(np.nan_to_num(out, nan=0.0)), 0, 255).astype(np.uint8)
+    # At most one float32 working buffer, updated in place: a whole volume passes through here.
+    if overwrite and a.dtype == np.float32:
+        out = a
+        out -= np.float32(lo)
+    else:
+        out = np.subtract(a, np.float32(lo), dtype=np.float32)
+    out *= np.float32(255.0 / (hi - lo))
+    np.nan_to_num(out, copy=False, nan=0.0)
+    np.rint(out, out=out)
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,18 +101,96 @@ def _has_voi(ds) -> bool:
     return ("WindowCenter" in ds and "WindowWidth" in ds) or bool(ds.get("VOILUTSequence"))
 
 
-def _read_dicom(data: bytes):
-    """The parsed data set (pixels not yet decoded) with a transfer syntax, or a DecodeError."""
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole data set is deflated
+_HEADER_PEEK = 1 << 20  # inflated bytes searched for the image pixel module before inflating the rest
+_LAST_GEOMETRY_TAG = 0x00280100  # BitsAllocated: Rows, Columns, frames and samples all come before it
+
+
+def _pixel_bytes(rows: int, cols: int, frames: int, samples: int, bits: int) -> int:
+    """Bytes of the decoded pixel payload at its stored depth (8 bits assumed when not given)."""
+    return -(-rows * cols * frames * samples * (bits if bits > 0 else 8) // 8)
+
+
+def _check_geometry(
+    ds, limits: DecodeLimits, stored: int, require_2d: bool
+) -> tuple[int, int, int, int, str, int]:
+    """(rows, cols, frames, samples, photometric, bits) from the header, with the size (bomb) guards
+    applied before any pixel buffer exists; ``stored``: the bytes the pixels are decoded from."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        pi = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
+        bits = int(ds.get("BitsAllocated") or 0)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise DecodeError("corrupt DICOM: bad image pixel module") from e
+    if rows < 1 or cols < 1 or frames < 1 or samples not in (1, 3) or bits < 0:
+        raise DecodeError(f"corrupt DICOM: invalid size {cols}x{rows}x{frames}x{samples}")
+    limits.check_pixels(rows * cols)
+    limits.check_voxels(rows * cols * frames)
+    limits.check_bytes("DICOM pixel data", _pixel_bytes(rows, cols, frames, samples, bits), stored)
+    if require_2d and frames > 1:
+        raise DecodeError(f"3-D volume (dicom, {frames} frames): not a 2-D image")
+    return rows, cols, frames, samples, pi, bits
+
+
+def _inflate_dicom(deflated: bytes, limits: DecodeLimits, require_2d: bool) -> bytes:
+    """The data set of a Deflated Explicit VR Little Endian file, inflated with a hard cap on output.
+
+    pydicom inflates the whole stream at once (1 MB of zeros -> 1 GB); here the image pixel module is
+    read from the first inflated MiB and checked first, and the rest never inflates past the limits."""
+    from pydicom.filereader import read_dataset
+
+    stored = len(deflated)
+    cap = limits.inflate_cap(stored)
+    head, _ = inflate_limited(deflated, -zlib.MAX_WBITS, min(cap, _HEADER_PEEK), "deflated DICOM")
+    try:
+        peek = read_dataset(
+            io.BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag > _LAST_GEOMETRY_TAG
+        )
+        known = "Rows" in peek and "Columns" in peek
+    except MemoryError:
+        raise
+    except Exception:  # a header longer than the peek, or garbage: the capped inflate below still holds
+        known = False
+    if known:
+        _check_geometry(peek, limits, stored, require_2d)
+    body, more = inflate_limited(deflated, -zlib.MAX_WBITS, cap, "deflated DICOM")
+    if more:
+        limits.check_bytes("deflated DICOM", cap + 1, stored, at_least=True)
+    return body
+
+
+def _read_dicom(data: bytes, limits: DecodeLimits, require_2d: bool) -> tuple[object, int]:
+    """(the parsed data set with a transfer syntax, the bytes its pixels are stored in), or a DecodeError.
+
+    Pixels are not decoded yet; a deflated data set is inflated here, within ``limits``."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
+    from pydicom.filereader import _read_file_meta_info, read_preamble
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+    body = data[max(0, dicom_start(data)) :]
+    stored = len(body)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data[max(0, dicom_start(data)) :]), force=True)
+        # The file meta exactly as dcmread reads it, to see a deflated transfer syntax before dcmread
+        # would inflate it whole (the private reader is the one dcmread itself calls).
+        fp = io.BytesIO(body)
+        read_preamble(fp, True)
+        meta = _read_file_meta_info(fp)
+        if meta.get("TransferSyntaxUID") == _DEFLATED:
+            start = fp.tell()
+            stored = len(body) - start
+            inflated = _inflate_dicom(body[start:], limits, require_2d)
+            ds = pydicom.dcmread(io.BytesIO(inflated), force=True)
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what the inflated data set is
+            ds.file_meta = meta
+        else:
+            ds = pydicom.dcmread(io.BytesIO(body), force=True)
         has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
     except EOFError as e:
         raise DecodeError("truncated DICOM") from e
-    except MemoryError:
+    except (MemoryError, DecodeError):
         raise
     except Exception as e:  # pydicom raises many types on garbage; type only (messages may quote values)
         raise DecodeError(f"corrupt DICOM: {type(e).__name__}") from e
@@ -115,31 +205,85 @@ def _read_dicom(data: bytes):
             ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
         )
         ds.file_meta = meta
-    return ds
+    return ds, stored
 
 
-def _dicom_geometry(
-    ds, max_pixels: int, max_voxels: int, require_2d: bool
-) -> tuple[int, int, int, int, str, int]:
-    """(rows, cols, frames, samples, photometric, bits) from the header, with the size (bomb) guards
-    applied before any pixel buffer exists."""
+# Start-of-frame markers whose segment gives a JPEG codestream's size: SOF0-15 but DHT (C4), JPG (C8)
+# and DAC (CC), plus JPEG-LS SOF55 (F7).
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_CODESTREAM_PEEK = 1 << 16
+
+
+def _codestream_size(head: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, components, bits) a JPEG / JPEG-LS / JPEG 2000 frame declares, None if unknown."""
+    if head[:2] == b"\xff\xd8":
+        i = 2
+        while i + 4 <= len(head) and head[i] == 0xFF:
+            marker = head[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+                i += 2
+                continue
+            if marker in _SOF and i + 10 <= len(head):
+                bits, height, width, comps = struct.unpack_from(">BHHB", head, i + 4)
+                return width, height, comps, bits
+            if marker == 0xDA:  # scan data before any frame header
+                return None
+            i += 2 + struct.unpack_from(">H", head, i + 2)[0]
+        return None
+    if head[:4] == b"\xff\x4f\xff\x51" or head.startswith(_JP2_SIGNATURE):
+        at = head.find(b"\xff\x4f\xff\x51")  # SOC then SIZ (inside the jp2c box for JP2)
+        if at < 0 or at + 43 > len(head):
+            return None
+        xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", head, at + 8)
+        comps, ssiz = struct.unpack_from(">HB", head, at + 40)
+        return max(0, xsiz - xo), max(0, ysiz - yo), comps, (ssiz & 0x7F) + 1
+    return None
+
+
+def _encapsulated_heads(ds, frames: int) -> Iterator[bytes]:
+    """The first bytes of each encapsulated frame (as pydicom will split them); stops early where the
+    encapsulation does not parse (pydicom's decoder then reports it)."""
+    from pydicom.encaps import generate_fragmented_frames
+
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames") or 1)
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        pi = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
-        bits = int(ds.get("BitsAllocated") or 0)
-    except (AttributeError, TypeError, ValueError) as e:
-        raise DecodeError("corrupt DICOM: bad image pixel module") from e
-    if rows < 1 or cols < 1 or frames < 1 or samples not in (1, 3):
-        raise DecodeError(f"corrupt DICOM: invalid size {cols}x{rows}x{frames}x{samples}")
-    if rows * cols > max_pixels:
-        raise DecodeError(f"decompression bomb: {rows * cols} pixels > limit {max_pixels}")
-    if rows * cols * frames > max_voxels:
-        raise DecodeError(f"decompression bomb: {rows * cols * frames} voxels > limit {max_voxels}")
-    if require_2d and frames > 1:
-        raise DecodeError(f"3-D volume (dicom, {frames} frames): not a 2-D image")
-    return rows, cols, frames, samples, pi, bits
+        eot = ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths")
+        split = generate_fragmented_frames(
+            ds.PixelData, number_of_frames=frames, extended_offsets=eot if all(eot) else None
+        )
+        for i, fragments in enumerate(split):
+            if i >= frames or not fragments:
+                return
+            yield bytes(fragments[0][:_CODESTREAM_PEEK])
+    except MemoryError:
+        raise
+    except Exception:
+        return
+
+
+def _check_frames(
+    ds, limits: DecodeLimits, rows: int, cols: int, frames: int, samples: int, bits: int
+) -> None:
+    """Compressed frames decode to the size their own codestream header declares, whatever the DICOM
+    header says: refuse one that would decode to more than the header's frame before it is decoded."""
+    ts = ds.file_meta.TransferSyntaxUID
+    if not getattr(ts, "is_encapsulated", False) or "PixelData" not in ds:
+        return
+    frame_bytes = _pixel_bytes(rows, cols, 1, samples, bits)
+    for i, head in enumerate(_encapsulated_heads(ds, frames)):
+        size = _codestream_size(head)
+        if size is None:
+            continue
+        width, height, comps, depth = size
+        limits.check_pixels(width * height)
+        if _pixel_bytes(height, width, 1, comps, -(-depth // 8) * 8) > frame_bytes:
+            raise DecodeError(
+                f"decompression bomb: frame {i} codestream is {width}x{height}x{comps} ({depth}-bit),"
+                f" larger than the DICOM header's {cols}x{rows}x{samples} ({bits}-bit)"
+            )
 
 
 def _dicom_pixels(ds) -> np.ndarray:
@@ -231,15 +375,26 @@ def _dicom_view(ds) -> str | None:
     return None
 
 
-def decode_dicom(data: bytes, *, max_pixels: int, max_voxels: int, require_2d: bool = False) -> DecodedScan:
+def decode_dicom(
+    data: bytes,
+    *,
+    max_pixels: int | None = None,
+    max_voxels: int | None = None,
+    require_2d: bool = False,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+) -> DecodedScan:
     """Decode DICOM bytes (with or without preamble/meta) to a (frames, H, W) uint8 stack.
 
     Monochrome: modality LUT, then the file's VOI LUT/window (else a 0.5-99.5 % window over all
     frames), MONOCHROME1 inverted. Colour (RGB/YBR/palette): luminance. One window per file so frames
     of a volume stay comparable. ``modality`` and ``view`` come from the header (None when it lacks them).
+    ``limits`` (``max_pixels``/``max_voxels`` override its caps) are checked from headers: the data
+    set's (a deflated one while it inflates) and each compressed frame's, before pixels are decoded.
     """
-    ds = _read_dicom(data)
-    rows, cols, frames, samples, pi, bits = _dicom_geometry(ds, max_pixels, max_voxels, require_2d)
+    limits = limits.with_sizes(max_pixels, max_voxels)
+    ds, stored = _read_dicom(data, limits, require_2d)
+    rows, cols, frames, samples, pi, bits = _check_geometry(ds, limits, stored, require_2d)
+    _check_frames(ds, limits, rows, cols, frames, samples, bits)
     arr = _dicom_pixels(ds)
     try:
         u8 = _dicom_uint8(ds, arr, pi, samples)
@@ -270,14 +425,9 @@ _EXT_SLACK = 1 << 20
 _FOREGROUND_LEVEL = round(0.05 * 255)  # uint8 level above which a voxel counts as head
 
 
-def _gunzip_limited(data: bytes, limit: int) -> tuple[bytes, bool]:
-    """Inflate at most ``limit`` bytes; returns (payload, reached end of stream or limit)."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(data, limit)
-    except zlib.error as e:
-        raise DecodeError("corrupt NIfTI gzip stream") from e
-    return out, d.eof or len(out) >= limit
+def _gunzip_limited(data: bytes, limit: int) -> bytes:
+    """The first ``limit`` inflated bytes at most (whatever follows them is never inflated)."""
+    return inflate_limited(data, 16 + zlib.MAX_WBITS, limit, "NIfTI gzip")[0]
 
 
 def _volume_window(vol: np.ndarray) -> tuple[float, float]:
@@ -299,7 +449,7 @@ def _nifti_header(data: bytes, gz: bool):
     """(header, image class, header size) from the first bytes, without inflating the payload."""
     import nibabel as nib
 
-    head = _gunzip_limited(data, 540)[0] if gz else bytes(data[:540])
+    head = _gunzip_limited(data, 540) if gz else bytes(data[:540])
     if len(head) < 348:
         raise DecodeError("truncated NIfTI header")
     n2 = int.from_bytes(head[:4], "little") == 540 or int.from_bytes(head[:4], "big") == 540
@@ -317,7 +467,7 @@ def _nifti_header(data: bytes, gz: bool):
     return hdr, img_cls, size
 
 
-def _nifti_shape(hdr, max_pixels: int, max_voxels: int, require_2d: bool) -> list[int]:
+def _nifti_shape(hdr, limits: DecodeLimits, require_2d: bool) -> list[int]:
     """The 3-D shape the header declares, with the size (bomb) guards applied before reading voxels."""
     shape = [int(s) for s in hdr.get_data_shape()]
     if bytes(hdr["magic"]).startswith((b"ni1", b"ni2")):
@@ -329,12 +479,9 @@ def _nifti_shape(hdr, max_pixels: int, max_voxels: int, require_2d: bool) -> lis
     if len(shape) > 3:
         raise DecodeError(f"4-D NIfTI ({math.prod(shape[3:])} volumes): score 3-D structural volumes")
     shape += [1] * (3 - len(shape))  # 2-D NIfTI -> one slice
-    nvox = math.prod(shape)
-    if nvox > max_voxels:
-        raise DecodeError(f"decompression bomb: {nvox} voxels > limit {max_voxels}")
+    limits.check_voxels(math.prod(shape))
     two = sorted(shape)[1:]  # largest possible slice, whatever axis ends up axial
-    if two[0] * two[1] > max_pixels:
-        raise DecodeError(f"decompression bomb: {two[0] * two[1]} pixels > limit {max_pixels}")
+    limits.check_pixels(two[0] * two[1])
     if require_2d and sum(s > 1 for s in shape) > 2:
         raise DecodeError(f"3-D volume (nifti, {'x'.join(map(str, shape))}): not a 2-D image")
     return shape
@@ -382,29 +529,38 @@ def _nifti_canonical(
     return np.asanyarray(can.dataobj), (sx, sy, sz)
 
 
-def _nifti_volume(data: bytes, max_pixels: int, max_voxels: int, require_2d: bool) -> NiftiVolume:
+def _nifti_volume(data: bytes, limits: DecodeLimits, require_2d: bool) -> NiftiVolume:
     gz = data[:2] == _GZIP
     hdr, img_cls, size = _nifti_header(data, gz)
-    shape = _nifti_shape(hdr, max_pixels, max_voxels, require_2d)
+    shape = _nifti_shape(hdr, limits, require_2d)
     nbytes = math.prod(shape) * hdr.get_data_dtype().itemsize
     need = max(int(hdr["vox_offset"]), size + 4) + nbytes
+    # Header, extensions and voxels as declared, against the stored size: refused before inflating.
+    limits.check_bytes("NIfTI", need, len(data))
     # The header bounded the payload: never inflate more than it declared (gzip bombs).
-    raw = _gunzip_limited(data, need + _EXT_SLACK)[0] if gz else bytes(data)
+    raw = _gunzip_limited(data, need + _EXT_SLACK) if gz else bytes(data)
     if len(raw) < need:
         raise DecodeError("truncated NIfTI")
     vol, spacing = _nifti_canonical(raw, img_cls, shape, nbytes)
+    del raw  # the float32 volume is all that is needed now (peak memory: a 512x512x400 MRI ~1 GB)
     lo, hi = _volume_window(vol)
     return NiftiVolume(
-        voxels=_scale_range(vol, lo, hi), spacing_mm=spacing, mode=hdr.get_data_dtype().newbyteorder("=").name
+        voxels=_scale_range(vol, lo, hi, overwrite=True),
+        spacing_mm=spacing,
+        mode=hdr.get_data_dtype().newbyteorder("=").name,
     )
 
 
 def decode_nifti_volume(
-    data: bytes, *, max_pixels: int = MAX_PIXELS, max_voxels: int = MAX_VOXELS
+    data: bytes,
+    *,
+    max_pixels: int | None = None,
+    max_voxels: int | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> NiftiVolume:
     """Decode .nii / .nii.gz bytes to the whole RAS-canonical uint8 volume (no slice selection), with the
     intensity window and size guards of :func:`decode_nifti`; cut it with :func:`plane_slices`."""
-    return _nifti_volume(data, max_pixels, max_voxels, require_2d=False)
+    return _nifti_volume(data, limits.with_sizes(max_pixels, max_voxels), require_2d=False)
 
 
 # view -> (transpose of the (X, Y, Z) volume to (slice, row, column), reverse the rows, reverse the columns)
@@ -450,19 +606,21 @@ def head_slices(stack: np.ndarray, min_foreground: float) -> np.ndarray:
 def decode_nifti(
     data: bytes,
     *,
-    max_pixels: int,
-    max_voxels: int,
+    max_pixels: int | None = None,
+    max_voxels: int | None = None,
     min_foreground: float = 0.05,
     require_2d: bool = False,
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> DecodedScan:
     """Decode .nii / .nii.gz (NIfTI-1 or -2) bytes to RAS-canonical axial uint8 slices, anterior up.
 
     One intensity window for the whole volume; slices whose head foreground covers less than
     ``min_foreground`` of the slice are dropped (at least the middle slice is kept) and
     ``slice_index`` records the canonical z of each kept slice. A single-plane image keeps its plane
-    whole (its ``view`` says which: the singleton axis), a volume's view is axial.
+    whole (its ``view`` says which: the singleton axis), a volume's view is axial. ``limits``
+    (``max_pixels``/``max_voxels`` override its caps) are checked from the header before inflating.
     """
-    vol = _nifti_volume(data, max_pixels, max_voxels, require_2d)
+    vol = _nifti_volume(data, limits.with_sizes(max_pixels, max_voxels), require_2d)
     u8, view, spacing = vol.voxels, "axial", vol.spacing_mm[2]
     if u8.shape[2] != 1 and sum(s > 1 for s in u8.shape) == 2:
         axis = u8.shape.index(1)  # a single (e.g. sagittal) plane: keep it whole, its view is its normal

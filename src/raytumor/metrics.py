@@ -51,17 +51,33 @@ def tumour_binary(labels: np.ndarray, probs: np.ndarray, classes: list[str], neg
     return (labels == 1).astype(np.int64), s
 
 
+def nonfinite_rows(probs: np.ndarray, score: np.ndarray | None = None) -> np.ndarray:
+    """Rows whose probabilities (or tumour score) are NaN/inf: the model gave no answer for them, which
+    is an error, never a class."""
+    probs = np.asarray(probs, dtype=np.float64)
+    bad = ~np.isfinite(probs).all(1) if probs.ndim == 2 else ~np.isfinite(probs)
+    if score is not None:
+        bad |= ~np.isfinite(np.asarray(score, dtype=np.float64))
+    return bad
+
+
 def predict_labels(
     probs: np.ndarray, score: np.ndarray, classes: list[str], negative_class: str | None, threshold: float
 ) -> np.ndarray:
     """Class index per row: binary sets call tumour iff ``score >= threshold``; more classes take the
-    arg-max. Rows whose score is not finite get the no-tumour class (callers mark them as errors)."""
+    arg-max. Rows whose probabilities or score are not finite get -1 (no class): a NaN must never read as
+    "no tumour" (callers turn them into error rows)."""
     if len(probs) == 0:
         return np.zeros(0, dtype=np.int64)
     if len(classes) == 2:
         neg = list(classes).index(negative_class) if negative_class is not None else 0
-        return np.where(np.nan_to_num(score, nan=-1.0) >= threshold, 1 - neg, neg)
-    return np.nan_to_num(probs, nan=-1.0).argmax(1)
+        bad = nonfinite_rows(probs, score)
+        with np.errstate(invalid="ignore"):
+            called = np.where(np.asarray(score) >= threshold, 1 - neg, neg)
+    else:
+        bad = nonfinite_rows(probs)
+        called = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=-1.0).argmax(1)
+    return np.where(bad, -1, called).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,10 +16,13 @@ import numpy as np
 import torch
 
 from raytumor.bundle import LoadedBundle, fetch_bundle, load_bundle
-from raytumor.metrics import predict_labels, tumour_score
+from raytumor.metrics import nonfinite_rows, predict_labels, tumour_score
 from raytumor.preprocess import model_inputs
 from raytumor.scan import DecodedScan, ok_mask
 from raytumor.scope import OUT_OF_SCOPE, Scope
+
+# The error of a row the model answered with NaN/inf (broken weights, an overflow): never a class.
+NONFINITE_ERROR = "non-finite score: the model produced NaN/inf (broken weights or temperature?)"
 
 
 def forward_outputs(
@@ -30,7 +33,7 @@ def forward_outputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax probabilities, features) for a (B, H, W) uint8 batch in one forward pass: channels_last,
     bf16 autocast on CUDA. The features (pooled backbone features, then the pooled intermediate stages of
-    :meth:`~raytumor.model.TumorClassifier.forward_with_taps`) feed the view head and the OOD score."""
+    :meth:`~raytumor.model.TumorClassifier.forward_with_taps`) feed the OOD score."""
     x = torch.as_tensor(images)
     if x.ndim == 3:
         x = x.unsqueeze(1)
@@ -140,7 +143,7 @@ class Predictor:
         modalities: Sequence[Any] | None = None,
         ok: np.ndarray | None = None,
     ) -> Assessment:
-        """View (the header's when it has one, else the view head's), scope and reason per unit; units that
+        """View (the header's when it has one, else the view net's), scope and reason per unit; units that
         are not ``ok`` (decode errors) get nulls."""
         n = len(ood)
         ok = np.ones(n, dtype=bool) if ok is None else np.asarray(ok, dtype=bool)
@@ -170,26 +173,39 @@ class Predictor:
         self, pred: np.ndarray, ok: np.ndarray, in_scope: np.ndarray, score_out_of_scope: bool = False
     ) -> list[str | None]:
         """Class name per unit, ``out_of_scope`` where the bundle may not score it (unless the user asked to
-        score out-of-scope inputs anyway), None for decode errors."""
+        score out-of-scope inputs anyway), None for decode errors and rows without a class (``pred`` -1)."""
         return [
-            None if not ok[i]
+            None if not ok[i] or pred[i] < 0
             else OUT_OF_SCOPE if not (in_scope[i] or score_out_of_scope)
             else self.meta.classes[int(pred[i])]
             for i in range(len(pred))
         ]  # fmt: skip
 
-    def model_views(self, features: np.ndarray) -> np.ndarray | None:
-        return None if self.heads.view is None else self.heads.view.predict(features)
+    def model_views(self, images: np.ndarray, ok: np.ndarray | None = None) -> np.ndarray | None:
+        """The bundle's view net's call per (B, S, S) uint8 input (None for rows not ``ok``; None without a
+        view net)."""
+        if self.heads.view is None:
+            return None
+        ok = np.ones(len(images), dtype=bool) if ok is None else np.asarray(ok, dtype=bool)
+        out = np.full(len(images), None, dtype=object)
+        if ok.any():
+            out[ok] = self.heads.view.predict(np.asarray(images)[ok])
+        return out
 
     def scores(self, probs: np.ndarray) -> np.ndarray | None:
         """Tumour score per row (float32), or None when the bundle's classes define none."""
         s = tumour_score(probs, self.meta.classes, self.meta.negative_class)
         return None if s is None else np.asarray(s, dtype=np.float32)
 
+    def nonfinite(self, probs: np.ndarray, score: np.ndarray | None) -> np.ndarray:
+        """Rows the model answered with NaN/inf (:data:`NONFINITE_ERROR` rows)."""
+        return nonfinite_rows(probs, score)
+
     def labels(
         self, probs: np.ndarray, score: np.ndarray | None, threshold: float | None = None
     ) -> np.ndarray:
-        """Class index per row at the bundle's operating threshold (or ``threshold``)."""
+        """Class index per row at the bundle's operating threshold (or ``threshold``); -1 where the
+        probabilities or score are not finite."""
         if score is None:
             score = np.full(len(probs), np.nan, dtype=np.float32)
         thr = self.meta.threshold if threshold is None else threshold
@@ -207,16 +223,21 @@ class Predictor:
             feats = np.zeros((n, f.shape[1]), dtype=np.float32)
             feats[ok] = f
         ood = self.ood_scores(feats) if feats.shape[1] else np.full(n, np.nan, dtype=np.float32)
-        mv = self.model_views(feats) if feats.shape[1] else None
+        mv = self.model_views(images, ok)
         a = self.assess(ood, mv, batch.get("view_header"), batch.get("modality"), ok)
         batch.update(
             {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in a.columns().items()}
         )
         if self.with_features:
             batch["features"] = feats
+            batch["model_view"] = mv if mv is not None else np.full(n, None, dtype=object)
         for i, c in enumerate(self.meta.classes):
             batch[f"prob_{c}"] = probs[:, i]
         score = self.scores(probs)
         batch["score"] = np.full(n, np.nan, dtype=np.float32) if score is None else score
         batch["pred"] = np.where(ok, self.labels(probs, score), -1).astype(np.int64)
+        bad = ok & self.nonfinite(probs, score)
+        if bad.any():  # an error row (evaluation drops it), not a prediction
+            errors = batch["error"] if "error" in batch else np.full(n, None, dtype=object)
+            batch["error"] = np.where(bad, NONFINITE_ERROR, np.asarray(errors, dtype=object)).astype(object)
         return batch

@@ -6,16 +6,26 @@ on 2 CPUs a 2-worker trainer asking 1 CPU each would leave Ray Data no CPU and h
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("raytumor")
 
+# Set in the workers of an in-process session by `_pin_session_address` (the runtime_env setup hook).
+_SETUP_HOOK = "raytumor.runtime._pin_session_address"
+
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
-    """Join ``RAY_ADDRESS``/``address`` if set (a cluster or ``ray job submit``), else start Ray in-process."""
+    """Join ``RAY_ADDRESS``/``address`` if set (a cluster or ``ray job submit``), else start Ray in-process,
+    isolated from any other Ray session on this machine (see :func:`_isolate_local_session`)."""
     import ray
 
     if ray.is_initialized():
@@ -27,23 +37,258 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     # No address: a fresh in-process Ray ("local"), never a stale cluster left in /tmp/ray by `ray start`.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs.setdefault("log_to_driver", True)
-    if address == "local":
+    if address != "local":
+        ray.init(address=address, **kwargs)
+    else:
         # The dashboard serves the State API, which Train V2's placement-group cleaner polls to free a
         # killed trial's resources (Tune/ASHA stops); without it the cleaner only logs warnings.
         kwargs.setdefault("include_dashboard", os.environ.get("RAYTUMOR_DASHBOARD", "1") != "0")
-    ray.init(address=address, **kwargs)
-    if address == "local":
-        # Ray's State API (used by Train V2's placement-group cleaner inside workers) finds "the" local
-        # cluster through /tmp/ray/ray_current_cluster, which only `ray start` writes. A stale entry
-        # from a dead cluster sends it to a dead GCS: a stopped trial's workers then keep their CPUs
-        # and the next trial's Ray Data waits forever. Point it at this session, as cluster_utils does.
-        from ray._private.utils import write_ray_address
-
-        write_ray_address(ray.get_runtime_context().gcs_address)
+        _isolate_local_session(ray, kwargs)
+        start_watchdog()
     # Quieter progress output; the jobs print their own summaries.
     ray.data.DataContext.get_current().enable_progress_bars = bool(
         int(os.environ.get("RAYTUMOR_PROGRESS", "0"))
     )
+
+
+def _isolate_local_session(ray: Any, kwargs: dict[str, Any]) -> None:
+    """Start an in-process Ray that no other Ray session on this machine can see or disturb.
+
+    Train V2's PlacementGroupCleaner (a detached actor) asks the State API every second whether the
+    Train controller is alive, via ``ray.util.state.get_actor(id)`` with no address. Ray resolves that
+    address (dashboard/utils.py ``get_address_for_submission_client``) from RAY_API_SERVER_ADDRESS, else
+    RAY_ADDRESS, else ``services.get_ray_address_from_environment``: the machine-wide file
+    ``$RAY_TMPDIR/ray/ray_current_cluster`` (``/tmp/ray`` by default), and failing that every raylet on
+    the machine (``find_gcs_addresses``: "Found multiple active Ray instances" when there are several).
+    When another session owns that file, the cleaner asks the other cluster, is told the controller does
+    not exist, and removes this run's placement group: "Destroying worker since its placement group was
+    removed". So each session gets:
+
+    - its own temp dir (in ``RAY_TMPDIR`` while Ray starts, so the raylet and every worker inherit it)
+      holding its own ``ray_current_cluster``; the shared file is never written;
+    - a worker setup hook that sets ``RAY_ADDRESS`` to the worker's own GCS in every worker process, so
+      Ray's address discovery never looks at files or other raylets at all.
+
+    The driver's environment is left as it was, so child processes (other runs) start their own session.
+    """
+    from ray._private.utils import write_ray_address
+
+    root = tempfile.mkdtemp(prefix="rt", dir=_temp_base())
+    temp_dir = os.path.join(root, "ray")  # = Ray's default temp dir for RAY_TMPDIR=root
+    kwargs.setdefault("_temp_dir", temp_dir)
+    env = dict(kwargs.get("runtime_env") or {})
+    env.setdefault("worker_process_setup_hook", _SETUP_HOOK)
+    kwargs["runtime_env"] = env
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = root
+    try:
+        ray.init(address="local", **kwargs)
+    finally:
+        if before is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = before
+    gcs = ray.get_runtime_context().gcs_address
+    # A fallback for anything that resolves the address through the file rather than RAY_ADDRESS.
+    write_ray_address(gcs, kwargs["_temp_dir"])
+    _SESSION.update(gcs_address=gcs, root=root, temp_dir=kwargs["_temp_dir"])
+    atexit.register(_remove_session_dir, root)
+
+
+# Ray's longest socket path below a session root; AF_UNIX paths may not exceed 107 bytes.
+_SOCKET_TAIL = len("/rtxxxxxxxx/ray/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
+
+
+def _temp_base() -> str:
+    """Where session roots go: RAY_TMPDIR, else the system temp dir, else /tmp, whichever is short enough
+    for Ray's socket paths (a long TMPDIR would otherwise fail ray.init)."""
+    candidates = [os.environ.get("RAY_TMPDIR"), tempfile.gettempdir(), "/tmp"]
+    for base in candidates:
+        if base and len(base) + _SOCKET_TAIL <= 107 and os.path.isdir(base) and os.access(base, os.W_OK):
+            return base
+    return next(b for b in candidates if b)  # Ray then says which path is too long
+
+
+# The in-process session this driver started: its GCS address and private temp dirs.
+_SESSION: dict[str, str] = {}
+
+
+def session_info() -> dict[str, str]:
+    """``gcs_address``, ``root`` and ``temp_dir`` of the in-process session (empty when joined)."""
+    return dict(_SESSION)
+
+
+def _pin_session_address() -> None:
+    """Worker setup hook of an in-process session: Ray's own address discovery (State API clients, e.g.
+    Train's placement-group cleaner) must find this worker's cluster, never another one on the machine."""
+    try:
+        import ray
+
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        # It would win over RAY_ADDRESS; inherited from the user's shell it can only name another cluster.
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+    except Exception:  # noqa: BLE001 - a failed hook would kill the worker; discovery then falls back to the file
+        log.debug("could not pin the session address", exc_info=True)
+
+
+def _remove_session_dir(root: str) -> None:
+    """At exit: stop Ray first (its atexit hook may run after this one), then drop the session's temp dir
+    (logs, sockets, spilled objects) rather than pile up one per run. Kept after a crash (an uncaught
+    exception) or with RAYTUMOR_KEEP_RAY_TMP=1, for Ray's logs."""
+    if os.environ.get("RAYTUMOR_KEEP_RAY_TMP", "0") != "0" or getattr(sys, "last_value", None) is not None:
+        print(f"[raytumor] Ray's logs of this run are kept in {root}", file=sys.stderr, flush=True)
+        return
+    try:
+        import ray
+
+        if ray.is_initialized() and _SESSION.get("root") == root:
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - best effort at interpreter exit
+        pass
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Watchdog: a job stalled on resources says so
+
+
+def pending_demands(gcs_address: str) -> tuple[dict[str, str], dict[str, tuple[float, float]]]:
+    """What the cluster cannot schedule now, from the GCS's autoscaler view (what `ray status` shows):
+    ``{key: text}`` for tasks/actors waiting (by shape) and placement groups waiting (by id), and
+    ``{resource: (used, total)}``."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(gcs_address, timeout=10)
+    demand = status.resource_demands
+    out: dict[str, str] = {}
+    for d in demand.ray_task_actor_demand:
+        for b in d.bundles_by_count:
+            out[f"shape:{_shape(b.bundle)}"] = f"{b.count}x {_shape(b.bundle)} (tasks/actors)"
+    for d in demand.placement_group_demand:
+        shapes = ", ".join(f"{b.count}x {_shape(b.bundle)}" for b in d.bundles_by_count)
+        pg = d.pg_id or d.details or shapes
+        out[f"pg:{pg}"] = f"placement group {pg[:8]} {d.state or 'PENDING'} [{shapes}]"
+    usage = {u.resource_name: (u.used, u.total) for u in status.cluster_resource_usage}
+    return out, usage
+
+
+def oldest_pending_tasks(min_age_s: float) -> list[str] | None:
+    """Names of tasks/actors waiting for a node (resources) for ``min_age_s`` or more, oldest first; None
+    when the State API (the dashboard) cannot say. A busy queue moves; a task this old does not."""
+    try:
+        import ray
+        from ray.util.state import list_tasks
+
+        url = ray._private.worker.get_dashboard_url()
+        if not url:
+            return None
+        tasks = list_tasks(
+            address=f"http://{url}",
+            filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")],
+            detail=True,
+            limit=200,
+            timeout=10,
+            raise_on_missing_output=False,
+        )
+    except Exception:  # noqa: BLE001 - no State API: the caller falls back to the GCS view alone
+        return None
+    now_ms = time.time() * 1000
+    old = sorted(
+        (t.creation_time_ms, t.name)
+        for t in tasks
+        if t.creation_time_ms and now_ms - t.creation_time_ms >= min_age_s * 1000
+    )
+    return [name for _, name in old]
+
+
+def _shape(bundle: dict[str, float]) -> str:
+    keep = {k: v for k, v in bundle.items() if not k.startswith("node:") and not k.startswith("bundle_group")}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(keep.items())) + "}"
+
+
+def _stall_line(
+    waited: float, demands: list[str], tasks: list[str], usage: dict[str, tuple[float, float]]
+) -> str:
+    free = ", ".join(
+        f"{k} {t - u:g}/{t:g} free" for k, (u, t) in sorted(usage.items()) if k in ("CPU", "GPU", "memory")
+    )
+    names = sorted(set(tasks))
+    who = f" ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else ""
+    return (
+        f"[raytumor] waiting {waited:.0f}s for resources: {'; '.join(demands)}{who} pending ({free}). "
+        "Something holds them (another job's actors or placement groups: `ray status`), or the request "
+        "can never fit this cluster."
+    )
+
+
+class ResourceWatchdog(threading.Thread):
+    """Prints a line every ``period_s`` while some work has waited ``stall_s`` or more for resources: a
+    placement group pending that long, or tasks/actors of one shape waiting that long of which the State
+    API confirms one has (a busy but moving queue keeps a backlog without any one task that old)."""
+
+    def __init__(self, gcs_address: str, period_s: float = 30.0, stall_s: float = 120.0):
+        super().__init__(name="raytumor-resource-watchdog", daemon=True)
+        self.gcs_address, self.period_s, self.stall_s = gcs_address, period_s, stall_s
+        self.stop_event = threading.Event()
+        self.lines: list[str] = []
+
+    def _same_session(self) -> bool:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().gcs_address == self.gcs_address
+
+    def run(self) -> None:
+        first_seen: dict[str, float] = {}  # demand key -> when it was first seen, while it stays pending
+        spoke = float("-inf")
+        poll = max(1.0, min(self.period_s, self.stall_s / 4))
+        while not self.stop_event.wait(poll):
+            try:
+                if not self._same_session():
+                    return
+                demands, usage = pending_demands(self.gcs_address)
+            except Exception:  # noqa: BLE001 - a watchdog must never take the job down
+                log.debug("resource watchdog check failed", exc_info=True)
+                continue
+            now = time.monotonic()
+            first_seen = {k: first_seen.get(k, now) for k in demands}
+            stalled = {k for k, t in first_seen.items() if now - t >= self.stall_s}
+            if not stalled or now - spoke < self.period_s:
+                continue
+            tasks: list[str] = []
+            if any(k.startswith("shape:") for k in stalled):
+                old = oldest_pending_tasks(self.stall_s)
+                if old is not None:
+                    tasks = old
+                    if not old:  # the queue moves: only placement groups can be stuck
+                        stalled = {k for k in stalled if k.startswith("pg:")}
+            if not stalled:
+                continue
+            waited = max(now - first_seen[k] for k in stalled)
+            line = _stall_line(waited, [demands[k] for k in sorted(stalled)], tasks, usage)
+            self.lines.append(line)
+            print(line, flush=True)
+            spoke = now
+
+
+_WATCHDOG: list[ResourceWatchdog] = []
+
+
+def start_watchdog(period_s: float | None = None, stall_s: float | None = None) -> ResourceWatchdog | None:
+    """Start the resource watchdog for this driver's session (``RAYTUMOR_WATCHDOG_S`` sets the period,
+    0 turns it off; ``RAYTUMOR_WATCHDOG_STALL_S`` how long work waits before it speaks)."""
+    import ray
+
+    period = float(os.environ.get("RAYTUMOR_WATCHDOG_S", "30")) if period_s is None else period_s
+    if period <= 0 or not ray.is_initialized():
+        return None
+    stall = float(os.environ.get("RAYTUMOR_WATCHDOG_STALL_S", "120")) if stall_s is None else stall_s
+    for old in _WATCHDOG:
+        old.stop_event.set()
+    _WATCHDOG.clear()
+    dog = ResourceWatchdog(ray.get_runtime_context().gcs_address, period, stall)
+    dog.start()
+    _WATCHDOG.append(dog)
+    return dog
 
 
 @dataclass

@@ -9,7 +9,7 @@ intensity window and brain slice range), taken every ``every_mm`` so neighbourin
 dominate.
 
 ``--planes axial,coronal,sagittal`` also cuts each NIfTI volume along its other canonical axes: slices whose
-view is known from geometry, which is what a view head learns from. Coronal and sagittal slices are every
+view is known from geometry, which is what a view net learns from. Coronal and sagittal slices are every
 ``every_mm`` over all slices with at least ``min_foreground`` head (no vertex rule: that is an axial
 notion), counted both ways from the middle one. Orientation (:func:`raytumor.medical.plane_slices`): axial
 anterior up with the patient's right on the image right (as scoring decodes it), coronal superior up with

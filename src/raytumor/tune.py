@@ -9,12 +9,16 @@ validates on the same leakage-safe split and the winner's test metrics are compa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
+import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -284,8 +288,12 @@ def trial_driver(config: dict[str, Any], payload: dict[str, Any]) -> None:
 # The search
 
 
-def leaderboard(result_grid: Any, metric: str, mode: str, max_epochs: int) -> pd.DataFrame:
-    """One row per trial: its config, best epoch's metrics and checkpoint, and how it ended."""
+def leaderboard(
+    result_grid: Any, metric: str, mode: str, max_epochs: int, interrupted: frozenset[str] = frozenset()
+) -> pd.DataFrame:
+    """One row per trial: its config, best epoch's metrics and checkpoint, and how it ended
+    (``completed``, ``stopped_early`` by ASHA, ``error``, or ``interrupted``: the trials whose directory
+    names are in ``interrupted``, unfinished when the search was stopped; they resume when it is rerun)."""
     rows = []
     for r in result_grid:
         hist = r.metrics_dataframe
@@ -305,9 +313,12 @@ def leaderboard(result_grid: Any, metric: str, mode: str, max_epochs: int) -> pd
             row[metric] = float(best[metric])
         else:
             row["epochs_run"] = 0
-        row["status"] = (
-            "error" if r.error else ("stopped_early" if row["epochs_run"] < max_epochs else "completed")
-        )
+        if r.error:
+            row["status"] = "error"
+        elif Path(r.path).name in interrupted:
+            row["status"] = "interrupted"
+        else:
+            row["status"] = "stopped_early" if row["epochs_run"] < max_epochs else "completed"
         row["error"] = None if r.error is None else f"{type(r.error).__name__}: {r.error}"[:500]
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -315,6 +326,69 @@ def leaderboard(result_grid: Any, metric: str, mode: str, max_epochs: int) -> pd
         df = df.sort_values(metric, ascending=(mode == "min"), na_position="last", ignore_index=True)
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     return df
+
+
+RESUME_HINT = "run the same command again to resume"
+
+
+class SearchInterrupted(Exception):
+    """Ctrl-C stopped the search: Tune saved its state, nothing was exported, the same command resumes it."""
+
+    def __init__(self, summary: dict[str, Any]):
+        super().__init__(f"search interrupted; {RESUME_HINT}")
+        self.summary = summary
+
+
+class _DropTuneRestoreHint(logging.Filter):
+    """Tune's own interrupt epilogue names ``Tuner.restore(...)``, an API a raytumor user never calls."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not msg.startswith(("Experiment has been interrupted", "Trials did not complete"))
+
+
+@contextlib.contextmanager
+def _tune_signals() -> Iterator[None]:
+    """Around ``Tuner.fit``: Tune swaps in its own SIGINT handler (first Ctrl-C: stop, save the experiment
+    state, return) and leaves it installed after a normal finish, where it would swallow every later Ctrl-C
+    (the demo's training, the export). Restore ours afterwards, and drop Tune's restore hint."""
+    tune_log = logging.getLogger("ray.tune.tune")
+    quiet = _DropTuneRestoreHint()
+    tune_log.addFilter(quiet)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        tune_log.removeFilter(quiet)
+        with contextlib.suppress(ValueError):  # not the main thread: Tune installed nothing either
+            signal.signal(signal.SIGINT, handler)
+
+
+def fit_search(tuner: Any) -> tuple[Any, frozenset[str]]:
+    """``tuner.fit()``; returns the results and the directory names of the trials an interrupted search
+    left unfinished (empty when it ran to the end)."""
+    with _tune_signals():
+        grid = tuner.fit()
+    return grid, unfinished_trials(grid.experiment_path, grid.filesystem)
+
+
+def unfinished_trials(experiment_path: str, filesystem: Any = None) -> frozenset[str]:
+    """Trials not terminated or failed in the search's saved state (what a rerun resumes).
+
+    Not the live Trial objects fit() returns: on Ctrl-C Tune saves the state, then stops the running
+    trials and marks them TERMINATED, so an interrupted trial looks finished (and was reported as
+    ``stopped_early``). The state saved before that stop still says RUNNING/PAUSED/PENDING."""
+    from ray.tune import ExperimentAnalysis
+
+    # It warns about every trial that has not reported yet: expected for an interrupted search.
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        saved = ExperimentAnalysis(experiment_path, storage_filesystem=filesystem)
+    finally:
+        quiet.setLevel(level)
+    return frozenset(Path(t.path).name for t in saved.trials if t.status not in ("TERMINATED", "ERROR"))
 
 
 def _make_tuner(
@@ -428,9 +502,25 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         f"({mode}); {res['max_concurrent_trials']} at a time, {res['num_workers']} worker(s) × "
         f"{res['cpus_per_worker']} CPU{' + 1 GPU' if res['use_gpu'] else ''} per trial"
     )
-    board = leaderboard(tuner.fit(), metric, mode, cfg.max_epochs)
+    grid, unfinished = fit_search(tuner)
+    board = leaderboard(grid, metric, mode, cfg.max_epochs, unfinished)
     board.to_csv(run_dir / "leaderboard.csv", index=False)
     board.to_parquet(run_dir / "leaderboard.parquet", index=False)
+    if unfinished:
+        # Stopped by Ctrl-C: the state is saved and the winner of an unfinished search is no winner.
+        summary = {
+            "run_dir": str(run_dir),
+            "interrupted": True,
+            "resume": RESUME_HINT,
+            "leaderboard": str(run_dir / "leaderboard.csv"),
+            "trials": len(board),
+            "trial_status": board["status"].value_counts().to_dict(),
+            "metric": metric,
+            "resources": res,
+            "wall_seconds": round(time.time() - t0, 1),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        raise SearchInterrupted(summary)
     meta, test, win, winner_cfg = _export_winner(board, base, data, metric, split_sha, run_dir, tune_fs)
     report = write_test_report(run_dir, data, base.s3_endpoint, base.seed) if base.report else None
     summary = {
@@ -511,8 +601,20 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     return from_args(SearchConfig, merged, train=train, space=space, fixed=fixed)
 
 
+def exit_interrupted(what: str, summary: dict[str, Any] | None = None) -> NoReturn:
+    """Ctrl-C: one line saying what was saved and how to go on, and the shell's exit status for SIGINT."""
+    status = f" (trials: {summary['trial_status']})" if summary and "trial_status" in summary else ""
+    print(f"[raytumor] {what} interrupted{status}; nothing exported: {RESUME_HINT}", flush=True)
+    raise SystemExit(130)
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    summary = run_search(config_from_args(args))
+    try:
+        summary = run_search(config_from_args(args))
+    except SearchInterrupted as e:
+        exit_interrupted("search", e.summary)
+    except KeyboardInterrupt:  # before the search started, or a second Ctrl-C while Tune was saving
+        exit_interrupted("search")
     t = summary["test"]
 
     def f(k: str) -> str:

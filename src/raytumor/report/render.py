@@ -298,7 +298,7 @@ def _scope(rep: dict[str, Any], figures: Figures) -> str:
         )
     vs = sc.get("view_source") or {}
     body.append(
-        '<p class="sub">View of each scan: from the DICOM/NIfTI geometry (header) or the bundle\'s view head '
+        '<p class="sub">View of each scan: from the DICOM/NIfTI geometry (header) or the bundle\'s view net '
         "(model); " + html.escape(", ".join(f"{k} {v}" for k, v in vs.items())) + ".</p>"
     )
     if rep.get("by_view"):

@@ -19,7 +19,7 @@ import torch
 from raytumor import volumes
 from raytumor.adapt import BNStatsAccumulator, apply_bn_state, flip_tta_probs
 from raytumor.explain import GradCAM, explain_name, overlay_png
-from raytumor.predict import Predictor, forward_outputs
+from raytumor.predict import NONFINITE_ERROR, Predictor, forward_outputs
 from raytumor.results import EXPLAIN_DIR, OUT_OF_SCOPE, output_schema
 from raytumor.scan import has_error
 from raytumor.storage import StorageOptions, get_filesystem
@@ -38,7 +38,7 @@ def unit_stacks(batch: dict[str, np.ndarray], shape: tuple[int, int], counts: np
 class UnitScores:
     """Per-unit results of one batch: the decision's probabilities and slice, score, mean/max slice score,
     OOD score (a volume's: the median over its slices, so a few unusual edge slices do not flag it) and the
-    view head's view (a volume's: its slices' majority)."""
+    view net's view (a volume's: its slices' majority)."""
 
     probs: np.ndarray
     score: np.ndarray
@@ -114,7 +114,12 @@ class ScorePredictor:
         return np.concatenate(probs), np.concatenate(feats)
 
     def _per_unit(
-        self, batch: dict[str, np.ndarray], counts: np.ndarray, probs: np.ndarray, feats: np.ndarray
+        self,
+        batch: dict[str, np.ndarray],
+        counts: np.ndarray,
+        probs: np.ndarray,
+        feats: np.ndarray,
+        slice_views: np.ndarray | None = None,
     ) -> UnitScores:
         """Fold slice probabilities into one result per unit: an image's one slice; a volume's score is what
         holds on enough contiguous slices (:func:`raytumor.volumes.volume_score`), with the single most
@@ -122,7 +127,6 @@ class ScorePredictor:
         n = len(counts)
         slice_scores = self.predictor.scores(probs)
         slice_ood = self.predictor.ood_scores(feats)
-        slice_views = self.predictor.model_views(feats) if len(feats) else None
         u = UnitScores.empty(n, self.meta.num_classes)
         spacing = np.asarray(batch["spacing"], dtype=np.float64) if "spacing" in batch else np.full(n, np.nan)
         start = 0
@@ -158,12 +162,21 @@ class ScorePredictor:
         errors = [e if has_error(e) else None for e in batch["error"]]
         counts = np.array([int(k) if errors[i] is None else 0 for i, k in enumerate(batch["n_slices"])])
         stacks = unit_stacks(batch, self.shape, counts)
+        views = None
         if stacks:
-            probs, feats = self._forward(np.concatenate(stacks))
+            images = np.concatenate(stacks)
+            probs, feats = self._forward(images)
+            views = self.predictor.model_views(images)
         else:
             probs, feats = np.zeros((0, self.meta.num_classes), np.float32), np.zeros((0, 0), np.float32)
-        u = self._per_unit(batch, counts, probs, feats)
-        ok = counts > 0
+        u = self._per_unit(batch, counts, probs, feats, views)
+        # A unit any of whose slices the model answered with NaN/inf is an error row, never a class.
+        bad = self._nonfinite_units(counts, probs) | (
+            (counts > 0) & self.predictor.nonfinite(u.probs, self.predictor.scores(u.probs))
+        )
+        for i in np.flatnonzero(bad):
+            errors[i] = NONFINITE_ERROR
+        ok = (counts > 0) & ~bad
         scope = self.predictor.assess(
             u.ood, u.model_view, batch.get("view_header"), batch.get("modality"), ok
         )
@@ -201,6 +214,17 @@ class ScorePredictor:
         if self.slice_rows:
             cols["slice_indices"], cols["slice_scores"] = u.slice_indices, u.slice_scores
         return pa.Table.from_pydict(cols, schema=self.schema)
+
+    def _nonfinite_units(self, counts: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """Per unit: does any of its slices have NaN/inf probabilities or score?"""
+        bad = np.zeros(len(counts), dtype=bool)
+        has = counts > 0
+        if not has.any():
+            return bad
+        slice_bad = self.predictor.nonfinite(probs, self.predictor.scores(probs))
+        starts = np.concatenate([[0], np.cumsum(counts[has])[:-1]])
+        bad[has] = np.add.reduceat(slice_bad.astype(np.int64), starts) > 0
+        return bad
 
     def _explain(self, batch: dict, best: np.ndarray, labels: list, score: np.ndarray) -> list[str | None]:
         """Grad-CAM overlay for each positive unit (its most suspicious slice), named by a hash of its id."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,9 +15,11 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from raytumor import volumes
-from raytumor.bundle import BundleMeta, fetch_bundle, read_meta
+from raytumor.bundle import BundleMeta, validate_bundle
 from raytumor.config import from_args, opt, stage_parser
+from raytumor.predict import NONFINITE_ERROR
 from raytumor.results import (
+    ADABN_FILE,
     EXPLAIN_DIR,
     RUN_FILE,
     SCORES_DIR,
@@ -31,7 +34,7 @@ from raytumor.results import (
 from raytumor.runtime import init_ray, predictor_resources
 from raytumor.score.actors import ScorePredictor
 from raytumor.score.adabn import adabn_state
-from raytumor.score.decode import map_read_decode
+from raytumor.score.decode import collect_unreachable, map_read_decode, new_unreachable_key
 from raytumor.storage import StorageOptions, Units, get_filesystem, join, list_units, read_text, write_text
 
 
@@ -107,6 +110,35 @@ class ScoreConfig:
 # ----------------------------------------------------------------------------------------------------------
 # The output folder and what is left to score
 
+# What a score run writes at the top of OUTPUT: anything else means the folder is not (only) a score output.
+OUTPUT_ENTRIES = {RUN_FILE, SUMMARY_FILE, SCORES_DIR, EXPLAIN_DIR, ADABN_FILE, "scores.csv", "slices.parquet"}
+
+
+class ScoreFailed(RuntimeError):
+    """The job ran but its answers cannot be used (most rows non-finite): summary written, exit non-zero."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def check_output(cfg: ScoreConfig, storage: StorageOptions | None) -> bool:
+    """Refuse an OUTPUT that exists and holds anything but a previous score run (a run.json): neither
+    resuming into nor ``--overwrite`` clearing someone's folder. True when a previous run is there."""
+    fs, root = get_filesystem(cfg.output, storage)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise ValueError(f"--output {cfg.output} is a file, not a folder")
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+    names = sorted(e.base_name for e in entries)
+    if not names or RUN_FILE in names:
+        return bool(names)
+    other = [n for n in names if n not in OUTPUT_ENTRIES] or names
+    raise ValueError(
+        f"--output {cfg.output} is not empty and holds no previous score run ({', '.join(other[:3])}"
+        f"{', ...' if len(other) > 3 else ''}): use a new or empty folder"
+    )
+
 
 def start_output(cfg: ScoreConfig, meta: BundleMeta, storage: StorageOptions | None) -> dict[str, Any]:
     """Check that OUTPUT holds nothing but a previous run of the same job (or clear it with
@@ -119,6 +151,7 @@ def start_output(cfg: ScoreConfig, meta: BundleMeta, storage: StorageOptions | N
         "adaptation": cfg.adaptation,
         "volume_rule": [cfg.volume_skip_top_mm, cfg.volume_depth_mm, cfg.volume_min_extent_mm],
     }
+    check_output(cfg, storage)
     previous = read_text(join(cfg.output, RUN_FILE), storage)
     if previous and not cfg.overwrite:
         prev = json.loads(previous)
@@ -164,8 +197,8 @@ class Plan:
         return len(self.todo) + len(self.listing_errors)
 
 
-def plan(cfg: ScoreConfig, storage: StorageOptions | None) -> Plan:
-    units = list_units(cfg.input, storage)
+def plan(cfg: ScoreConfig, storage: StorageOptions | None, units: Units | None = None) -> Plan:
+    units = list_units(cfg.input, storage) if units is None else units
     done, removed = scored_ids(cfg.output, storage)
     todo = units.table[~units.table["id"].isin(done) | (units.table["kind"] == "tar")]
     listing_errors = [(i, r) for i, r in units.error_rows if i not in done]
@@ -179,8 +212,9 @@ def plan(cfg: ScoreConfig, storage: StorageOptions | None) -> Plan:
 def run_pipeline(
     cfg: ScoreConfig, p: Plan, meta: BundleMeta, storage: StorageOptions | None, r: dict[str, Any],
     bn_state: dict | None, batch_size: int,
-) -> None:  # fmt: skip
-    """list -> read/decode (CPU tasks) -> ScorePredictor actors -> Parquet parts in OUTPUT/scores."""
+) -> list[str]:  # fmt: skip
+    """list -> read/decode (CPU tasks) -> ScorePredictor actors -> Parquet parts in OUTPUT/scores.
+    Returns the units (ids; a tar archive's own) storage did not answer for: they have no row."""
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -192,13 +226,14 @@ def run_pipeline(
     sfs, spath = get_filesystem(join(cfg.output, SCORES_DIR), storage)
     sfs.create_dir(spath, recursive=True)
     if not p.n_todo:
-        return
+        return []
+    unreachable_key = new_unreachable_key()
     done_ref = ray.put(p.done) if p.done and (p.todo["kind"] == "tar").any() else None
     frame = p.frame()
     ds = ray.data.from_pandas(frame).repartition(max(1, -(-len(frame) // cfg.units_per_block)))
     ds = map_read_decode(
         ds, cfg, meta, storage, r, cfg.volume_range, cfg.units_per_block, done_ids=done_ref,
-        errors=dict(p.listing_errors),
+        errors=dict(p.listing_errors), unreachable_key=unreachable_key,
     )  # fmt: skip
     ds = ds.map_batches(
         ScorePredictor,
@@ -224,6 +259,7 @@ def run_pipeline(
         batch_format="numpy",
     )
     ds.write_parquet(spath, filesystem=sfs)
+    return collect_unreachable(unreachable_key)
 
 
 def finish(
@@ -245,7 +281,10 @@ def finish(
             "units_listed": len(units.table) + len(units.error_rows),
             "duplicate_manifest_entries": units.duplicate_entries,
             "missing_rows": len(listed - set(rows["path"])),
+            # No row, no error: storage did not answer (after retries); the same command reads them again.
+            "unreachable": len(set(extra.pop("unreachable_ids", ())) | set(units.unreachable)),
             "duplicate_rows": summary["rows"] - summary["unique_paths"],
+            "nonfinite_rows": int(rows["error"].eq(NONFINITE_ERROR).sum()),
             "this_run_units": p.n_todo,
             "resumed_from": len(p.done),
             "adaptation": cfg.adaptation,
@@ -260,13 +299,32 @@ def finish(
     return summary
 
 
+def nonfinite_failure(summary: dict[str, Any]) -> str | None:
+    """Why the job failed, when more than half of the rows the model answered (scored rows plus NaN/inf
+    rows, over all of OUTPUT) are non-finite: a broken bundle, whose few finite rows are not to be trusted
+    either. A minority stays what it is: error rows, counted in the summary."""
+    bad = summary.get("nonfinite_rows", 0)
+    answered = summary["scored"] + bad
+    if bad and 2 * bad > answered:
+        return (
+            f"{bad} of {answered} rows the model answered are non-finite (NaN/inf): the bundle's weights "
+            f"or temperature are broken (rows written as errors to {summary['output']})"
+        )
+    return None
+
+
 def score(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score every unit at ``cfg.input`` into ``cfg.output``; returns the run summary."""
+    """Score every unit at ``cfg.input`` into ``cfg.output``; returns the run summary. Raises
+    :class:`ScoreFailed` (summary written) when most rows are non-finite."""
     t0 = time.time()
     storage = StorageOptions.from_env(cfg.s3_endpoint)
-    meta = read_meta(fetch_bundle(cfg.bundle, storage))
+    # Everything the user gave is checked before anything is created or Ray starts: the bundle (probe
+    # forward included), the output folder, the input (listing it); run.json is written only then.
+    meta = validate_bundle(cfg.bundle, storage)
+    check_output(cfg, storage)
+    units = list_units(cfg.input, storage)
     start_output(cfg, meta, storage)
-    p = plan(cfg, storage)
+    p = plan(cfg, storage, units)
     t_list = time.time() - t0
     print(
         f"[score] {len(p.units.table)} units listed ({(p.units.table['kind'] == 'tar').sum()} tar archives "
@@ -277,12 +335,14 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     r = predictor_resources()
     gpu = r["num_gpus"] > 0
     bn_state, adapt_info = None, None
+    if p.n_todo:  # nothing left to score (a finished run): no Ray at all
+        init_ray()
     if cfg.adapt == "adabn" and p.n_todo:
         bn_state, adapt_info = adabn_state(cfg, p.units, meta, storage, r)
     # CPU: small batches stay in cache; measured on 2 cores, 1-thread replica, images/s at 8/16/32/64:
     # ResNet-18 224 px 56/51/49/45, EfficientNet-Lite0 160 px 162/114/140/- (bench/score_throughput.py).
     batch_size = cfg.batch_size or (256 if gpu else 8)
-    run_pipeline(cfg, p, meta, storage, r, bn_state, batch_size)
+    unreachable_ids = run_pipeline(cfg, p, meta, storage, r, bn_state, batch_size)
     wall = time.time() - t0
     extra = {
         "seconds": round(wall, 2),
@@ -292,8 +352,13 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
         "batch_size": batch_size,
         "actors": cfg.num_actors or r["size"],
         **({"adabn": adapt_info} if adapt_info else {}),
+        "unreachable_ids": unreachable_ids,
     }
-    return finish(cfg, p, meta, storage, extra)
+    summary = finish(cfg, p, meta, storage, extra)
+    failed = nonfinite_failure(summary)
+    if failed:
+        raise ScoreFailed(failed, summary)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,10 +374,31 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
 
 
+# Exit status when inputs were left unscored because storage was unreachable (sysexits EX_TEMPFAIL).
+EXIT_RETRY = 75
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = from_args(ScoreConfig, args)
-    init_ray()
-    s = score(cfg)
+    try:
+        s = score(cfg)  # starts Ray itself, once the bundle, input and output are checked
+    except ScoreFailed as e:
+        print_summary(e.summary)
+        raise SystemExit(f"[score] FAILED: {e}") from None
+    print_summary(s)
+    if s["unreachable"] or s["missing_rows"]:
+        # Exit non-zero (EX_TEMPFAIL) so a scheduler retries: these inputs have no row yet, not an error row.
+        why = (
+            f"{s['unreachable']} inputs could not be read because storage was unreachable"
+            if s["unreachable"]
+            else f"{s['missing_rows']} listed inputs have no row"
+        )
+        print(f"[score] {why}; run the same command again to finish them", file=sys.stderr)
+        raise SystemExit(EXIT_RETRY)
+    return s
+
+
+def print_summary(s: dict[str, Any]) -> None:
     print(
         f"[score] {s['rows']} rows: {s['scored']} scored, {s['errors']} errors, {s['positives']} positive, "
         f"{s['out_of_scope']} out of scope ({s['volumes']} volumes); this run {s['this_run_units']} units in {s['seconds']} s "
@@ -333,4 +419,3 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         s[k] for k in ("csv", "slices") if s.get(k)
     ]
     print("[score] written: " + "  ".join(written))
-    return s

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from raytumor.config import comma_floats, comma_list, opt
 from raytumor.preprocess import parse_spec
+from raytumor.scan import VIEWS
 
 DATA_HELP = (
     "labelled tree ROOT/<class>/<files> (local or s3://), or a CSV/Parquet manifest (path,label[,patient_id,"
@@ -117,9 +118,16 @@ class TrainConfig:
     report: bool = opt(True, "skip the HTML report on the test split", flag="--no-report")
     view_data: list[str] = opt(
         factory=list,
-        help="slices with a known view for the bundle's view head: a manifest (path,view[,patient_id]) such "
+        help="slices with a known view for the bundle's view net: a manifest (path,view[,patient_id]) such "
         "as `raytumor slices --planes axial,coronal,sagittal` writes; repeatable. Without it the bundle has "
-        "no view head and 2-D files' views are unknown (then only header views count towards scope)",
+        "no view net and 2-D files' views are unknown (then only header views count towards scope)",
+    )
+    known_view: list[str] = opt(
+        factory=list,
+        help="SOURCE=VIEW: the view of every training file of the sources matching SOURCE (a source key or "
+        "glob, e.g. 'tcga-lgg-*=axial') whose manifest has no view column: they count towards scope and "
+        "teach the view net that source's look; repeatable",
+        metavar="SOURCE=VIEW",
     )
     scope_min_examples: int = opt(
         50,
@@ -138,6 +146,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.data = [self.data] if isinstance(self.data, str) else list(self.data)
         parse_spec(self.preprocess)  # a typo fails here, not in a Ray task minutes later
+        self.known_view = [self.known_view] if isinstance(self.known_view, str) else list(self.known_view)
+        known_views(self.known_view)
         if self.shift_augment < 0:
             raise ValueError(f"shift_augment must be >= 0, got {self.shift_augment}")
         self.split = tuple(float(x) for x in self.split)
@@ -154,6 +164,19 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out).expanduser().resolve() / self.run_name
+
+
+def known_views(items: list[str]) -> list[tuple[str, str]]:
+    """``["tcga-lgg-*=axial"]`` → ``[("tcga-lgg-*", "axial")]`` (checked: a known view, a pattern)."""
+    out = []
+    for item in items:
+        pattern, sep, view = item.rpartition("=")
+        if not sep or not pattern.strip() or view.strip() not in VIEWS:
+            raise ValueError(
+                f"--known-view {item!r}: expected SOURCE=VIEW with VIEW one of {', '.join(VIEWS)}"
+            )
+        out.append((pattern.strip(), view.strip()))
+    return out
 
 
 def parse_resources(items: list[str]) -> dict[str, float]:

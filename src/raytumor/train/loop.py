@@ -8,6 +8,7 @@ to kill a worker mid-epoch, like a lost node.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -26,7 +27,8 @@ from raytumor.train.config import is_min_metric
 
 # Files of a training checkpoint (not the bundle's model.pt, which raytumor.bundle writes).
 CHECKPOINT_MODEL = "model.pt"
-CHECKPOINT_STATE = "train_state.pt"
+CHECKPOINT_STATE = "train_state.pt"  # optimizer + scheduler tensors: loads with weights_only=True
+CHECKPOINT_PROGRESS = "train_state.json"  # epoch, best, history: plain JSON, nothing to unpickle
 
 
 def cosine_lambda(total_steps: int, warmup_steps: int):
@@ -230,16 +232,33 @@ def _setup(cfg: dict[str, Any], rank: int, world: int, device: torch.device) -> 
     }  # fmt: skip
 
 
+def _json_number(o: Any) -> Any:
+    if isinstance(o, np.generic | torch.Tensor):
+        return o.item()
+    raise TypeError(f"not JSON serialisable in training progress: {type(o).__name__}")
+
+
+def read_progress(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """The training loop's progress (epoch, best, history) saved beside a checkpoint's tensors."""
+    path = Path(checkpoint_dir) / CHECKPOINT_PROGRESS
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path.name} missing in checkpoint {checkpoint_dir}: written by an older raytumor that pickled "
+            "training state; start the run under a new --name"
+        )
+    return json.loads(path.read_text())
+
+
 def _restore(run: dict[str, Any], checkpoint: Any, device: torch.device, rank: int) -> None:
     """Continue from a checkpoint: a worker restart (FailureConfig) or a rerun of the same run name."""
     with checkpoint.as_directory() as d:
         run["model"].load_state_dict(
             torch.load(Path(d) / CHECKPOINT_MODEL, map_location=device, weights_only=True)
         )
-        saved = torch.load(Path(d) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+        saved = torch.load(Path(d) / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+        state = read_progress(d)
     run["optimizer"].load_state_dict(saved["optimizer"])
     run["scheduler"].load_state_dict(saved["scheduler"])
-    state = saved["state"]
     state["epoch"] += 1
     state["resumed_at"].append(state["epoch"])
     run["state"] = state
@@ -255,14 +274,13 @@ def _report(run: dict[str, Any], metrics: dict[str, Any], rank: int) -> None:
         ckpt = None
         if rank == 0:
             torch.save(run["model"].state_dict(), Path(tmp) / CHECKPOINT_MODEL)
+            # A checkpoint on shared --storage-path must not run code when loaded: tensors in the .pt
+            # (weights_only=True), the loop's progress as JSON.
             torch.save(
-                {
-                    "optimizer": run["optimizer"].state_dict(),
-                    "scheduler": run["scheduler"].state_dict(),
-                    "state": run["state"],
-                },
+                {"optimizer": run["optimizer"].state_dict(), "scheduler": run["scheduler"].state_dict()},
                 Path(tmp) / CHECKPOINT_STATE,
             )
+            (Path(tmp) / CHECKPOINT_PROGRESS).write_text(json.dumps(run["state"], default=_json_number))
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 

@@ -3,6 +3,7 @@ once), the split files next to the run, and the HTML report on the test split.""
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import shutil
@@ -17,18 +18,18 @@ import torch
 from raytumor.bundle import BundleMeta, file_sha256, save_bundle
 from raytumor.calibrate import calibrate_bundle_meta, rescale_probs
 from raytumor.evaluate import evaluate_source, predict_files
-from raytumor.ingest import summary_to_json
+from raytumor.ingest import decode_dataset, summary_to_json
 from raytumor.metrics import metrics_with_ci, predict_labels, tumour_score
 from raytumor.model import normalization
 from raytumor.predict import Predictor
 from raytumor.preprocess import parse_spec
 from raytumor.report import build_report
 from raytumor.scan import VIEWS, ok_mask
-from raytumor.scope import Heads, Scope, ViewHead, count_scope, fit_ood, fit_threshold, fit_view_head
+from raytumor.scope import Heads, Scope, ViewNet, count_scope, fit_ood, fit_threshold, fit_view_net
 from raytumor.storage import StorageOptions, read_manifest
-from raytumor.train.config import TrainConfig
+from raytumor.train.config import TrainConfig, known_views
 from raytumor.train.data import SplitData
-from raytumor.train.loop import CHECKPOINT_MODEL, CHECKPOINT_STATE
+from raytumor.train.loop import CHECKPOINT_MODEL, read_progress
 
 TEST_PREDICTIONS_FILE = "test_predictions.parquet"
 
@@ -37,7 +38,7 @@ def load_checkpoint_files(checkpoint: Any) -> tuple[dict[str, torch.Tensor], dic
     """(model state dict, training state) from a ``ray.train.Checkpoint`` on local or remote storage."""
     with checkpoint.as_directory() as d:
         state_dict = torch.load(Path(d) / CHECKPOINT_MODEL, map_location="cpu", weights_only=True)
-        state = torch.load(Path(d) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)["state"]
+        state = read_progress(d)
     return state_dict, state
 
 
@@ -85,7 +86,7 @@ def measure(preds: pd.DataFrame, meta: BundleMeta, seed: int) -> dict[str, Any]:
 
 
 DESCRIBING = ("source", "patient_id", "view", "sequence", "site", "synthetic")
-VIEW_HOLDOUT_EVERY = 5  # every 5th view-data patient (by a stable hash) measures the view head
+VIEW_HOLDOUT_EVERY = 5  # every 5th view-data patient (by a stable hash) measures the view net
 
 
 def _predict_splits(bundle_dir: Path, data: SplitData, cfg: TrainConfig) -> pd.DataFrame:
@@ -98,8 +99,23 @@ def _predict_splits(bundle_dir: Path, data: SplitData, cfg: TrainConfig) -> pd.D
     preds = predict_files(
         bundle_dir, files[["path", "label"]], storage=StorageOptions.from_env(cfg.s3_endpoint), features=True
     )
-    # The manifest's view is ground truth; the predictions' `view` column is the Predictor's call.
+    # The manifest's view (or --known-view's) is ground truth; the predictions' `view` is the Predictor's call.
+    files = files.assign(view=declared_views(files, cfg))
+    carry = carry if "view" in carry else carry + ["view"]
     return preds.merge(files[carry].rename(columns={"view": "known_view"}), on="path", how="left")
+
+
+def declared_views(man: pd.DataFrame, cfg: TrainConfig) -> pd.Series:
+    """Each file's known view: its manifest's ``view``, else the first ``--known-view`` pattern its source
+    matches, else None."""
+    given = man["view"] if "view" in man.columns else [None] * len(man)
+    views = pd.Series([v if v in VIEWS else None for v in given], index=man.index, dtype=object)
+    if cfg.known_view and "source" in man.columns:
+        src = man["source"].astype(str)
+        for pattern, view in known_views(cfg.known_view):
+            hit = views.isna() & src.map(lambda s, p=pattern: fnmatch.fnmatchcase(s, p)).astype(bool)
+            views[hit] = view
+    return views
 
 
 def _features(rows: pd.DataFrame) -> np.ndarray:
@@ -110,9 +126,13 @@ def _stable_bucket(key: str, n: int) -> int:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % n
 
 
-def _view_head(bundle_dir: Path, cfg: TrainConfig, width: int) -> tuple[ViewHead | None, dict[str, Any]]:
-    """Fit the view head on ``--view-data`` (slices whose view geometry gave) and measure it on held-out
-    patients' slices (every VIEW_HOLDOUT_EVERY-th patient): the shipped head is the measured one."""
+VIEW_KNOWN_PER_SOURCE = 2000  # training examples with a manifest/header view, per source, for the view net
+
+
+def _view_net(data: SplitData, cfg: TrainConfig, meta: BundleMeta) -> tuple[ViewNet | None, dict[str, Any]]:
+    """Train the view net on ``--view-data`` (slices whose view geometry gave) and on the training split's
+    examples whose manifest gives the view; measure it on held-out ``--view-data`` patients' slices (every
+    VIEW_HOLDOUT_EVERY-th patient): the shipped net is the measured one."""
     if not cfg.view_data:
         return None, {}
     storage = StorageOptions.from_env(cfg.s3_endpoint)
@@ -120,35 +140,52 @@ def _view_head(bundle_dir: Path, cfg: TrainConfig, width: int) -> tuple[ViewHead
     df = df[df["view"].isin(VIEWS)].reset_index(drop=True)
     pid = df["patient_id"].astype(str) if "patient_id" in df.columns else df["path"].astype(str)
     df["held"] = [_stable_bucket(p, VIEW_HOLDOUT_EVERY) == 0 for p in pid]
-    preds = predict_files(bundle_dir, df[["path"]], storage=storage, features=True)
-    truth = df[["path", "view", "held"]].rename(columns={"view": "known_view"})
-    preds = preds.drop(columns=["view"], errors="ignore").merge(truth, on="path", how="left")
-    preds = preds[ok_mask(preds["error"])]
-    fit = preds[~preds["held"].to_numpy(dtype=bool)]
-    if fit["known_view"].nunique() < 2:
-        got = sorted(fit["known_view"].unique())
-        raise ValueError(f"--view-data needs slices of at least 2 views, got {got}")
-    # the view head reads the pooled final features (the first ``width`` columns)
-    head = fit_view_head(_features(fit)[:, :width], fit["known_view"].tolist(), seed=cfg.seed)
-    held = preds[preds["held"].to_numpy(dtype=bool)]
-    report: dict[str, Any] = {"train_slices": int(len(fit)), "held_out_slices": int(len(held))}
+    man = data.manifest.assign(view=declared_views(data.manifest, cfg))
+    known = man[(man["split"] == "train") & man["view"].isin(VIEWS)]
+    if len(known):
+        if "source" in known.columns:  # no single source's look may teach what "axial" is
+            known = known.groupby("source", group_keys=False).apply(
+                lambda g: g.sample(min(len(g), VIEW_KNOWN_PER_SOURCE), random_state=cfg.seed)
+            )
+        df = pd.concat([df, known[["path", "view"]].assign(held=False)], ignore_index=True)
+    df = df.drop_duplicates("path").reset_index(drop=True)
+    rows = decode_dataset(
+        df[["path"]],
+        storage=storage,
+        image_size=meta.image_size,
+        fingerprints=False,
+        preprocess=meta.preprocess,
+    ).to_pandas()
+    rows = rows[ok_mask(rows["error"])].merge(df, on="path", how="inner")
+    fit = rows[~rows["held"].to_numpy(dtype=bool)]
+    if fit["view"].nunique() < 2:
+        raise ValueError(f"--view-data needs slices of at least 2 views, got {sorted(fit['view'].unique())}")
+    images = lambda r: np.stack([np.asarray(a, dtype=np.uint8) for a in r["image"]])  # noqa: E731
+    net = fit_view_net(images(fit), fit["view"].tolist(), seed=cfg.seed)
+    report: dict[str, Any] = {
+        "model": "view net (64 px CNN, raytumor.scope.ViewNet)",
+        "train_slices": int(len(fit)),
+        "train_per_view": {str(k): int(v) for k, v in fit["view"].value_counts().items()},
+        "held_out_slices": int((rows["held"]).sum()),
+    }
+    held = rows[rows["held"].to_numpy(dtype=bool)]
     if len(held):
-        called = head.predict(_features(held))
-        truth = held["known_view"].to_numpy()
+        called = net.predict(images(held))
+        truth = held["view"].to_numpy()
         report["held_out_accuracy"] = float((called == truth).mean())
         report["held_out_per_view"] = {
             v: {"n": int((truth == v).sum()), "accuracy": float((called[truth == v] == v).mean())}
             for v in VIEWS
             if (truth == v).any()
         }
-    return head, report
+    return net, report
 
 
 def _scope_and_heads(
-    cfg: TrainConfig, meta: BundleMeta, preds: pd.DataFrame, staging: Path
-) -> tuple[Heads, dict[str, Any]]:
-    """The OOD reference (train features; threshold from validation), the view head, and the scope counts
-    over the real training examples; sets ``meta.scope`` and returns the heads and their metrics."""
+    cfg: TrainConfig, meta: BundleMeta, preds: pd.DataFrame, staging: Path, heads: Heads
+) -> dict[str, Any]:
+    """The OOD reference (train features; threshold from validation) into ``heads``, and the scope counts
+    over the real training examples; sets ``meta.scope`` and returns the heads' metrics."""
     ok = ok_mask(preds["error"])
     split = preds["split"].to_numpy()
     train, val = preds[ok & (split == "train")], preds[ok & (split == "val")]
@@ -156,21 +193,17 @@ def _scope_and_heads(
     ood = fit_ood(_features(train), train["label"].to_numpy(), layout)
     val_scores = ood.score(_features(val)) if len(val) else ood.score(_features(train))
     ood.threshold = fit_threshold(val_scores, cfg.ood_quantile)
-    head, view_report = _view_head(staging, cfg, layout[0])
-    # A training example's view: the manifest's, else its file's geometry (DICOM), else the view head's.
+    heads.ood = ood
+    # A training example's view: the manifest's, else its file's geometry (DICOM), else the view net's.
     n = len(train)
     views = np.full(n, None, dtype=object)
-    for col in ("known_view", "view_header"):
+    for col in ("known_view", "view_header", "model_view"):
         if col in train.columns:
             v = train[col].to_numpy(dtype=object)
             fill = np.array(
                 [x is None and isinstance(y, str) and bool(y) for x, y in zip(views, v, strict=True)]
             )
             views[fill] = v[fill]
-    if head is not None and n:
-        todo = np.array([v is None for v in views])
-        if todo.any():
-            views[todo] = head.predict(_features(train[todo]))
     seqs = train["sequence"].tolist() if "sequence" in train.columns else None
     synthetic = (
         train["synthetic"].fillna(False).astype(bool).tolist()
@@ -181,10 +214,10 @@ def _scope_and_heads(
     counts, n_syn = count_scope(names, views.tolist(), seqs, synthetic)
     scope = Scope(
         classes=list(meta.classes), counts=counts, synthetic=n_syn, min_examples=cfg.scope_min_examples,
-        ood_threshold=ood.threshold, ood_quantile=cfg.ood_quantile, view_head=head is not None,
+        ood_threshold=ood.threshold, ood_quantile=cfg.ood_quantile, view_head=heads.view is not None,
     )  # fmt: skip
     meta.scope = scope.to_dict()
-    # Say what the bundle will refuse, so a view head that misreads the training data shows at once.
+    # Say what the bundle will refuse, so a view net that misreads the training data shows at once.
     print(
         f"[raytumor] scope: views in scope {scope.views or 'none'} (>= {scope.min_examples} real examples of "
         "every class); real training examples per view: "
@@ -201,9 +234,8 @@ def _scope_and_heads(
             "fitted_on": {"reference": "train", "threshold": "val" if len(val) else "train"},
             "val_flagged": float((val_scores > ood.threshold).mean()) if len(val_scores) else None,
         },
-        **({"view_head": view_report} if view_report else {}),
     }
-    return Heads(view=head, ood=ood), metrics
+    return metrics
 
 
 def _assess(staging: Path, rows: pd.DataFrame) -> pd.DataFrame:
@@ -219,7 +251,7 @@ def _assess(staging: Path, rows: pd.DataFrame) -> pd.DataFrame:
         feats = np.zeros((len(rows), f.shape[1]), np.float32)
         feats[ok] = f
     ood = pr.ood_scores(feats) if feats.shape[1] else np.full(len(rows), np.nan, np.float32)
-    mv = pr.model_views(feats) if feats.shape[1] else None
+    mv = rows["model_view"].tolist() if "model_view" in rows.columns else None
     hv = rows["view_header"].tolist() if "view_header" in rows.columns else None
     mods = rows["modality"].tolist() if "modality" in rows.columns else None
     a = pr.assess(ood, mv, hv, mods, ok)
@@ -268,16 +300,21 @@ def export_bundle(
     fingerprints = data.fingerprints()
     staging = staging_dir(bundle_dir)
     shutil.rmtree(staging, ignore_errors=True)  # left by a crashed run
-    save_bundle(staging, state_dict, meta)
+    # The view net needs no classifier features: trained first, it calls every split's views below.
+    net, view_report = _view_net(data, cfg, meta)
+    heads: Heads | None = Heads(view=net)
+    if view_report:
+        meta.metrics["view_head"] = view_report
+    save_bundle(staging, state_dict, meta, heads=heads)
     preds = _predict_splits(staging, data, cfg)
     val = preds[preds["split"] == "val"]
     if cfg.target_sensitivity and len(val):
         _calibrate(meta, val, cfg.target_sensitivity)
-    heads = None
     if (ok_mask(preds["error"]) & (preds["split"] == "train").to_numpy()).any():
-        heads, head_metrics = _scope_and_heads(cfg, meta, preds, staging)
-        meta.metrics.update(head_metrics)
+        meta.metrics.update(_scope_and_heads(cfg, meta, preds, staging, heads))
         save_bundle(staging, state_dict, meta, heads=heads)
+    elif net is None:
+        heads = None
     test_preds = _assess(staging, preds[preds["split"] == "test"]).drop(columns=["features"], errors="ignore")
     prob_cols = [f"prob_{c}" for c in meta.classes]
     if len(test_preds) and meta.temperature != 1.0:
