@@ -230,9 +230,12 @@ def test_scores_a_folder_exactly_like_the_model(ray_session, head_bundle, tmp_pa
 
 
 @pytest.mark.ray
-def test_bad_input_corpus_rows_in_equal_rows_out(ray_session, bundle, bad_corpus, tmp_path, capsys):
+def test_bad_input_corpus_rows_in_equal_rows_out(
+    ray_session, bundle, bad_corpus, tmp_path, capsys, monkeypatch
+):
     from raytumor.score import get_args_parser, main
 
+    monkeypatch.setenv("RAYTUMOR_PROGRESS_S", "0.2")  # a progress line even in a job of seconds
     root, exp = bad_corpus
     out = tmp_path / "out"
     s = main(
@@ -259,6 +262,7 @@ def test_bad_input_corpus_rows_in_equal_rows_out(ray_session, bundle, bad_corpus
     assert s["errors"] == sum(v is not None for v in exp.values())
     printed = capsys.readouterr().out
     assert f"{len(exp)} rows: {len(exp) - s['errors']} scored, {s['errors']} errors" in printed
+    assert "[score] progress: " in printed and "rows/s" in printed
     # nothing was extracted next to the input, and no output file is named after a member
     assert not (root.parent / "escape.png").exists()
     assert {p.name for p in out.rglob("*") if p.is_file()} <= {"run.json", "summary.json"} | {

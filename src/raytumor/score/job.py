@@ -35,6 +35,7 @@ from raytumor.runtime import init_ray, predictor_resources
 from raytumor.score.actors import ScorePredictor
 from raytumor.score.adabn import adabn_state
 from raytumor.score.decode import collect_unreachable, map_read_decode, new_unreachable_key
+from raytumor.score.progress import PartCounter, ProgressReporter, existing_parts
 from raytumor.storage import StorageOptions, Units, get_filesystem, join, list_units, read_text, write_text
 
 
@@ -258,7 +259,9 @@ def run_pipeline(
         num_gpus=r["num_gpus"],
         batch_format="numpy",
     )
-    ds.write_parquet(spath, filesystem=sfs)
+    counter = PartCounter(sfs, spath, ignore=existing_parts(sfs, spath))
+    with ProgressReporter(counter, total=len(frame)):
+        ds.write_parquet(spath, filesystem=sfs)
     return collect_unreachable(unreachable_key)
 
 
