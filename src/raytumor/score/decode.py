@@ -12,12 +12,10 @@ from __future__ import annotations
 import atexit
 import bz2
 import copy
-import json
 import lzma
 import sys
 import tarfile
 import threading
-import uuid
 import zipfile
 import zlib
 from collections import Counter, OrderedDict
@@ -46,7 +44,6 @@ MAX_INFLATE_RATIO = 100
 RATIO_FREE_BYTES = 16 << 20
 _CHUNK = 1 << 20  # inflate/read step: memory beyond the member itself stays at this
 _RAW_CHUNK = 16 << 10  # compressed bytes read at a time from a compressed tar
-UNREACHABLE_NAMESPACE = "raytumor_unreachable"
 
 DECODED_COLUMNS = (
     "path", "kind", "format", "n_slices", "slice_index", "spacing", "pixels", "view_header", "modality",
@@ -298,39 +295,48 @@ def _raw_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Units that storage did not answer for: reported through Ray's GCS key-value store (no actor, nothing to
-# start), so the driver can count them after the pipeline even for tar archives, whose members have no
-# listed id.
+# Units that storage did not answer for: the read tasks tell a small actor of the driver's (no CPU), so the
+# driver can count them after the pipeline, even for tar archives, whose members have no listed id.
 
 
-def report_unreachable(key: str | None, ids: list[str]) -> None:
-    if not key or not ids:
+class UnreachableLog:
+    """Ids of the units storage did not answer for (a Ray actor: ``new_unreachable_log``)."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+
+    def add(self, ids: list[str]) -> None:
+        self._ids.update(ids)
+
+    def ids(self) -> list[str]:
+        return sorted(self._ids)
+
+
+def new_unreachable_log() -> Any:
+    import ray
+
+    return ray.remote(num_cpus=0)(UnreachableLog).remote()
+
+
+def report_unreachable(log: Any, ids: list[str]) -> None:
+    if log is None or not ids:
         return
     try:
-        from ray.experimental import internal_kv
+        import ray
 
-        internal_kv._internal_kv_put(
-            f"{key}/{uuid.uuid4().hex}", json.dumps(ids), namespace=UNREACHABLE_NAMESPACE
-        )
+        ray.get(log.add.remote(list(ids)))  # recorded before the task that found them ends
     except Exception as e:  # the listed ones still show as missing rows
         print(f"[score] could not report {len(ids)} unreachable inputs: {e}", file=sys.stderr)
 
 
-def collect_unreachable(key: str) -> list[str]:
-    """Ids reported under ``key`` by the read tasks (and removed from the store)."""
-    from ray.experimental import internal_kv
+def collect_unreachable(log: Any) -> list[str]:
+    """The ids the read tasks reported (the log actor is released)."""
+    import ray
 
-    ids: list[str] = []
-    for k in internal_kv._internal_kv_list(f"{key}/", namespace=UNREACHABLE_NAMESPACE):
-        v = internal_kv._internal_kv_get(k, namespace=UNREACHABLE_NAMESPACE)
-        if v:
-            ids += json.loads(v)
-    internal_kv._internal_kv_del(f"{key}/", del_by_prefix=True, namespace=UNREACHABLE_NAMESPACE)
-    return sorted(set(ids))
-
-
-def new_unreachable_key() -> str:
-    return f"run-{uuid.uuid4().hex}"
+    try:
+        return ray.get(log.ids.remote())
+    finally:
+        ray.kill(log)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,7 +345,7 @@ def new_unreachable_key() -> str:
 class ReadDecode:
     """Callable for ``map_batches``: unit rows in, decoded rows out (tars expand to one row per member).
     Units that storage did not answer for after the retries get no row: their ids are in ``unreachable``
-    and reported under ``unreachable_key``."""
+    and reported under ``unreachable_log``."""
 
     def __init__(
         self,
@@ -351,7 +357,7 @@ class ReadDecode:
         out_rows: int = 32,
         preprocess: dict | None = None,
         volume_range: tuple[float, float] = (0.0, 0.0),
-        unreachable_key: str | None = None,
+        unreachable_log: Any = None,
         max_inflated_bytes: int = MAX_INFLATED_BYTES,
     ) -> None:
         self.prep = PreprocessConfig.from_dict(preprocess) if preprocess else None
@@ -365,7 +371,7 @@ class ReadDecode:
         self.out_rows = out_rows
         self.retry = Retrier.for_storage(storage)
         self.unreachable: list[str] = []
-        self.unreachable_key = unreachable_key
+        self.unreachable_log = unreachable_log
         self._reported = 0
         self._checked: set[str] = set()  # archives validated in this task
 
@@ -395,7 +401,7 @@ class ReadDecode:
             if rows:
                 yield columns(rows)
         finally:
-            report_unreachable(self.unreachable_key, self.unreachable[self._reported :])
+            report_unreachable(self.unreachable_log, self.unreachable[self._reported :])
             self._reported = len(self.unreachable)
 
     def _one(self, batch: dict[str, np.ndarray], i: int) -> dict | None:
@@ -548,7 +554,7 @@ def read_decode_task(
     listing_errors: dict[str, str],
     preprocess: dict | None = None,
     volume_range: tuple[float, float] = (0.0, 0.0),
-    unreachable_key: str | None = None,
+    unreachable_log: Any = None,
     max_inflated_bytes: int = MAX_INFLATED_BYTES,
 ) -> Iterator[dict[str, Any]]:
     """Ray Data task body: units whose fate was decided while listing pass through as error rows."""
@@ -570,7 +576,7 @@ def read_decode_task(
         done_ids,
         preprocess=preprocess,
         volume_range=volume_range,
-        unreachable_key=unreachable_key,
+        unreachable_log=unreachable_log,
         max_inflated_bytes=max_inflated_bytes,
     )(batch)
 
@@ -586,11 +592,11 @@ def map_read_decode(
     *,
     done_ids: Any = None,
     errors: dict[str, str] | None = None,
-    unreachable_key: str | None = None,
+    unreachable_log: Any = None,
 ) -> Any:
     """The read/decode stage shared by the AdaBN pass and scoring: same decoding, preprocessing and slice
     range, so the statistics are those of exactly what the scoring actors will see. Units storage did not
-    answer for get no row; their ids go to :func:`collect_unreachable` (``unreachable_key``)."""
+    answer for get no row; their ids go to :func:`collect_unreachable` (``unreachable_log``)."""
     return ds.map_batches(
         read_decode_task,
         fn_kwargs={
@@ -602,7 +608,7 @@ def map_read_decode(
             "volume_range": volume_range,
             "done_ids": done_ids,
             "listing_errors": errors or {},
-            "unreachable_key": unreachable_key,
+            "unreachable_log": unreachable_log,
             "max_inflated_bytes": getattr(cfg, "max_inflated_bytes", MAX_INFLATED_BYTES),
         },
         batch_size=batch_size,

@@ -34,7 +34,7 @@ from raytumor.results import (
 from raytumor.runtime import init_ray, predictor_resources
 from raytumor.score.actors import ScorePredictor
 from raytumor.score.adabn import adabn_state
-from raytumor.score.decode import collect_unreachable, map_read_decode, new_unreachable_key
+from raytumor.score.decode import collect_unreachable, map_read_decode, new_unreachable_log
 from raytumor.score.progress import PartCounter, ProgressReporter, existing_parts
 from raytumor.storage import StorageOptions, Units, get_filesystem, join, list_units, read_text, write_text
 
@@ -228,13 +228,13 @@ def run_pipeline(
     sfs.create_dir(spath, recursive=True)
     if not p.n_todo:
         return []
-    unreachable_key = new_unreachable_key()
+    unreachable_log = new_unreachable_log()
     done_ref = ray.put(p.done) if p.done and (p.todo["kind"] == "tar").any() else None
     frame = p.frame()
     ds = ray.data.from_pandas(frame).repartition(max(1, -(-len(frame) // cfg.units_per_block)))
     ds = map_read_decode(
         ds, cfg, meta, storage, r, cfg.volume_range, cfg.units_per_block, done_ids=done_ref,
-        errors=dict(p.listing_errors), unreachable_key=unreachable_key,
+        errors=dict(p.listing_errors), unreachable_log=unreachable_log,
     )  # fmt: skip
     ds = ds.map_batches(
         ScorePredictor,
@@ -262,7 +262,7 @@ def run_pipeline(
     counter = PartCounter(sfs, spath, ignore=existing_parts(sfs, spath))
     with ProgressReporter(counter, total=len(frame)):
         ds.write_parquet(spath, filesystem=sfs)
-    return collect_unreachable(unreachable_key)
+    return collect_unreachable(unreachable_log)
 
 
 def finish(
