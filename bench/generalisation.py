@@ -45,6 +45,7 @@ DATA = REPO.parent / "shared" / "data"
 BR35H = DATA / "br35h-3000"
 TCGA = DATA / "tcga-lgg-3site" / "manifest.csv"
 IXI = DATA / "ixi-t1-nichart-42" / "nifti"
+SOURCES = ("br35h", "tcga", "ixi")
 
 
 def ixi_folds() -> tuple[list[Path], list[Path]]:
@@ -201,10 +202,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from raytumor.train import TrainConfig, run_training
 
     root = Path(args.out).resolve()
+    sources = args.sources.split(",")
     fold = (
         f"loso-{args.holdout_site}-{args.metric}"
         + ("-tv" if args.tcga_views else "")
         + (f"-bal{args.balance_sources:g}" if args.balance_sources else "")
+        + ("" if sources == list(SOURCES) else "-" + "+".join(sources))
     )
     work = root / fold
     work.mkdir(parents=True, exist_ok=True)
@@ -223,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     t0 = time.time()
     cfg = TrainConfig(
-        data=[str(BR35H), str(TCGA), str(ixi_axial)],
+        data=[str(d) for k, d in (("br35h", BR35H), ("tcga", TCGA), ("ixi", ixi_axial)) if k in sources],
         holdout_source=f"tcga-lgg-{args.holdout_site}",
         view_data=[str(ixi_views)] + ([str(tcga_views)] if args.tcga_views else []),
         out=str(work), name="run", image_size=args.image_size, epochs=args.epochs, patience=args.patience,
@@ -287,7 +290,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ixi["volume_labels"] = vrows["label"].value_counts().to_dict()
     res["ixi_B"] = ixi
 
-    # view head on 2-D axial collections (all of br35h-3000)
+    if args.quick:  # the ablation's numbers: held-out site and IXI fold B only
+        res["bench_seconds"] = round(time.time() - t0, 1)
+        (work / "result.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+        return res
+    # view net on 2-D axial collections (all of br35h-3000)
     br = score_folder(bundle, BR35H, work / "score_br35h")
     res["br35h_axial_share"] = float((br["view"] == "axial").mean())
     res["br35h_out_of_scope_reasons"] = br["scope_reason"].value_counts().to_dict()
@@ -330,6 +337,10 @@ def main() -> None:
         "--tcga-views", action="store_true", help="view head also learns from TCGA training-site volumes"
     )
     p.add_argument("--balance-sources", type=float, default=0.0)
+    p.add_argument(
+        "--sources", default=",".join(SOURCES), help="training sources for the ablation (TCGA always in)"
+    )
+    p.add_argument("--quick", action="store_true", help="held-out site and IXI fold B only")
     args = p.parse_args()
     if not TCGA.is_file():
         sys.exit(f"needs {TCGA}")
