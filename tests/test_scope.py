@@ -313,3 +313,17 @@ def test_known_view_fills_views_a_manifest_lacks_and_is_checked():
     assert declared_views(man.drop(columns="view"), TrainConfig(data=["x"])).isna().all()
     with pytest.raises(ValueError, match="SOURCE=VIEW"):
         TrainConfig(data=["x"], known_view=["tcga-lgg-*=axail"])
+
+
+def test_a_bundle_with_heads_but_no_scope_yet_loads(head_bundle, tmp_path):
+    # what training writes first: the view net's heads, the scope counted only after the feature pass
+    out = tmp_path / "staging"
+    shutil.copytree(head_bundle.bundle, out)
+    x, v = _plane_images(8, 96, seed=3)
+    meta = read_meta(out)
+    meta.scope = {}
+    state = torch.load(out / "model.pt", weights_only=True)
+    save_bundle(out, state, meta, heads=Heads(fit_view_net(x, v, max_steps=5, batch_size=8)))
+    assert set(read_meta(out).scope) == {"heads_sha256"}
+    pr = Predictor.from_bundle(out, device="cpu")
+    assert pr.heads.view is not None and not pr.scope_recorded
