@@ -137,10 +137,11 @@ def fit_view_net(
     lr: float = 3e-3,
     seed: int = 0,
     max_steps: int = 1000,
+    min_steps: int = 300,
 ) -> ViewNet:
     """Train a :class:`ViewNet` on (N, S, S) uint8 inputs with known views (class-balanced batches,
-    AdamW with one-cycle decay, :func:`_view_augment` on every batch; at most ``max_steps`` steps, ~3 min on
-    two CPU cores)."""
+    AdamW with one-cycle decay, :func:`_view_augment` on every batch; 30 epochs within [``min_steps``,
+    ``max_steps``] steps, at most ~3 min on two CPU cores)."""
     names = [v for v in VIEWS if v in set(views)] + sorted(set(views) - set(VIEWS))
     if len(names) < 2:
         raise ValueError(f"a view net needs examples of at least 2 views, got {names}")
@@ -151,7 +152,8 @@ def fit_view_net(
     net = ViewNet(names)
     counts = torch.bincount(y, minlength=len(names)).clamp(min=1).float()
     weights = (1.0 / counts)[y]
-    total = max(1, min(max_steps, epochs * max(1, len(y) // batch_size)))
+    # a small view set still gets enough augmented batches to learn the planes (~1 min on 2 cores)
+    total = max(1, min(max_steps, max(min_steps, epochs * max(1, len(y) // batch_size))))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
     net.train()
