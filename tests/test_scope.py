@@ -305,7 +305,7 @@ def test_known_view_fills_views_a_manifest_lacks_and_is_checked():
         {
             "path": ["a", "b", "c", "d"],
             "source": ["tcga-lgg-CS", "tcga-lgg-DU", "br35h-3000", "IXI"],
-            "view": [None, None, None, "coronal"],
+            "view": pd.array([pd.NA, None, None, "coronal"], dtype="string"),  # as concatenated manifests are
         }
     )
     cfg = TrainConfig(data=["x"], known_view=["tcga-lgg-*=axial"])

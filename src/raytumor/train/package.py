@@ -109,7 +109,10 @@ def declared_views(man: pd.DataFrame, cfg: TrainConfig) -> pd.Series:
     """Each file's known view: its manifest's ``view``, else the first ``--known-view`` pattern its source
     matches, else None."""
     given = man["view"] if "view" in man.columns else [None] * len(man)
-    views = pd.Series([v if v in VIEWS else None for v in given], index=man.index, dtype=object)
+    # manifests of several sources mix views with missing values (NaN, pd.NA): only names count
+    views = pd.Series(
+        [v if isinstance(v, str) and v in VIEWS else None for v in given], index=man.index, dtype=object
+    )
     if cfg.known_view and "source" in man.columns:
         src = man["source"].astype(str)
         for pattern, view in known_views(cfg.known_view):
