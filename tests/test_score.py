@@ -514,3 +514,23 @@ def test_adabn_and_flip_tta_rows_record_the_adaptation(ray_session, bundle, phan
         score(replace(cfg, adapt="none"))
     again = score(cfg)
     assert again["this_run_units"] == 0 and again["rows"] == 40 and "adabn" not in again
+
+
+@pytest.mark.ray
+def test_score_command_in_a_fresh_process(head_bundle, tmp_path):
+    """`raytumor score` as a user runs it: a new process with no Ray yet (it starts its own session)."""
+    from tests.conftest import run_env
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in list(head_bundle.eval["path"])[:3]:
+        (src / Path(p).name).write_bytes(Path(p).read_bytes())
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "raytumor"), "score", "--bundle", str(head_bundle.bundle),
+         "--input", str(src), "--output", str(out)],
+        capture_output=True, text=True, env=run_env(tmp_path / "ray"), timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[score] 3 rows:" in r.stdout
+    assert len(read_scores(str(out))) == 3

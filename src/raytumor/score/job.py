@@ -335,11 +335,12 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
         + (f", {p.removed_parts} partial parts from an interrupted run removed" if p.removed_parts else ""),
         flush=True,
     )
-    r = predictor_resources()
-    gpu = r["num_gpus"] > 0
     bn_state, adapt_info = None, None
     if p.n_todo:  # nothing left to score (a finished run): no Ray at all
         init_ray()
+    # sized from the cluster, so only once Ray is up (without it: no actors are needed)
+    r = predictor_resources() if p.n_todo else {"num_gpus": 0, "size": 0}
+    gpu = r["num_gpus"] > 0
     if cfg.adapt == "adabn" and p.n_todo:
         bn_state, adapt_info = adabn_state(cfg, p.units, meta, storage, r)
     # CPU: small batches stay in cache; measured on 2 cores, 1-thread replica, images/s at 8/16/32/64:
