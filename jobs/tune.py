@@ -1,6 +1,8 @@
 """Entry point for `ray job submit -- python jobs/tune.py ...` (same as `raytumor tune`)."""
 
-from raytumor.tune import get_args_parser, main
+import sys
+
+from raytumor.cli import run
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(run(["tune", *sys.argv[1:]]))

@@ -367,3 +367,29 @@ def test_torchvision_imagenet_uses_hub_cache(tmp_path, _no_downloads):
     model = create_model("resnet18", 2, weights="imagenet")
     assert torch.equal(model.backbone.conv1.weight, sd["conv1.weight"])
     assert not _no_downloads
+
+
+def test_train_and_tune_refuse_unavailable_weights_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """Offline, `--backbone resnet18 --weights imagenet` failed inside every training worker after Ray had
+    started (the demo's search printed a traceback per trial): now one line on the driver, nothing made."""
+    import raytumor.train.job as train_job
+    import raytumor.tune as tune_mod
+    from raytumor.cli import main
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(train_job, "init_ray", no_ray)
+    monkeypatch.setattr(tune_mod, "init_ray", no_ray)
+    out = tmp_path / "runs"
+    assert main(["train", "--data", str(tmp_path), "--out", str(out), "--backbone", "resnet18"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raytumor train: error: ImageNet weights for resnet18") and "Traceback" not in err
+    space = tmp_path / "space.yaml"
+    space.write_text("space:\n  backbone: [efficientnet_lite0, resnet18]\n")
+    assert main(["tune", "--data", str(tmp_path), "--out", str(out), "--config", str(space)]) == 2
+    assert "ImageNet weights for resnet18" in capsys.readouterr().err
+    assert not out.exists()
+    # weights that are there pass the check: the packaged Lite0 checkpoint, and no pretrained weights at all
+    M.check_weights("efficientnet_lite0", "imagenet")
+    M.check_weights("resnet18", "none")

@@ -14,7 +14,8 @@ from importlib import import_module
 
 import raytumor
 from raytumor.config import HelpFormatter, apply_config_file
-from raytumor.model import list_backbones
+from raytumor.model import WeightsUnavailableError, list_backbones
+from raytumor.runtime import filter_native_stderr
 
 # name -> (module, help); modules expose get_args_parser(add_help) and main(args). Modules are imported when
 # the parser is built, so `raytumor --help` stays fast (Ray itself is imported only by a stage's work).
@@ -40,14 +41,14 @@ DEBUG_HELP = "show the full traceback of an error instead of one line"
 
 
 def user_error(e: BaseException) -> bool:
-    """Foreseeable errors the message explains (bad paths, storage, bundles, configs, values): ValueError
-    (incl. BundleError), OSError (incl. FileNotFoundError), YAML. Ray's wrapped worker errors, which may
+    """Foreseeable errors the message explains (bad paths, storage, bundles, configs, values, weights
+    offline): ValueError (incl. BundleError), OSError (incl. FileNotFoundError), YAML, WeightsUnavailable. Ray's wrapped worker errors, which may
     subclass ValueError too, and anything else are bugs: they keep their traceback."""
     import yaml
 
     if type(e).__module__.split(".")[0] == "ray":
         return False
-    return isinstance(e, (ValueError, OSError, yaml.YAMLError))
+    return isinstance(e, (ValueError, OSError, yaml.YAMLError, WeightsUnavailableError))
 
 
 def _backbones(_: argparse.Namespace) -> None:
@@ -106,5 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """The console command and ``jobs/*.py``: :func:`main` in a process of its own, whose log is kept
+    free of Ray's known-harmless native lines (``--debug`` keeps everything)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--debug" not in argv:
+        filter_native_stderr()
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -18,6 +18,7 @@ from typing import Any
 
 from raytumor.config import from_args, opt, stage_parser
 from raytumor.evaluate import format_table
+from raytumor.model import list_backbones
 from raytumor.phantoms import write_phantom_dataset
 from raytumor.report import build_report
 from raytumor.runtime import init_ray
@@ -45,6 +46,12 @@ class DemoConfig:
     @property
     def backbone_list(self) -> list[str]:
         return [b for b in self.backbones.split(",") if b]
+
+    def __post_init__(self) -> None:
+        # Checked before any phantom is written or Ray starts (issue 14: validate inputs first).
+        unknown = [b for b in self.backbone_list if b not in list_backbones()]
+        if unknown or not self.backbone_list:
+            raise ValueError(f"--backbones: unknown {unknown or self.backbones!r}; known: {list_backbones()}")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

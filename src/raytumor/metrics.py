@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torchmetrics.functional as tmf
 
 from raytumor.groups import cluster_ids
 
@@ -214,6 +213,8 @@ def compute_metrics(
 
 
 def _multiclass(labels: np.ndarray, probs: np.ndarray, c: int) -> dict[str, Any]:
+    import torchmetrics.functional as tmf  # lazily: ~1.4 s of imports every scoring actor would pay
+
     p, t = torch.from_numpy(probs), torch.from_numpy(labels)
     return {
         "mc_accuracy": float(tmf.accuracy(p, t, task="multiclass", num_classes=c, average="micro")),
@@ -240,6 +241,8 @@ def _binary_point(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, A
     tp, fp, fn, tn = (int(v) for v in confusion_counts(y == 1, s >= threshold))
     v = rates(tp, fp, fn, tn)
     both = 0 < y.sum() < len(y)
+    import torchmetrics.functional as tmf
+
     auc = (
         float(tmf.auroc(torch.from_numpy(s.astype(np.float32)), torch.from_numpy(y), task="binary"))
         if both

@@ -291,6 +291,15 @@ def create_model(
     return model
 
 
+def check_weights(backbone: str, weights: str | os.PathLike | None) -> None:
+    """On the driver, before Ray starts: ImageNet weights that cannot be had (offline, nothing cached) or a
+    state dict that does not fit fail here in one line, not later in every training worker. Building the
+    model once fetches torchvision's file into the hub cache where the network allows."""
+    mode, _ = _parse_weights(weights)
+    if mode != "none":
+        create_model(backbone, 2, weights=weights)
+
+
 def _parse_weights(weights: str | os.PathLike | None) -> tuple[str, Path | None]:
     if weights is None:
         return "none", None
@@ -605,6 +614,7 @@ __all__ = [
     "LITE_STD",
     "TumorClassifier",
     "WeightsUnavailableError",
+    "check_weights",
     "convert_lukemelas_state_dict",
     "count_parameters",
     "create_model",

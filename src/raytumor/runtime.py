@@ -19,8 +19,8 @@ from typing import Any
 
 log = logging.getLogger("raytumor")
 
-# Set in the workers of an in-process session by `_pin_session_address` (the runtime_env setup hook).
-_SETUP_HOOK = "raytumor.runtime._pin_session_address"
+# Run in every worker of an in-process session (the runtime_env setup hook).
+_SETUP_HOOK = "raytumor.runtime._setup_worker"
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
@@ -37,6 +37,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     # No address: a fresh in-process Ray ("local"), never a stale cluster left in /tmp/ray by `ray start`.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs.setdefault("log_to_driver", True)
+    quiet_ray_internal_warnings()
     if address != "local":
         ray.init(address=address, **kwargs)
     else:
@@ -44,11 +45,14 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         # killed trial's resources (Tune/ASHA stops); without it the cleaner only logs warnings.
         kwargs.setdefault("include_dashboard", os.environ.get("RAYTUMOR_DASHBOARD", "1") != "0")
         _isolate_local_session(ray, kwargs)
+        _wait_for_resources(ray)
         start_watchdog()
-    # Quieter progress output; the jobs print their own summaries.
+    # Quieter progress output; the jobs print their own summaries and progress lines, so Ray Data's
+    # warning that its bars are off is noise in every run's log.
     ray.data.DataContext.get_current().enable_progress_bars = bool(
         int(os.environ.get("RAYTUMOR_PROGRESS", "0"))
     )
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def _isolate_local_session(ray: Any, kwargs: dict[str, Any]) -> None:
@@ -72,6 +76,10 @@ def _isolate_local_session(ray: Any, kwargs: dict[str, Any]) -> None:
     The driver's environment is left as it was, so child processes (other runs) start their own session.
     """
     from ray._private.utils import write_ray_address
+
+    # Ray's default for a new local cluster (token auth) stays; its warning that it is the default, at the
+    # top of every run, goes (RAY_AUTH_MODE=disabled still opts out, README "Security").
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_quiet_auth_default)
 
     root = tempfile.mkdtemp(prefix="rt", dir=_temp_base())
     temp_dir = os.path.join(root, "ray")  # = Ray's default temp dir for RAY_TMPDIR=root
@@ -99,6 +107,22 @@ def _isolate_local_session(ray: Any, kwargs: dict[str, Any]) -> None:
 _SOCKET_TAIL = len("/rtxxxxxxxx/ray/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
 
 
+def _wait_for_resources(ray: Any, timeout_s: float = 30.0) -> None:
+    """Return once a new local session reports its CPUs. Right after ``ray.init`` the resource view can be
+    empty: actors would be sized for 1 CPU (``predictor_resources``) and Ray Data warns that the job
+    will hang."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU") and ray.cluster_resources().get("CPU"):
+            return
+        time.sleep(0.1)
+    log.warning("Ray reports no available CPU %.0f s after it started; the job may wait for one", timeout_s)
+
+
+def _quiet_auth_default(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def _temp_base() -> str:
     """Where session roots go: RAY_TMPDIR, else the system temp dir, else /tmp, whichever is short enough
     for Ray's socket paths (a long TMPDIR would otherwise fail ray.init)."""
@@ -118,9 +142,19 @@ def session_info() -> dict[str, str]:
     return dict(_SESSION)
 
 
-def _pin_session_address() -> None:
+def quiet_ray_internal_warnings() -> None:
+    """Warnings Ray raises about its own internals, which no option of ours changes: Train V2's dataset
+    manager still sets the deprecated ``ExecutionOptions.exclude_resources`` (Ray 2.60)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
+
+
+def _setup_worker() -> None:
     """Worker setup hook of an in-process session: Ray's own address discovery (State API clients, e.g.
-    Train's placement-group cleaner) must find this worker's cluster, never another one on the machine."""
+    Train's placement-group cleaner) must find this worker's cluster, never another one on the machine;
+    and the worker's log stays free of Ray's warnings about its own internals."""
+    quiet_ray_internal_warnings()
     try:
         import ray
 
@@ -129,6 +163,65 @@ def _pin_session_address() -> None:
         os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     except Exception:  # noqa: BLE001 - a failed hook would kill the worker; discovery then falls back to the file
         log.debug("could not pin the session address", exc_info=True)
+
+
+# Lines Ray's C++ core writes straight to the driver's fd 2 that say nothing about the run. Ray Data
+# hands every map actor its own context by object reference, which core logs at ERROR for each actor
+# it starts (ray-project/ray#57733); harmless while the driver, which owns those references, lives.
+NATIVE_NOISE: tuple[bytes, ...] = (b"has constructor arguments in the object store and max_restarts > 0",)
+_STDERR_FILTER: dict[str, Any] = {}
+
+
+def filter_native_stderr(patterns: tuple[bytes, ...] = NATIVE_NOISE) -> None:
+    """Drop lines containing ``patterns`` from this process's fd 2 (native code bypasses Python's
+    logging, so only a pipe sees them); every other byte passes through unchanged and in order. For
+    command-line entry points only: restored at exit, after Ray has stopped (atexit runs LIFO)."""
+    import select
+
+    if _STDERR_FILTER:
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        r, w = os.pipe()
+        os.dup2(w, 2)
+        os.close(w)
+    except OSError:  # no usable fd 2 (a daemon): nothing to filter
+        return
+
+    def write(data: bytes) -> None:
+        while data:
+            data = data[os.write(saved, data) :]
+
+    def pump() -> None:
+        buf = b""
+        while True:
+            # A partial line (a prompt, a \r progress bar) is passed on after 0.2 s without more bytes.
+            if buf and not select.select([r], [], [], 0.2)[0]:
+                write(buf)
+                buf = b""
+                continue
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            *lines, buf = (buf + chunk).split(b"\n")
+            write(b"".join(ln + b"\n" for ln in lines if not any(p in ln for p in patterns)))
+        write(buf)
+        os.close(r)
+
+    t = threading.Thread(target=pump, daemon=True, name="raytumor-stderr-filter")
+    t.start()
+
+    def restore() -> None:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)  # drops the pipe's last writer here: the pump drains it and sees EOF
+        t.join(timeout=2.0)
+
+    _STDERR_FILTER.update(thread=t, saved=saved)
+    atexit.register(restore)
 
 
 def _remove_session_dir(root: str) -> None:

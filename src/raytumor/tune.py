@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from raytumor.config import HelpFormatter, add_options, echo, from_args, opt
-from raytumor.model import list_backbones
+from raytumor.model import check_weights, list_backbones
 from raytumor.runtime import init_ray, train_resources
 from raytumor.storage import StorageOptions, get_filesystem
 from raytumor.train import (
@@ -158,16 +158,21 @@ def validate_space(space: dict[str, Any], fixed: dict[str, Any] | None = None) -
                     )
                 if kind == "loguniform" and args[0] <= 0:
                     raise ValueError(f"search space: {key}: loguniform bounds must be > 0")
-            values = args if kind in ("choice", "grid") else []
-        else:
-            values = spec if isinstance(spec, list) else [spec]
-        if key == "backbone":
-            unknown = sorted(set(values) - set(list_backbones()))
-            if unknown:
-                raise ValueError(f"search space: unknown backbone(s) {unknown}; known: {list_backbones()}")
+    unknown = sorted(set(space_values(space, "backbone", [])) - set(list_backbones()))
+    if unknown:
+        raise ValueError(f"search space: unknown backbone(s) {unknown}; known: {list_backbones()}")
     for key in fixed or {}:
         if key not in train_fields or key in ("data", "out", "name"):
             raise ValueError(f"fixed: {key!r} is not a training option")
+
+
+def space_values(space: dict[str, Any], key: str, default: Any) -> list[Any]:
+    """Every value ``key`` can take in a (validated) space: a list, a choice/grid, or a scalar."""
+    spec = space.get(key, default)
+    if isinstance(spec, dict):
+        kind, args = next(iter(spec.items()))
+        return list(args) if kind in ("choice", "grid") else []
+    return list(spec) if isinstance(spec, list) else [spec]
 
 
 def to_param_space(space: dict[str, Any]) -> dict[str, Any]:
@@ -470,6 +475,8 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
 
     t0 = time.time()
     validate_space(cfg.space, cfg.fixed)
+    for backbone in space_values(cfg.space, "backbone", cfg.fixed.get("backbone", cfg.train.backbone)):
+        check_weights(backbone, cfg.fixed.get("weights", cfg.train.weights))
     init_ray()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

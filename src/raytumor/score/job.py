@@ -231,7 +231,8 @@ def run_pipeline(
     unreachable_log = new_unreachable_log()
     done_ref = ray.put(p.done) if p.done and (p.todo["kind"] == "tar").any() else None
     frame = p.frame()
-    ds = ray.data.from_pandas(frame).repartition(max(1, -(-len(frame) // cfg.units_per_block)))
+    n_blocks = max(1, -(-len(frame) // cfg.units_per_block))
+    ds = ray.data.from_pandas(frame).repartition(n_blocks)
     ds = map_read_decode(
         ds, cfg, meta, storage, r, cfg.volume_range, cfg.units_per_block, done_ids=done_ref,
         errors=dict(p.listing_errors), unreachable_log=unreachable_log,
@@ -252,7 +253,8 @@ def run_pipeline(
             "adaptation": cfg.adaptation,
             "score_out_of_scope": cfg.score_out_of_scope,
         },
-        compute=ActorPoolStrategy(size=cfg.num_actors or r["size"]),
+        # never more replicas than blocks: an idle replica only costs its start (and Ray warns of it)
+        compute=ActorPoolStrategy(size=min(n_blocks, cfg.num_actors or r["size"])),
         # A GPU wants whole forward batches; blocks stay small (resume granularity) and get bundled.
         batch_size=max(cfg.units_per_block, batch_size if gpu else 0),
         num_cpus=r["num_cpus"],

@@ -15,7 +15,7 @@ from raytumor.augment import AugmentConfig, augment_batch, store_size
 from raytumor.config import comma_list
 from raytumor.ingest import Catalogue, build_catalogue, decode_dataset
 from raytumor.preprocess import parse_spec
-from raytumor.scan import has_error
+from raytumor.scan import ok_mask
 from raytumor.storage import StorageOptions
 from raytumor.train.config import TrainConfig
 
@@ -246,6 +246,12 @@ def balance_sources(files: pd.DataFrame, share: float, seed: int) -> pd.DataFram
     return out
 
 
+def drop_error_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows that decoded (a vectorised filter: Ray Data's row-wise ``filter(fn)`` is slower and warns)."""
+    keep = ok_mask(batch["error"])
+    return batch if keep.all() else {k: v[keep] for k, v in batch.items()}
+
+
 def build_datasets(train_files: pd.DataFrame, val_files: pd.DataFrame, cfg: TrainConfig) -> tuple[Any, Any]:
     """Ray datasets for one training run: decoded (and preprocessed) once at store size, augmented afresh
     each epoch."""
@@ -273,7 +279,7 @@ def build_datasets(train_files: pd.DataFrame, val_files: pd.DataFrame, cfg: Trai
         preprocess=prep,
     )
     train_base = (
-        train_base.filter(lambda r: not has_error(r["error"]))
+        train_base.map_batches(drop_error_rows, batch_format="numpy")
         .select_columns(["image", "label"])
         .materialize()
     )
@@ -287,7 +293,7 @@ def build_datasets(train_files: pd.DataFrame, val_files: pd.DataFrame, cfg: Trai
         indexed(val_files, False), storage=storage, image_size=image_size, fingerprints=False, preprocess=prep
     )
     val_ds = (
-        val_ds.filter(lambda r: not has_error(r["error"]))
+        val_ds.map_batches(drop_error_rows, batch_format="numpy")
         .select_columns(["image", "label", "idx", "source_idx"])
         .materialize()
     )

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from raytumor.config import echo, from_args, stage_parser
+from raytumor.model import check_weights
 from raytumor.runtime import init_ray, train_resources
 from raytumor.train.config import TrainConfig, is_min_metric, resolve_metric
 from raytumor.train.data import Grouping, build_datasets, check_metric, prepare_split
@@ -122,6 +123,7 @@ def run_training(
     ``callbacks``: extra ``ray.train.UserCallback`` objects (e.g. to see every worker's reports);
     ``worker_callbacks``: see :func:`make_trainer`."""
     t0 = time.time()
+    check_weights(cfg.backbone, cfg.weights)
     init_ray()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
