@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -317,3 +318,20 @@ def stop_group(p: subprocess.Popen) -> None:
             continue
         except ProcessLookupError:
             return
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_RAY_PREFIX = re.compile(r"^\([\w()>.-]+ pid=\w+(, ip=[\d.]+)?\)\s*")
+_OWN_LINE = re.compile(r"^\[(demo|score|raytumor|train|tune|cv|evaluate|report|slices)\]")
+_WARNING_LINE = re.compile(r"warn|\bE \d+ \d+\]|error|traceback|deprecat", re.IGNORECASE)
+
+
+def log_warnings(log: str) -> list[str]:
+    """The lines of a run's output that warn or report an error, other than raytumor's own lines (whose
+    counts say "0 errors"): a run's log must have none (issue 14)."""
+    out = []
+    for raw in log.splitlines():
+        line = _RAY_PREFIX.sub("", _ANSI.sub("", raw).strip())
+        if _WARNING_LINE.search(line) and not _OWN_LINE.match(line):
+            out.append(raw)
+    return out

@@ -80,6 +80,8 @@ def test_native_stderr_filter_drops_only_the_known_lines():
         "filter_native_stderr()\n"
         "os.write(2, b'first\\n[2026 E 1 1] core_worker.cc:2465: Actor X has constructor arguments in the "
         "object store and max_restarts > 0. See\\nsecond\\n')\n"
+        "os.write(2, b'[gcs_server] (gcs_server) Failed to kill actor 96af: RpcError: Socket closed\\n')\n"
+        "os.write(2, b'(gcs_server) Failed to kill actor 96af: out of memory\\n')\n"
         "os.write(2, b'partial')\n"
         "time.sleep(0.6)\n"
         "sys.stderr.write(' line\\n')\n"
@@ -87,7 +89,10 @@ def test_native_stderr_filter_drops_only_the_known_lines():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert r.returncode == 1
-    assert r.stderr == b"first\nsecond\npartial line\nbye\n", r.stderr
+    assert (
+        r.stderr
+        == b"first\nsecond\n(gcs_server) Failed to kill actor 96af: out of memory\npartial line\nbye\n"
+    )
 
 
 def test_version(capsys):

@@ -61,6 +61,10 @@ def test_demo_job_end_to_end(tmp_path):
     )
     for line in ("search leaderboard:", "bundle:", "scores:", "holdout report:"):
         assert line in r.stdout
+    from tests.conftest import log_warnings
+
+    warned = log_warnings(r.stdout + r.stderr)  # the README's first command prints a warning-free log
+    assert not warned, "\n".join(warned[:20])
 
 
 def test_br35h_split_removes_leakage(ray_session, br35h):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -521,7 +520,7 @@ def test_adabn_and_flip_tta_rows_record_the_adaptation(ray_session, bundle, phan
 def test_score_command_in_a_fresh_process(head_bundle, tmp_path):
     """`raytumor score` as a user runs it: a new process with no Ray yet (it starts its own session), Ray's
     default token auth (RAY_AUTH_MODE unset), and a log without a single warning (issue 14)."""
-    from tests.conftest import run_env
+    from tests.conftest import log_warnings, run_env
 
     src = tmp_path / "in"
     src.mkdir()
@@ -539,10 +538,6 @@ def test_score_command_in_a_fresh_process(head_bundle, tmp_path):
     assert r.returncode == 0, log[-6000:]
     assert "[score] 40 rows:" in r.stdout
     assert len(read_scores(str(out))) == 40
-    warned = [
-        ln for ln in log.splitlines()
-        if re.search(r"warn|\bE \d+ \d+\]|error|traceback|deprecat", ln, re.IGNORECASE)
-        and not ln.startswith("[score]")  # our own summary ("0 errors")
-    ]  # fmt: skip
+    warned = log_warnings(log)
     assert not warned, "\n".join(warned)
     assert (tmp_path / "home" / ".ray" / "auth_token").is_file()  # token auth stayed on

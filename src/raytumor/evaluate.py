@@ -398,7 +398,8 @@ def predict_files(
             "num_threads": r["threads"],
             "features": features,
         },
-        compute=ActorPoolStrategy(size=r["size"]),
+        # never more replicas than batches: an idle replica only costs its start (and Ray warns of it)
+        compute=ActorPoolStrategy(size=max(1, min(r["size"], -(-len(files) // batch_size)))),
         batch_size=batch_size,
         num_cpus=r["num_cpus"],
         num_gpus=r["num_gpus"],

@@ -28,7 +28,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     isolated from any other Ray session on this machine (see :func:`_isolate_local_session`)."""
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # a Tune trial's driver, or a second stage in one process
+        _quiet_data_progress()
         return
     # Ray Train V2 is the default in 2.5x; keep it explicit so workers and drivers agree.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -47,8 +48,14 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         _isolate_local_session(ray, kwargs)
         _wait_for_resources(ray)
         start_watchdog()
-    # Quieter progress output; the jobs print their own summaries and progress lines, so Ray Data's
-    # warning that its bars are off is noise in every run's log.
+    _quiet_data_progress()
+
+
+def _quiet_data_progress() -> None:
+    """Ray Data's bars off (they garble logs; the jobs print their own progress lines), and its warning
+    that they are off with them. ``RAYTUMOR_PROGRESS=1`` turns them on."""
+    import ray.data
+
     ray.data.DataContext.get_current().enable_progress_bars = bool(
         int(os.environ.get("RAYTUMOR_PROGRESS", "0"))
     )
@@ -165,15 +172,20 @@ def _setup_worker() -> None:
         log.debug("could not pin the session address", exc_info=True)
 
 
-# Lines Ray's C++ core writes straight to the driver's fd 2 that say nothing about the run. Ray Data
-# hands every map actor its own context by object reference, which core logs at ERROR for each actor
-# it starts (ray-project/ray#57733); harmless while the driver, which owns those references, lives.
-NATIVE_NOISE: tuple[bytes, ...] = (b"has constructor arguments in the object store and max_restarts > 0",)
+# Lines Ray's C++ core writes to the driver's fd 2 that say nothing about the run (a line is dropped when
+# it holds every part of one entry):
+NATIVE_NOISE: tuple[tuple[bytes, ...], ...] = (
+    # Ray Data hands every map actor its own context by object reference, which core logs at ERROR for
+    # each actor it starts (ray-project/ray#57733); harmless while the driver, which owns them, lives.
+    (b"has constructor arguments in the object store and max_restarts > 0",),
+    # GCS, forwarded: an actor Ray Data released had already exited when GCS came to kill it.
+    (b"(gcs_server)", b"Failed to kill actor", b"Socket closed"),
+)
 _STDERR_FILTER: dict[str, Any] = {}
 
 
-def filter_native_stderr(patterns: tuple[bytes, ...] = NATIVE_NOISE) -> None:
-    """Drop lines containing ``patterns`` from this process's fd 2 (native code bypasses Python's
+def filter_native_stderr(patterns: tuple[tuple[bytes, ...], ...] = NATIVE_NOISE) -> None:
+    """Drop the lines that match an entry of ``patterns`` from this process's fd 2 (native code bypasses Python's
     logging, so only a pipe sees them); every other byte passes through unchanged and in order. For
     command-line entry points only: restored at exit, after Ray has stopped (atexit runs LIFO)."""
     import select
@@ -205,7 +217,7 @@ def filter_native_stderr(patterns: tuple[bytes, ...] = NATIVE_NOISE) -> None:
             if not chunk:
                 break
             *lines, buf = (buf + chunk).split(b"\n")
-            write(b"".join(ln + b"\n" for ln in lines if not any(p in ln for p in patterns)))
+            write(b"".join(ln + b"\n" for ln in lines if not any(all(p in ln for p in e) for e in patterns)))
         write(buf)
         os.close(r)
 

@@ -35,7 +35,8 @@ def _measure(
     # Volumes hold ~50-100 slices each: cap units too, or the sample would be the whole archive.
     n_units = len(table) if cfg.adapt_samples <= 0 else min(len(table), cfg.adapt_samples)
     sample = table.sample(n=n_units, random_state=0) if n_units < len(table) else table
-    ds = ray.data.from_pandas(sample.reset_index(drop=True)).repartition(max(1, -(-len(sample) // 64)))
+    n_blocks = max(1, -(-len(sample) // 64))
+    ds = ray.data.from_pandas(sample.reset_index(drop=True)).repartition(n_blocks)
     ds = map_read_decode(ds, cfg, meta, storage, r, cfg.volume_range, 64)
     ds = ds.map_batches(
         BNStatsTask,
@@ -44,7 +45,7 @@ def _measure(
             "storage": storage,
             "num_threads": r["threads"],
         },
-        compute=ActorPoolStrategy(size=cfg.num_actors or r["size"]),
+        compute=ActorPoolStrategy(size=min(n_blocks, cfg.num_actors or r["size"])),
         batch_size=64,
         num_cpus=r["num_cpus"],
         num_gpus=r["num_gpus"],

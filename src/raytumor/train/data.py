@@ -246,7 +246,7 @@ def balance_sources(files: pd.DataFrame, share: float, seed: int) -> pd.DataFram
     return out
 
 
-def drop_error_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def keep_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The rows that decoded (a vectorised filter: Ray Data's row-wise ``filter(fn)`` is slower and warns)."""
     keep = ok_mask(batch["error"])
     return batch if keep.all() else {k: v[keep] for k, v in batch.items()}
@@ -279,7 +279,7 @@ def build_datasets(train_files: pd.DataFrame, val_files: pd.DataFrame, cfg: Trai
         preprocess=prep,
     )
     train_base = (
-        train_base.map_batches(drop_error_rows, batch_format="numpy")
+        train_base.map_batches(keep_decoded, batch_format="numpy")
         .select_columns(["image", "label"])
         .materialize()
     )
@@ -293,7 +293,7 @@ def build_datasets(train_files: pd.DataFrame, val_files: pd.DataFrame, cfg: Trai
         indexed(val_files, False), storage=storage, image_size=image_size, fingerprints=False, preprocess=prep
     )
     val_ds = (
-        val_ds.map_batches(drop_error_rows, batch_format="numpy")
+        val_ds.map_batches(keep_decoded, batch_format="numpy")
         .select_columns(["image", "label", "idx", "source_idx"])
         .materialize()
     )
