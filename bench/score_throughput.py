@@ -11,6 +11,8 @@ Weights do not change speed, so the bundle is a randomly initialised model made 
 
     python bench/score_throughput.py                          # all of ../shared/data/br35h-3000, ResNet-18 224 px
     python bench/score_throughput.py --limit 600 --skip-rss   # a quick look
+    python bench/score_throughput.py --backbone efficientnet_lite0 --image-size 160 --copies 10 --skip-rss
+                                                              # 30,000 inputs (each file 10x, other names)
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--limit", type=int, default=None, help="first N files only")
+    p.add_argument("--copies", type=int, default=1, help="score each file this many times (distinct inputs)")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=8, help="both sides; 8 is raytumor score's CPU default")
@@ -162,7 +165,7 @@ def main() -> None:
     from raytumor.runtime import init_ray
 
     threads = os.cpu_count() or 1
-    files = list_images(args.data, args.limit)
+    files = list_images(args.data, args.limit) * args.copies
     res: dict = {
         "files": len(files),
         "backbone": args.backbone,
@@ -175,7 +178,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="score-bench-") as tmp:
         tmp = Path(tmp)
         bundle = make_bundle(tmp / "bundle", args.backbone, args.image_size)
-        inp = link_copies(files, tmp / "in", 1)
+        inp = link_copies(files[: len(files) // args.copies], tmp / "in", args.copies)
         res["model_only"] = model_only(bundle, files, args.batch_size, threads)
         print(f"model only (preloaded tensors): {res['model_only']:8.1f} img/s", flush=True)
         res["plain"] = plain_loop(bundle, files, args.batch_size, threads)

@@ -208,3 +208,16 @@ def test_tiny_search_on_s3_asha_leaderboard_bundle_and_resume(ray_session, tmp_p
     again = main(get_args_parser().parse_args([*argv, "--config", str(cfg_file)]))
     assert again["trials"] == 4 and again["best_trial"] == summary["best_trial"]
     assert again["wall_seconds"] < summary["wall_seconds"]
+
+
+def test_trial_count_multiplies_the_grid():
+    """The demo's search (num_samples 1, a 2-backbone grid) runs 2 trials: the log said "1 trials"."""
+    from raytumor.tune import n_trials
+
+    space = {
+        "backbone": {"grid": ["efficientnet_lite0", "efficientnet_lite1"]},
+        "lr": {"loguniform": [1e-3, 5e-3]},
+    }
+    assert n_trials(space, 1) == 2
+    assert n_trials({**space, "batch_size": {"grid": [16, 32, 64]}}, 2) == 12
+    assert n_trials({"lr": [1e-3, 3e-3]}, 6) == 6  # a list is a choice, sampled per trial

@@ -175,6 +175,15 @@ def space_values(space: dict[str, Any], key: str, default: Any) -> list[Any]:
     return list(spec) if isinstance(spec, list) else [spec]
 
 
+def n_trials(space: dict[str, Any], num_samples: int) -> int:
+    """Trials Tune runs: ``num_samples`` times every combination of the grid dimensions."""
+    n = num_samples
+    for spec in space.values():
+        if isinstance(spec, dict) and next(iter(spec)) == "grid":
+            n *= len(next(iter(spec.values())))
+    return n
+
+
 def to_param_space(space: dict[str, Any]) -> dict[str, Any]:
     """YAML/JSON spec → Ray Tune samplers. A list is a choice, a scalar is fixed."""
     from ray import tune
@@ -242,7 +251,7 @@ def trial_resources(cfg: SearchConfig) -> dict[str, Any]:
         "num_workers": res.num_workers,
         "cpus_per_worker": res.cpus_per_worker,
         "use_gpu": res.use_gpu,
-        "max_concurrent_trials": min(want, safe, max(1, cfg.num_samples)),
+        "max_concurrent_trials": min(want, safe, max(1, n_trials(cfg.space, cfg.num_samples))),
         "cluster_cpus": res.cluster_cpus,
         "cluster_gpus": res.cluster_gpus,
     }
@@ -505,7 +514,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     tuner = _make_tuner(cfg, trainable, metric, res, (tune_path, tune_fs, storage_root))
     mode = "min" if is_min_metric(metric) else "max"
     print(
-        f"[raytumor] search: {cfg.num_samples} trials, ≤{cfg.max_epochs} epochs each, ASHA on {metric} "
+        f"[raytumor] search: {n_trials(cfg.space, cfg.num_samples)} trials, ≤{cfg.max_epochs} epochs each, ASHA on {metric} "
         f"({mode}); {res['max_concurrent_trials']} at a time, {res['num_workers']} worker(s) × "
         f"{res['cpus_per_worker']} CPU{' + 1 GPU' if res['use_gpu'] else ''} per trial"
     )
