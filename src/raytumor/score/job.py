@@ -232,6 +232,7 @@ def run_pipeline(
     done_ref = ray.put(p.done) if p.done and (p.todo["kind"] == "tar").any() else None
     frame = p.frame()
     n_blocks = max(1, -(-len(frame) // cfg.units_per_block))
+    actors = min(n_blocks, cfg.num_actors or r["size"])
     ds = ray.data.from_pandas(frame).repartition(n_blocks)
     ds = map_read_decode(
         ds, cfg, meta, storage, r, cfg.volume_range, cfg.units_per_block, done_ids=done_ref,
@@ -254,7 +255,7 @@ def run_pipeline(
             "score_out_of_scope": cfg.score_out_of_scope,
         },
         # never more replicas than blocks: an idle replica only costs its start (and Ray warns of it)
-        compute=ActorPoolStrategy(size=min(n_blocks, cfg.num_actors or r["size"])),
+        compute=ActorPoolStrategy(size=actors),
         # A GPU wants whole forward batches; blocks stay small (resume granularity) and get bundled.
         batch_size=max(cfg.units_per_block, batch_size if gpu else 0),
         num_cpus=r["num_cpus"],
@@ -262,7 +263,13 @@ def run_pipeline(
         batch_format="numpy",
     )
     counter = PartCounter(sfs, spath, ignore=existing_parts(sfs, spath))
-    with ProgressReporter(counter, total=len(frame)):
+    reporter = ProgressReporter(counter, total=len(frame))
+    print(
+        f"[score] scoring {len(frame):,} units on {actors} model actor(s) ({'GPU' if gpu else 'CPU'}), "
+        f"batch {batch_size}; progress every {reporter.period_s:g} s",
+        flush=True,
+    )
+    with reporter:
         ds.write_parquet(spath, filesystem=sfs)
     return collect_unreachable(unreachable_log)
 
