@@ -210,9 +210,6 @@ def plan(cfg: ScoreConfig, storage: StorageOptions | None, units: Units | None =
 # The pipeline
 
 
-WRITE_TASK_CPUS = 0.1
-
-
 def run_pipeline(
     cfg: ScoreConfig, p: Plan, meta: BundleMeta, storage: StorageOptions | None, r: dict[str, Any],
     bn_state: dict | None, batch_size: int,
@@ -273,10 +270,7 @@ def run_pipeline(
         flush=True,
     )
     with reporter:
-        # A write task waits on storage more than it computes: at Ray's default of 1 CPU each, on 2 cores
-        # beside the actors' reservation one part was written at a time (~7 parts/s), which capped a
-        # fast model at ~210 rows/s (bench/archive_scale.py).
-        ds.write_parquet(spath, filesystem=sfs, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
+        ds.write_parquet(spath, filesystem=sfs)
     return collect_unreachable(unreachable_log)
 
 
