@@ -170,6 +170,10 @@ def _read_dicom(data: bytes, limits: DecodeLimits, require_2d: bool) -> tuple[ob
     from pydicom.filereader import _read_file_meta_info, read_preamble
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+    # pydicom's read-time validation warns and logs the offending values (names, IDs, UIDs: PHI) into
+    # every worker's log; a value we use is checked where we use it, so none of it is needed.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
     body = data[max(0, dicom_start(data)) :]
     stored = len(body)
     try:
