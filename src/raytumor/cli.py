@@ -42,8 +42,9 @@ DEBUG_HELP = "show the full traceback of an error instead of one line"
 
 def user_error(e: BaseException) -> bool:
     """Foreseeable errors the message explains (bad paths, storage, bundles, configs, values, weights
-    offline): ValueError (incl. BundleError), OSError (incl. FileNotFoundError), YAML, WeightsUnavailable. Ray's wrapped worker errors, which may
-    subclass ValueError too, and anything else are bugs: they keep their traceback."""
+    offline): ValueError (incl. BundleError), OSError (incl. FileNotFoundError), YAML, WeightsUnavailable.
+    Ray's wrapped worker errors, which may subclass ValueError too, and anything else are bugs: they keep
+    their traceback."""
     import yaml
 
     if type(e).__module__.split(".")[0] == "ray":

@@ -47,7 +47,7 @@ from raytumor.localise import localise
 from raytumor.metrics import BINARY_METRICS, metrics_with_ci, per_source_metrics, tumour_binary
 from raytumor.predict import Predictor
 from raytumor.results import read_scores
-from raytumor.runtime import init_ray, predictor_resources
+from raytumor.runtime import init_ray, pool_size, predictor_resources
 from raytumor.scope import OUT_OF_SCOPE, UNKNOWN
 from raytumor.storage import StorageOptions, is_manifest, read_manifest
 
@@ -398,8 +398,7 @@ def predict_files(
             "num_threads": r["threads"],
             "features": features,
         },
-        # never more replicas than batches: an idle replica only costs its start (and Ray warns of it)
-        compute=ActorPoolStrategy(size=max(1, min(r["size"], -(-len(files) // batch_size)))),
+        compute=ActorPoolStrategy(size=pool_size(r["size"], -(-len(files) // batch_size))),
         batch_size=batch_size,
         num_cpus=r["num_cpus"],
         num_gpus=r["num_gpus"],

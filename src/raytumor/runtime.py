@@ -432,6 +432,12 @@ def worker_threads(local_world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
 
 
+def pool_size(size: int, n_inputs: int) -> int:
+    """Actors for a Ray Data actor pool: never more than its inputs (blocks/batches), since an idle replica
+    only costs its start-up (and Ray Data warns of it)."""
+    return max(1, min(size, n_inputs))
+
+
 def predictor_resources() -> dict[str, Any]:
     """Actor count/CPUs for Predictor actors from the cluster, leaving CPUs for decoding."""
     import ray

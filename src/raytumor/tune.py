@@ -179,8 +179,8 @@ def n_trials(space: dict[str, Any], num_samples: int) -> int:
     """Trials Tune runs: ``num_samples`` times every combination of the grid dimensions."""
     n = num_samples
     for spec in space.values():
-        if isinstance(spec, dict) and next(iter(spec)) == "grid":
-            n *= len(next(iter(spec.values())))
+        if isinstance(spec, dict) and "grid" in spec:
+            n *= len(spec["grid"])
     return n
 
 

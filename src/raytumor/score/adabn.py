@@ -19,6 +19,7 @@ from raytumor.adapt import has_batchnorm, merge_states
 from raytumor.bundle import BundleMeta
 from raytumor.predict import Predictor
 from raytumor.results import ADABN_FILE
+from raytumor.runtime import pool_size
 from raytumor.score.actors import BNStatsTask
 from raytumor.score.decode import map_read_decode
 from raytumor.storage import StorageOptions, Units, get_filesystem, join
@@ -45,7 +46,7 @@ def _measure(
             "storage": storage,
             "num_threads": r["threads"],
         },
-        compute=ActorPoolStrategy(size=min(n_blocks, cfg.num_actors or r["size"])),
+        compute=ActorPoolStrategy(size=pool_size(cfg.num_actors or r["size"], n_blocks)),
         batch_size=64,
         num_cpus=r["num_cpus"],
         num_gpus=r["num_gpus"],

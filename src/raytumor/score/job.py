@@ -31,7 +31,7 @@ from raytumor.results import (
     write_csv,
     write_slice_rows,
 )
-from raytumor.runtime import init_ray, predictor_resources
+from raytumor.runtime import init_ray, pool_size, predictor_resources
 from raytumor.score.actors import ScorePredictor
 from raytumor.score.adabn import adabn_state
 from raytumor.score.decode import collect_unreachable, map_read_decode, new_unreachable_log
@@ -232,7 +232,7 @@ def run_pipeline(
     done_ref = ray.put(p.done) if p.done and (p.todo["kind"] == "tar").any() else None
     frame = p.frame()
     n_blocks = max(1, -(-len(frame) // cfg.units_per_block))
-    actors = min(n_blocks, cfg.num_actors or r["size"])
+    actors = pool_size(cfg.num_actors or r["size"], n_blocks)
     ds = ray.data.from_pandas(frame).repartition(n_blocks)
     ds = map_read_decode(
         ds, cfg, meta, storage, r, cfg.volume_range, cfg.units_per_block, done_ids=done_ref,
@@ -254,7 +254,6 @@ def run_pipeline(
             "adaptation": cfg.adaptation,
             "score_out_of_scope": cfg.score_out_of_scope,
         },
-        # never more replicas than blocks: an idle replica only costs its start (and Ray warns of it)
         compute=ActorPoolStrategy(size=actors),
         # A GPU wants whole forward batches; blocks stay small (resume granularity) and get bundled.
         batch_size=max(cfg.units_per_block, batch_size if gpu else 0),
