@@ -7,6 +7,8 @@ row per input unit), ``summary.json``, ``run.json``, optional ``scores.csv``, ``
 
 from __future__ import annotations
 
+import hashlib
+import posixpath
 from collections import Counter
 from typing import Any
 
@@ -60,6 +62,27 @@ def output_schema(classes: list[str], explain: bool, slice_rows: bool) -> pa.Sch
             pa.field("slice_scores", pa.list_(pa.float32())),
         ]
     return pa.schema(fields)
+
+
+def part_name(paths: list[str]) -> str:
+    """A part's file name, from the ids it holds: a batch Ray re-runs (its actor died after writing) writes
+    the same name again instead of a second copy of its rows."""
+    digest = hashlib.sha1("\n".join(paths).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    return f"part-{digest}.parquet"
+
+
+def write_part(table: pa.Table, scores_dir: str, storage: StorageOptions | None) -> str:
+    """Write one batch's rows as a Parquet part of ``scores_dir`` (OUTPUT/scores); returns its path.
+
+    The scoring actor calls this as soon as a batch is scored, so rows reach storage at the rate the model
+    computes them (separate write tasks starved for CPU next to the actors and flushed late). A part a
+    killed process left without a footer is deleted by the next run (:func:`scored_ids`); on a bucket the
+    object appears only once whole."""
+    fs, root = get_filesystem(scores_dir, storage)
+    path = posixpath.join(root, part_name(table.column("path").to_pylist()))
+    with fs.open_output_stream(path) as f:
+        pq.write_table(table, f)
+    return path
 
 
 def scored_ids(output: str, storage: StorageOptions | None) -> tuple[set[str], int]:

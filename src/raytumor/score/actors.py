@@ -20,7 +20,7 @@ from raytumor import volumes
 from raytumor.adapt import BNStatsAccumulator, apply_bn_state, flip_tta_probs
 from raytumor.explain import GradCAM, explain_name, overlay_png
 from raytumor.predict import NONFINITE_ERROR, Predictor, forward_outputs
-from raytumor.results import EXPLAIN_DIR, OUT_OF_SCOPE, output_schema
+from raytumor.results import EXPLAIN_DIR, OUT_OF_SCOPE, output_schema, write_part
 from raytumor.scan import has_error
 from raytumor.storage import StorageOptions, get_filesystem
 
@@ -77,7 +77,9 @@ class ScorePredictor:
         bn_state: dict | None = None,
         adaptation: str = "none",
         score_out_of_scope: bool = False,
+        scores_dir: str | None = None,
     ) -> None:
+        self.scores_dir = scores_dir
         self.predictor = Predictor.from_bundle(bundle_dir, num_threads=num_threads, storage=storage)
         self.bundle = self.predictor.bundle
         if bn_state is not None:  # AdaBN: the archive's BatchNorm statistics, every weight untouched
@@ -157,7 +159,16 @@ class ScorePredictor:
                 u.slice_scores[i] = (s if s is not None else p.max(1)).astype(np.float32).tolist()
         return u
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table | dict[str, np.ndarray]:
+        """The batch's score rows; with ``scores_dir``, written there as one Parquet part and only the
+        row count returned (the job's progress), so rows land on storage as they are computed."""
+        table = self.score_rows(batch)
+        if self.scores_dir is None:
+            return table
+        write_part(table, self.scores_dir, self.storage)
+        return {"rows": np.array([table.num_rows], dtype=np.int64)}
+
+    def score_rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["path"])
         errors = [e if has_error(e) else None for e in batch["error"]]
         counts = np.array([int(k) if errors[i] is None else 0 for i, k in enumerate(batch["n_slices"])])

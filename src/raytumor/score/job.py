@@ -35,7 +35,7 @@ from raytumor.runtime import init_ray, pool_size, predictor_resources
 from raytumor.score.actors import ScorePredictor
 from raytumor.score.adabn import adabn_state
 from raytumor.score.decode import collect_unreachable, map_read_decode, new_unreachable_log
-from raytumor.score.progress import PartCounter, ProgressReporter, existing_parts
+from raytumor.score.progress import ProgressReporter, RowCounter
 from raytumor.storage import StorageOptions, Units, get_filesystem, join, list_units, read_text, write_text
 
 
@@ -214,7 +214,8 @@ def run_pipeline(
     cfg: ScoreConfig, p: Plan, meta: BundleMeta, storage: StorageOptions | None, r: dict[str, Any],
     bn_state: dict | None, batch_size: int,
 ) -> list[str]:  # fmt: skip
-    """list -> read/decode (CPU tasks) -> ScorePredictor actors -> Parquet parts in OUTPUT/scores.
+    """list -> read/decode (CPU tasks) -> ScorePredictor actors, each writing its Parquet parts into
+    OUTPUT/scores.
     Returns the units (ids; a tar archive's own) storage did not answer for: they have no row."""
     import ray
     import ray.data
@@ -253,6 +254,7 @@ def run_pipeline(
             "bn_state": bn_state,
             "adaptation": cfg.adaptation,
             "score_out_of_scope": cfg.score_out_of_scope,
+            "scores_dir": join(cfg.output, SCORES_DIR),
         },
         compute=ActorPoolStrategy(size=actors),
         # A GPU wants whole forward batches; blocks stay small (resume granularity) and get bundled.
@@ -261,7 +263,7 @@ def run_pipeline(
         num_gpus=r["num_gpus"],
         batch_format="numpy",
     )
-    counter = PartCounter(sfs, spath, ignore=existing_parts(sfs, spath))
+    counter = RowCounter()
     reporter = ProgressReporter(counter, total=len(frame))
     print(
         f"[score] scoring {len(frame):,} units on {actors} model actor(s) ({'GPU' if gpu else 'CPU'}), "
@@ -269,7 +271,9 @@ def run_pipeline(
         flush=True,
     )
     with reporter:
-        ds.write_parquet(spath, filesystem=sfs)
+        # The actors write the parts; what streams back is each part's row count.
+        for counts in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            counter.add(int(counts["rows"].sum()))
     return collect_unreachable(unreachable_log)
 
 

@@ -1,9 +1,9 @@
 """Progress of a scoring job: a line at least every ``RAYTUMOR_PROGRESS_S`` seconds (20) with rows
-done/total, rate and ETA, read from the Parquet parts the pipeline has written so far.
+done/total, rate and ETA of the rows written so far.
 
-Ray Data's own progress bars are off (they garble logs of unattended runs) and ``write_parquet`` blocks
-until the end, so a watcher thread counts the rows in the parts' footers instead: what it reports is what
-is safely on storage, the same rows a rerun would skip.
+Ray Data's own progress bars are off (they garble logs of unattended runs). The model actors write each
+batch's Parquet part themselves and stream back its row count, so what a line reports is what is safely on
+storage: the same rows a rerun would skip.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 PROGRESS_ENV = "RAYTUMOR_PROGRESS_S"
 DEFAULT_PERIOD_S = 20.0  # "at least every 30 s" with room for a busy machine's timer jitter
@@ -28,39 +25,20 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-class PartCounter:
-    """Rows in the Parquet parts under a folder, reading each finished part's footer once."""
+class RowCounter:
+    """Rows on storage so far: the driver adds each part's row count as the actors report it."""
 
-    def __init__(self, fs: pafs.FileSystem, path: str, ignore: set[str] | None = None):
-        self.fs, self.path = fs, path
-        self.ignore = set(ignore or ())  # parts that were there before this run (a resumed job)
-        self.rows: dict[str, int] = {}
+    def __init__(self) -> None:
+        self._rows = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._rows += n
 
     def count(self) -> int:
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        except OSError:  # storage hiccup: report what is known, the next poll catches up
-            return sum(self.rows.values())
-        for info in infos:
-            name = info.path
-            if info.type != pafs.FileType.File or not name.endswith(".parquet"):
-                continue
-            if name in self.rows or name in self.ignore:
-                continue
-            try:
-                with self.fs.open_input_file(name) as f:
-                    self.rows[name] = pq.ParquetFile(f).metadata.num_rows
-            except Exception:  # noqa: BLE001 - a part still being written has no footer yet
-                continue
-        return sum(self.rows.values())
-
-
-def existing_parts(fs: pafs.FileSystem, path: str) -> set[str]:
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError:
-        return set()
-    return {i.path for i in infos if i.type == pafs.FileType.File}
+        with self._lock:
+            return self._rows
 
 
 class ProgressReporter:
@@ -71,7 +49,7 @@ class ProgressReporter:
 
     def __init__(
         self,
-        counter: PartCounter,
+        counter: RowCounter,
         total: int,
         period_s: float | None = None,
         emit: Callable[[str], Any] | None = None,
