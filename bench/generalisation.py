@@ -62,6 +62,7 @@ def slices(
     pattern: str = r"^(IXI\d+)",
     label: str = "no",
     source: str = "IXI",
+    depth_mm: float = 110.0,
 ) -> Path:
     from raytumor.slices import SlicesConfig, export_slices
 
@@ -73,7 +74,7 @@ def slices(
         export_slices(
             SlicesConfig(
                 input=[str(listing)], out=str(out), label=label, source=source,
-                patient_pattern=pattern, every_mm=every_mm, planes=planes.split(","),
+                patient_pattern=pattern, every_mm=every_mm, planes=planes.split(","), depth_mm=depth_mm,
             )
         )  # fmt: skip
     return manifest
@@ -214,7 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     init_ray()
     fold_a, fold_b = ixi_folds()
     ixi_axial = slices(root / "ixi_A_axial", fold_a, "axial")
-    ixi_views = slices(root / "ixi_A_views", fold_a, "axial,coronal,sagittal")
+    # down to the neck (--depth-mm 0): the view net learns "not_brain" from the axial cuts far below the vertex
+    ixi_views = slices(root / "ixi_A_views_neck", fold_a, "axial,coronal,sagittal", depth_mm=0)
     ixi_b_views = slices(root / "ixi_B_views", fold_b, "axial,coronal,sagittal")
     train_sites = [x for x in ("CS", "DU", "EZ") if x != args.holdout_site]
     tcga_vols = tcga_volumes(root / "tcga_volumes", train_sites)

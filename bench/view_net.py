@@ -1,10 +1,12 @@
 """View of a 2-D slice: the shared-feature view head against a small separate view net (issue 13, item 3).
 
-The separate net (:class:`raytumor.scope.ViewNet`, 64 px input, 8 small conv layers) trains on slices cut from volumes along each axis, where geometry gives the label: IXI fold A (T1)
-and the TCGA training sites' FLAIR/post-contrast T1 stacks (the fold's sites, resliced by
-``bench/generalisation.py``). It is measured where it never trained:
+The separate net (:class:`raytumor.scope.ViewNet`, 64 px input, 8 small conv layers) trains on slices cut
+from volumes along each axis, where geometry gives the label: IXI fold A (T1, down to the neck: axial cuts
+>= 170 mm below the vertex are its "not_brain" class) and the TCGA training sites' FLAIR/post-contrast T1
+stacks (the fold's sites, resliced by ``bench/generalisation.py``). It is measured where it never trained:
 
-* IXI fold B subjects, per plane; the held-out TCGA site's stacks resliced, per plane;
+* IXI fold B subjects, per plane and by depth below the vertex, and the OOD corpus's neck slices (not_brain);
+* the held-out TCGA site's stacks resliced, per plane;
 * 2-D axial collections: all of ``br35h-3000`` and the held-out TCGA site's native axial slices.
 
 The shared-feature head's numbers on the same sets come from the fold's ``result.json``
@@ -28,7 +30,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generalisation import BR35H, TCGA, slices, tcga_volumes  # noqa: E402
+from generalisation import BR35H, TCGA, ixi_folds, slices, tcga_volumes  # noqa: E402
 
 SIZE = 160
 
@@ -66,13 +68,17 @@ def main() -> None:
         help="also train on the TCGA training sites' native axial slices",
     )
     args = p.parse_args()
-    from raytumor.scope import fit_view_net
+    from raytumor.scope import NOT_BRAIN, fit_view_net, geometry_views
 
     torch.set_num_threads(2)
     gen = Path(args.gen)
     train_sites = [x for x in ("CS", "DU", "EZ") if x != args.holdout_site]
     t0 = time.time()
-    xa, da = load(gen / "ixi_A_views" / "manifest.csv")
+    fold_a, fold_b = ixi_folds()
+    # IXI fold A down to the neck: axial cuts >= NOT_BRAIN_MM below the vertex teach "not_brain"
+    xa, da = load(slices(gen / "ixi_A_views_neck", fold_a, "axial,coronal,sagittal", depth_mm=0))
+    da["view"] = geometry_views(da["view"].tolist(), da["mm_below_vertex"].tolist())
+    xa, da = xa[da["view"].notna().to_numpy()], da[da["view"].notna()].reset_index(drop=True)
     tv = slices(
         gen / f"tcga_views_{''.join(train_sites)}", tcga_volumes(gen / "tcga_volumes", train_sites),
         "axial,coronal,sagittal", pattern=r"^(TCGA_\w\w_\d+)",
@@ -99,13 +105,34 @@ def main() -> None:
         called = net.predict(xs)
         t = np.asarray(truth, dtype=object)
         out: dict = {
-            v: round(float((called[t == v] == v).mean()), 4) for v in ("axial", "coronal", "sagittal")
+            v: round(float((called[t == v] == v).mean()), 4)
+            for v in ("axial", "coronal", "sagittal", NOT_BRAIN)
+            if (t == v).any()
         }
         out["confusion"] = pd.crosstab(pd.Series(t, name="true"), pd.Series(called, name="called")).to_dict()
         return out
 
-    xb, db = load(gen / "ixi_B_views" / "manifest.csv")
-    res["ixi_B"] = per_plane(xb, db["view"].tolist())
+    xb, db = load(slices(gen / "ixi_B_views_neck", fold_b, "axial,coronal,sagittal", depth_mm=0))
+    vb = geometry_views(db["view"].tolist(), db["mm_below_vertex"].tolist())
+    keep_b = np.array([v is not None for v in vb])
+    res["ixi_B"] = per_plane(xb[keep_b], [v for v in vb if v is not None])
+    # every axial cut of the held-out subjects by depth below the vertex: where "axial" turns "not_brain"
+    ax = (db["view"] == "axial").to_numpy()
+    called_b = net.predict(xb[ax])
+    depth = db.loc[ax, "mm_below_vertex"].to_numpy(dtype=float)
+    res["ixi_B_axial_called_by_depth_mm"] = {
+        f"{lo:.0f}-{lo + 20:.0f}": {
+            k: round(float((called_b[(depth >= lo) & (depth < lo + 20)] == k).mean()), 3)
+            for k in ("axial", NOT_BRAIN)
+        }
+        for lo in np.arange(0, 240, 20)
+        if ((depth >= lo) & (depth < lo + 20)).any()
+    }
+    # the OOD corpus's neck slices (bench/generalisation.py: two per fold-B subject, rendered as PNG)
+    neck = sorted(str(f) for f in (gen / "ood_corpus" / "neck").glob("*.png"))
+    if neck:
+        xn, _ = load(None, neck)
+        res["ood_neck_called_not_brain"] = round(float((net.predict(xn) == NOT_BRAIN).mean()), 4)
     hv = slices(
         gen / f"tcga_views_{args.holdout_site}", tcga_volumes(gen / "tcga_volumes", [args.holdout_site]),
         "axial,coronal,sagittal", pattern=r"^(TCGA_\w\w_\d+)",
@@ -118,8 +145,11 @@ def main() -> None:
     man = pd.read_csv(TCGA)
     site = [str((TCGA.parent / q).resolve()) for q in man.loc[man["site"] == args.holdout_site, "path"]]
     xs, keep = load(None, site)
-    ok = net.predict(xs) == "axial"
+    called_s = net.predict(xs)
+    ok = called_s == "axial"
     res[f"tcga_{args.holdout_site}_native_axial"] = round(float(ok.mean()), 4)
+    res[f"tcga_{args.holdout_site}_native_called_not_brain"] = round(float((called_s == NOT_BRAIN).mean()), 4)
+    res["br35h_called_not_brain"] = round(float((net.predict(xbr) == NOT_BRAIN).mean()), 4)
     # where in the stack the misses are (0 = skull base, 1 = vertex)
     rel = man.loc[man["site"] == args.holdout_site].reset_index(drop=True)
     rel = (rel["slice_index"] / rel["n_slices"].clip(lower=1)).to_numpy()
@@ -158,7 +188,7 @@ def main() -> None:
             f"tcga_{args.holdout_site}_native_axial": r["heldout_site"]["axial_share"],
             "held_out_in_training": r.get("view_head", {}).get("held_out_per_view"),
         }
-    out = gen / f"view_net_{args.holdout_site}{'-native' if args.native_axial else ''}.json"
+    out = gen / f"view_net_{args.holdout_site}{'-native' if args.native_axial else ''}-neck.json"
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from raytumor.runtime import train_resources, worker_threads
+from raytumor.runtime import (
+    ACTOR_MEMORY_BYTES,
+    memory_budget,
+    predictor_resources,
+    train_resources,
+    worker_threads,
+)
 
 
 def test_two_cpu_machine_leaves_a_cpu_for_ingest(ray_session):
@@ -21,3 +27,19 @@ def test_two_cpu_machine_leaves_a_cpu_for_ingest(ray_session):
 def test_worker_threads_share_cores(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert worker_threads(4) == 4 and worker_threads(32) == 1
+
+
+def test_scoring_replicas_reserve_their_decode_peak_and_fit_the_memory(ray_session):
+    """Each scoring replica (decode fused in) reserves Ray ``memory`` for one unit at the decoders' limits
+    plus its model, and a node never gets more replicas than its memory holds."""
+    import ray
+
+    r = predictor_resources()
+    assert r["memory"] == ACTOR_MEMORY_BYTES and r["decode_memory"] == r["memory"]  # equal: they fuse
+    assert r["size"] * r["memory"] <= ray.cluster_resources()["memory"]
+    gib = 1 << 30
+    assert memory_budget(16, 10 * gib, int(1.5 * gib)) == (6, int(1.5 * gib))  # memory, not CPUs, binds
+    assert memory_budget(2, 64 * gib) == (2, ACTOR_MEMORY_BYTES)
+    # less than one replica's budget: one replica asks for what there is rather than waiting forever
+    assert memory_budget(4, gib) == (1, int(0.9 * gib))
+    assert memory_budget(3, 0) == (3, 0)  # a cluster that reports no memory resource

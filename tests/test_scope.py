@@ -17,15 +17,17 @@ from raytumor.bundle import HEADS_FILE, META_FILE, load_bundle, read_meta, save_
 from raytumor.predict import Predictor
 from raytumor.results import OUT_OF_SCOPE, read_scores, summarise
 from raytumor.scope import (
+    NOT_BRAIN,
     Heads,
     Scope,
     count_scope,
     fit_ood,
     fit_threshold,
     fit_view_net,
+    geometry_views,
     ledoit_wolf,
 )
-from tests.conftest import phantom_volume
+from tests.conftest import phantom_volume, shared_dataset
 
 # ----------------------------------------------------------------------------------------------------------
 # Unit rules
@@ -55,6 +57,70 @@ def test_scope_rules_modality_view_ood_in_that_order():
     # Without a recorded scope only the modality (and OOD) rules apply.
     keep, reasons = Scope(classes=[]).check(views, mods, np.full(6, np.nan), gate_views=False)
     assert keep.tolist() == [True, True, True, False, True, True]
+
+
+def test_slices_far_below_the_vertex_are_not_brain_and_never_in_scope():
+    views = ["axial", "axial", "axial", "axial", "coronal", "sagittal", "oblique", None]
+    below = [40.0, 150.0, 160.0, 205.0, None, 190.0, 10.0, 50.0]
+    # the skull-base band (150-170 mm) is left out of the view net's training; only axial cuts are by depth
+    assert geometry_views(views, below) == [
+        "axial",
+        "axial",
+        None,
+        NOT_BRAIN,
+        "coronal",
+        "sagittal",
+        None,
+        None,
+    ]
+    assert geometry_views(["axial", "coronal"], None) == ["axial", "coronal"]
+    s = Scope(
+        classes=["no", "yes"],
+        counts={"view": {"axial": {"no": 60, "yes": 60}, NOT_BRAIN: {"no": 900, "yes": 900}}},
+        min_examples=50,
+    )
+    assert s.views == ["axial"]  # however many training examples the view net called not_brain
+    keep, reasons = s.check([NOT_BRAIN, "axial"], [None, None], np.array([0.0, 0.0]))
+    assert keep.tolist() == [False, True] and reasons[0] == "not brain (view net)"
+    # --score-out-of-scope's gate-free check still says why
+    assert Scope(classes=[]).check([NOT_BRAIN], [None], np.zeros(1), gate_views=False)[1] == [
+        "not brain (view net)"
+    ]
+
+
+def test_view_net_learns_not_brain_from_ixi_cuts_below_the_skull_base(tmp_path):
+    """Real IXI T1 volumes exported as a user does (``raytumor slices --planes axial,coronal,sagittal
+    --depth-mm 0``): the view net trained on 8 subjects calls another 2 subjects' neck slices not_brain
+    and their brain slices by plane."""
+    from raytumor.preprocess import model_inputs
+    from raytumor.slices import SlicesConfig, export_slices
+
+    vols = sorted((shared_dataset("ixi-t1-nichart-42") / "nifti").glob("*.nii.gz"))[:10]
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("\n".join(map(str, vols)) + "\n")
+    cfg = SlicesConfig(
+        input=[str(listing)], out=str(tmp_path / "views"), label="no", source="IXI",
+        patient_pattern=r"^(IXI\d+)", every_mm=8.0, planes=["axial", "coronal", "sagittal"], depth_mm=0,
+    )  # fmt: skip
+    export_slices(cfg)
+    man = pd.read_csv(tmp_path / "views" / "manifest.csv")
+    man["view"] = geometry_views(man["view"].tolist(), man["mm_below_vertex"].tolist())
+    man = man[man["view"].notna()].reset_index(drop=True)
+    x = np.concatenate(
+        [model_inputs((tmp_path / "views" / p).read_bytes(), 96, None)[0] for p in man["path"]]
+    )
+    held = man["patient_id"].isin({v.name.split("-")[0] for v in vols[8:]}).to_numpy()
+    assert (man.loc[~held, "view"] == NOT_BRAIN).sum() >= 40 and (
+        man.loc[held, "view"] == NOT_BRAIN
+    ).sum() >= 8
+    net = fit_view_net(x[~held], man.loc[~held, "view"].tolist(), max_steps=300, batch_size=64, seed=0)
+    called, truth = net.predict(x[held]), man.loc[held, "view"].to_numpy()
+    assert net.views == ["axial", "coronal", "sagittal", NOT_BRAIN]
+    assert (called[truth == NOT_BRAIN] == NOT_BRAIN).mean() >= 0.9
+    brain = truth == "axial"
+    assert (called[brain] == "axial").mean() >= 0.9 and (
+        called[truth == "sagittal"] == "sagittal"
+    ).mean() >= 0.9
 
 
 def test_count_scope_skips_synthetic_examples_and_counts_unknown_views():

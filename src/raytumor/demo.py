@@ -84,7 +84,7 @@ def _train_config(cfg: DemoConfig, data: Path, out: Path) -> TrainConfig:
 RECIPE = """[demo] on real data, the recommended multi-source recipe (README: "Train for other hospitals' scans"):
   raytumor slices --input IXI/nifti --out data/ixi_axial --label no --source IXI --patient-pattern '^(IXI\\d+)'
   raytumor slices --input IXI/nifti --out data/ixi_views --label no --source IXI --patient-pattern '^(IXI\\d+)' \\
-      --planes axial,coronal,sagittal
+      --planes axial,coronal,sagittal --depth-mm 0
   raytumor train --data br35h-3000 --data tcga-lgg-3site/manifest.csv --data data/ixi_axial/manifest.csv \\
       --view-data data/ixi_views/manifest.csv --known-view 'tcga-lgg-*=axial' --metric val_source_min_roc_auc
   raytumor cv --leave-source-out ... (same options): how well it generalises to a source it never saw"""

@@ -402,6 +402,7 @@ def predict_files(
         batch_size=batch_size,
         num_cpus=r["num_cpus"],
         num_gpus=r["num_gpus"],
+        memory=r["memory"],
         batch_format="numpy",
     )
     return ds.to_pandas()

@@ -438,21 +438,52 @@ def pool_size(size: int, n_inputs: int) -> int:
     return max(1, min(size, n_inputs))
 
 
+# Per-actor memory budget of a scoring replica: one unit decoding at the decoders' size limits
+# (raytumor.scan.DecodeLimits: a 512x512x400 .nii.gz peaks at ~1.0 GB while windowed in float32) plus the
+# model, its activations and a batch of decoded slices (~0.3 GB for ResNet-50 at batch 256 / 224 px).
+# Ray's ``memory`` resource then keeps a node from running more decoding replicas than its RAM holds.
+DECODE_PEAK_BYTES = 1 << 30
+MODEL_WORKING_BYTES = 512 << 20
+ACTOR_MEMORY_BYTES = DECODE_PEAK_BYTES + MODEL_WORKING_BYTES
+
+
+def memory_budget(size: int, total_memory: float, per_actor: int = ACTOR_MEMORY_BYTES) -> tuple[int, int]:
+    """(actors, bytes each): no more replicas than ``total_memory`` (Ray's schedulable ``memory``) holds at
+    ``per_actor`` each; where even one does not fit, one replica asks for what there is, so the job runs
+    (its decoders' own limits still bound it) instead of waiting forever for memory no node has."""
+    if total_memory <= 0:
+        return size, 0
+    fits = int(total_memory // per_actor)
+    if fits >= 1:
+        return min(size, fits), per_actor
+    return 1, int(total_memory * 0.9)
+
+
 def predictor_resources() -> dict[str, Any]:
-    """Actor count/CPUs for Predictor actors from the cluster, leaving CPUs for decoding."""
+    """Actor count, CPUs and memory for Predictor actors from the cluster, leaving CPUs for decoding."""
     import ray
 
     res = ray.cluster_resources()
     cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
+    total_memory = float(res.get("memory", 0))
     if gpus:
-        return {"size": gpus, "num_gpus": 1, "num_cpus": 1, "threads": None, "decode_cpus": 1}
+        size, mem = memory_budget(gpus, total_memory)
+        # GPU replicas get separate decode tasks, one unit in flight each: they reserve the decode peak.
+        return {
+            "size": size, "num_gpus": 1, "num_cpus": 1, "threads": None, "decode_cpus": 1, "memory": mem,
+            "decode_memory": min(mem, DECODE_PEAK_BYTES),
+        }  # fmt: skip
     # On CPUs, model replicas beat intra-op threads: ResNet-18 on 2 cores runs 45 img/s per 1-thread
     # process (90 for two) but 81 img/s as one 2-thread process. Replicas of 1 thread on small machines,
     # 2 threads on larger ones (fewer copies of the model in memory).
     threads = 1 if cpus <= 4 else 2
-    size = max(1, cpus // threads)
+    size, mem = memory_budget(max(1, cpus // threads), total_memory)
     # Reserve half the CPUs for the actors, leaving the rest to decode and write tasks (decoding is ~15x
     # cheaper than the forward pass, so the actors' threads may use every core). Decode tasks ask for
-    # the same CPUs as an actor so Ray Data fuses them into it: each replica decodes its own batches.
+    # the same CPUs and memory as an actor so Ray Data fuses them into it: each replica decodes its own
+    # batches, one unit at a time, inside its memory budget.
     per = round(max(0.25, cpus * 0.5 / size), 3)
-    return {"size": size, "num_gpus": 0, "num_cpus": per, "threads": threads, "decode_cpus": per}
+    return {
+        "size": size, "num_gpus": 0, "num_cpus": per, "threads": threads, "decode_cpus": per, "memory": mem,
+        "decode_memory": mem,
+    }  # fmt: skip

@@ -21,6 +21,7 @@ The arrays live in ``heads.pt`` (tensors only, loaded with ``weights_only=True``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,12 +32,29 @@ import torch
 from raytumor.results import OUT_OF_SCOPE
 from raytumor.scan import VIEWS
 
-__all__ = ["OUT_OF_SCOPE", "HEADS_FILE", "Heads", "OODReference", "Scope", "ViewNet", "fit_view_net"]
+__all__ = [
+    "NOT_BRAIN",
+    "OUT_OF_SCOPE",
+    "HEADS_FILE",
+    "Heads",
+    "OODReference",
+    "Scope",
+    "ViewNet",
+    "fit_view_net",
+    "geometry_views",
+]
 
 HEADS_FILE = "heads.pt"
 UNKNOWN = "unknown"  # a training example or input whose view nobody could tell
 DEFAULT_MODALITIES = ("MR",)
 OOD_REASON = "out of distribution"
+# The view net's class for slices below the brain (neck, jaw, shoulders): never in scope. Geometry labels it
+# for free: axial cuts of a head volume at least NOT_BRAIN_MM below the vertex (an adult's foramen magnum
+# lies ~130-140 mm below it, the chin ~200 mm); cuts between AXIAL_MAX_MM and NOT_BRAIN_MM (skull base,
+# upper cervical spine) are left out of the view net's training, being neither clearly one nor the other.
+NOT_BRAIN = "not_brain"
+AXIAL_MAX_MM = 150.0
+NOT_BRAIN_MM = 170.0
 # No view has enough real examples of every class (e.g. a bundle trained on SYNTHETIC phantoms only).
 NOTHING_IN_SCOPE = "bundle has no scope (too few real training examples)"
 
@@ -48,9 +66,30 @@ NOTHING_IN_SCOPE = "bundle has no scope (too few real training examples)"
 VIEW_NET_SIZE = 64  # the view net's input side: plane is a matter of head shape, not detail
 
 
+def geometry_views(views: Sequence[Any], mm_below_vertex: Sequence[Any] | None) -> list[str | None]:
+    """The view net's training label of each slice whose view geometry gave: its plane, or
+    :data:`NOT_BRAIN` for an axial cut at least NOT_BRAIN_MM below the vertex; None (left out) for an axial
+    cut between AXIAL_MAX_MM and NOT_BRAIN_MM and for anything that names no plane."""
+    out: list[str | None] = []
+    for i, v in enumerate(views):
+        if not isinstance(v, str) or v not in VIEWS:
+            out.append(None)
+            continue
+        try:
+            mm = float(mm_below_vertex[i]) if mm_below_vertex is not None else math.nan
+        except (TypeError, ValueError):
+            mm = math.nan
+        if v != "axial" or not math.isfinite(mm) or mm <= AXIAL_MAX_MM:
+            out.append(v)
+        else:
+            out.append(NOT_BRAIN if mm >= NOT_BRAIN_MM else None)
+    return out
+
+
 class ViewNet(torch.nn.Module):
-    """A small CNN that tells axial / coronal / sagittal from a (B, 1, S, S) uint8 model input, resized to
-    VIEW_NET_SIZE and standardised per image; run next to the classifier (~1 % of its forward)."""
+    """A small CNN that tells axial / coronal / sagittal (and, when its training slices reached below the
+    skull base, :data:`NOT_BRAIN`) from a (B, 1, S, S) uint8 model input, resized to VIEW_NET_SIZE and
+    standardised per image; run next to the classifier (~1 % of its forward)."""
 
     def __init__(self, views: Sequence[str], width: int = 16):
         super().__init__()
@@ -345,11 +384,12 @@ class Scope:
     view_head: bool = False
 
     def in_scope_values(self, kind: str) -> list[str]:
-        """Values of ``kind`` (view/sequence) with >= min_examples real examples of every class."""
+        """Values of ``kind`` (view/sequence) with >= min_examples real examples of every class
+        (:data:`NOT_BRAIN` never: it is what the model must not score)."""
         table = self.counts.get(kind, {})
         return sorted(
             v for v, per in table.items()
-            if all(int(per.get(c, 0)) >= self.min_examples for c in self.classes)
+            if v != NOT_BRAIN and all(int(per.get(c, 0)) >= self.min_examples for c in self.classes)
         )  # fmt: skip
 
     @property
@@ -388,6 +428,8 @@ class Scope:
             view = v if isinstance(v, str) and v else UNKNOWN
             if isinstance(m, str) and m and m.upper() not in allowed:
                 reasons[i] = f"modality {m.upper()}"
+            elif view == NOT_BRAIN:  # whatever the bundle's scope: no brain to score
+                reasons[i] = "not brain (view net)"
             elif gate_views and not ok_views:
                 reasons[i] = NOTHING_IN_SCOPE
             elif gate_views and view not in ok_views:

@@ -50,6 +50,7 @@ def _measure(
         batch_size=64,
         num_cpus=r["num_cpus"],
         num_gpus=r["num_gpus"],
+        memory=r["memory"],
         batch_format="numpy",
     )
     state: dict | None = None

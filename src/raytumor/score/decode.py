@@ -614,4 +614,5 @@ def map_read_decode(
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=r["decode_cpus"],
+        memory=r["decode_memory"],
     )

@@ -261,6 +261,7 @@ def run_pipeline(
         batch_size=max(cfg.units_per_block, batch_size if gpu else 0),
         num_cpus=r["num_cpus"],
         num_gpus=r["num_gpus"],
+        memory=r["memory"],
         batch_format="numpy",
     )
     counter = RowCounter()

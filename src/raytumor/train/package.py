@@ -25,7 +25,16 @@ from raytumor.predict import Predictor
 from raytumor.preprocess import parse_spec
 from raytumor.report import build_report
 from raytumor.scan import VIEWS, ok_mask
-from raytumor.scope import Heads, Scope, ViewNet, count_scope, fit_ood, fit_threshold, fit_view_net
+from raytumor.scope import (
+    Heads,
+    Scope,
+    ViewNet,
+    count_scope,
+    fit_ood,
+    fit_threshold,
+    fit_view_net,
+    geometry_views,
+)
 from raytumor.storage import StorageOptions, read_manifest
 from raytumor.train.config import TrainConfig, known_views
 from raytumor.train.data import SplitData
@@ -140,7 +149,10 @@ def _view_net(data: SplitData, cfg: TrainConfig, meta: BundleMeta) -> tuple[View
         return None, {}
     storage = StorageOptions.from_env(cfg.s3_endpoint)
     df = pd.concat([read_manifest(m, storage, required=("path", "view")) for m in cfg.view_data])
-    df = df[df["view"].isin(VIEWS)].reset_index(drop=True)
+    # axial cuts far below the vertex (``raytumor slices --depth-mm 0``) teach the net "not brain"
+    below = df["mm_below_vertex"].tolist() if "mm_below_vertex" in df.columns else None
+    df["view"] = geometry_views(df["view"].tolist(), below)
+    df = df[df["view"].notna()].reset_index(drop=True)
     pid = df["patient_id"].astype(str) if "patient_id" in df.columns else df["path"].astype(str)
     df["held"] = [_stable_bucket(p, VIEW_HOLDOUT_EVERY) == 0 for p in pid]
     man = data.manifest.assign(view=declared_views(data.manifest, cfg))
@@ -178,7 +190,7 @@ def _view_net(data: SplitData, cfg: TrainConfig, meta: BundleMeta) -> tuple[View
         report["held_out_accuracy"] = float((called == truth).mean())
         report["held_out_per_view"] = {
             v: {"n": int((truth == v).sum()), "accuracy": float((called[truth == v] == v).mean())}
-            for v in VIEWS
+            for v in net.views
             if (truth == v).any()
         }
     return net, report
