@@ -5,8 +5,9 @@ For each layout, a 10,000-file and a 100,000-file archive (the large one the sma
 under other names: the same bytes, distinct inputs) are scored with a small randomly initialised model,
 so the pipeline, not the network, sets the pace. Measured per run:
 
-- rows/s in each tenth of the rows (from the Parquet parts' write times); steady state compared
-  between the 2nd and the 9th tenth (the 1st holds start-up, the 10th the write queue's final flush)
+- rows/s in each tenth of the rows (from the Parquet parts' write times: the model actors write them as
+  they score); steady state compared between the 2nd and the 9th tenth (the 1st holds start-up, the 10th
+  the last partial batches)
                                                                target: last / first within 0.9-1.1
 - peak memory: PSS summed over the command's process tree (driver, raylet, GCS, workers, actors)
                                                                target: 100k peak <= 1.2 x the 10k peak

@@ -209,6 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + ("-tv" if args.tcga_views else "")
         + (f"-bal{args.balance_sources:g}" if args.balance_sources else "")
         + ("" if sources == list(SOURCES) else "-" + "+".join(sources))
+        + (f"-{args.tag}" if args.tag else "")
     )
     work = root / fold
     work.mkdir(parents=True, exist_ok=True)
@@ -343,6 +344,7 @@ def main() -> None:
         "--sources", default=",".join(SOURCES), help="training sources for the ablation (TCGA always in)"
     )
     p.add_argument("--quick", action="store_true", help="held-out site and IXI fold B only")
+    p.add_argument("--tag", default="", help="suffix of the fold's folder (a new run beside earlier ones)")
     args = p.parse_args()
     if not TCGA.is_file():
         sys.exit(f"needs {TCGA}")

@@ -160,6 +160,21 @@ def main() -> None:
         if (bins == b).any()
     }
 
+    # how sure the net must be before it calls an input not_brain: what each threshold costs and catches
+    pb_neck = net.probabilities(xn)[:, net.views.index(NOT_BRAIN)] if neck else np.zeros(0)
+    pb = {
+        "br35h": net.probabilities(xbr)[:, net.views.index(NOT_BRAIN)],
+        f"tcga_{args.holdout_site}_native": net.probabilities(xs)[:, net.views.index(NOT_BRAIN)],
+        "ixi_B_brain_axial_0-150mm": net.probabilities(xb[ax][depth <= 150])[:, net.views.index(NOT_BRAIN)],
+    }
+    res["not_brain_threshold"] = {
+        f"{t:g}": {
+            "neck_caught": round(float((pb_neck >= t).mean()), 4) if len(pb_neck) else None,
+            **{f"{k}_lost": round(float((v >= t).mean()), 4) for k, v in pb.items()},
+        }
+        for t in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+    }
+
     # cost against the classifier's forward, same batch, same threads
     from raytumor.model import create_model
 

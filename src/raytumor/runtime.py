@@ -478,7 +478,7 @@ def predictor_resources() -> dict[str, Any]:
     # 2 threads on larger ones (fewer copies of the model in memory).
     threads = 1 if cpus <= 4 else 2
     size, mem = memory_budget(max(1, cpus // threads), total_memory)
-    # Reserve half the CPUs for the actors, leaving the rest to decode and write tasks (decoding is ~15x
+    # Reserve half the CPUs for the actors, leaving the rest to decode tasks and Ray itself (decoding is ~15x
     # cheaper than the forward pass, so the actors' threads may use every core). Decode tasks ask for
     # the same CPUs and memory as an actor so Ray Data fuses them into it: each replica decodes its own
     # batches, one unit at a time, inside its memory budget.

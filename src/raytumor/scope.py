@@ -55,6 +55,9 @@ OOD_REASON = "out of distribution"
 NOT_BRAIN = "not_brain"
 AXIAL_MAX_MM = 150.0
 NOT_BRAIN_MM = 170.0
+# The view net calls an input not_brain only this sure of it: a wrong not_brain loses a scan that should
+# have been scored, so it needs more than a plurality (bench/view_net.py measures the trade-off).
+NOT_BRAIN_MIN_P = 0.5
 # No view has enough real examples of every class (e.g. a bundle trained on SYNTHETIC phantoms only).
 NOTHING_IN_SCOPE = "bundle has no scope (too few real training examples)"
 
@@ -123,13 +126,25 @@ class ViewNet(torch.nn.Module):
         return self.fc(self.body((x - mu) / sd).mean((2, 3)))
 
     @torch.inference_mode()
-    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """View name per image (object array)."""
+    def probabilities(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N, len(views)) softmax probabilities."""
         if len(images) == 0:
-            return np.zeros(0, dtype=object)
+            return np.zeros((0, len(self.views)), dtype=np.float32)
         self.eval()
         logits = self(self.prepare(images).to(next(self.parameters()).device))
-        return np.asarray(self.views, dtype=object)[logits.argmax(1).cpu().numpy()]
+        return torch.softmax(logits.float(), 1).cpu().numpy()
+
+    def predict(self, images: np.ndarray | torch.Tensor, not_brain_p: float = NOT_BRAIN_MIN_P) -> np.ndarray:
+        """View name per image (object array): the most probable view, except that :data:`NOT_BRAIN` (which
+        puts an input out of scope) needs at least ``not_brain_p``, else the most probable brain view."""
+        p = self.probabilities(images)
+        if len(p) and NOT_BRAIN in self.views:
+            j = self.views.index(NOT_BRAIN)
+            sure = p[:, j] >= not_brain_p
+            p = p.copy()
+            p[~sure, j] = -1.0
+            p[sure] = np.where(np.arange(p.shape[1]) == j, 1.0, 0.0)
+        return np.asarray(self.views, dtype=object)[p.argmax(1)] if len(p) else np.zeros(0, dtype=object)
 
 
 def _view_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
