@@ -482,3 +482,24 @@ def test_pointing_game_on_gradcam_of_the_blob_model(fitted):
     hits = np.array([r["hit"] for r in results])
     centre = np.array([r["centre_hit"] for r in results])
     assert hits.mean() >= 0.9 and hits.mean() > centre.mean() + 0.3 and hits.mean() > 0.25 + 0.5
+
+
+def test_a_long_caption_wraps_inside_the_image():
+    """The report's scope thumbnails carry reasons longer than a 224 px tile: they wrap, never run off it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from raytumor.explain import _wrap, overlay_png
+
+    caption = "scan_0001.png  bundle has no scope (too few real training examples)"
+    img = Image.new("RGB", (224, 224))
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=10)
+    lines = _wrap(draw, caption, font, 200)
+    assert len(lines) >= 2 and " ".join(lines).split() == caption.split()
+    assert all(draw.textlength(line, font=font) <= 200 for line in lines)
+    png = Image.open(
+        io.BytesIO(overlay_png(np.zeros((96, 96), np.uint8), np.zeros((96, 96)), caption=caption))
+    )
+    band = np.asarray(png.convert("L"))[-60:]
+    # white text on the dark box, on at least two text rows separated by box-only rows
+    rows_with_text = np.flatnonzero((band > 200).any(1))
+    assert len(rows_with_text) and (np.diff(rows_with_text) > 1).any()

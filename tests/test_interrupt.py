@@ -151,3 +151,56 @@ def _interrupt_then_resume(cmd: list[str], out: Path, tmp_path: Path, raytmp: st
     summary = json.loads((out / "s" / "summary.json").read_text())
     assert summary["trials"] == 2 and "interrupted" not in summary["trial_status"]
     assert (out / "s" / "bundle" / "model.pt").exists()
+
+
+# Ctrl-C to `raytumor score`: one line saying what is kept, exit 130, the same command finishes the job
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_ctrl_c_stops_scoring_cleanly_and_the_same_command_finishes(head_bundle, tmp_path):
+    from raytumor.results import read_scores
+
+    src = tmp_path / "in"
+    src.mkdir()
+    blobs = [(Path(p).suffix, Path(p).read_bytes()) for p in head_bundle.eval["path"]]
+    n = 4000  # distinct names, the same bytes: long enough to be cut mid-way
+    for i in range(n):
+        suffix, data = blobs[i % len(blobs)]
+        (src / f"{i:05d}{suffix}").write_bytes(data)
+    out = tmp_path / "out"
+    cmd = [str(BIN / "raytumor"), "score", "--bundle", str(head_bundle.bundle), "--input", str(src),
+           "--output", str(out)]  # fmt: skip
+    raytmp = tempfile.mkdtemp(prefix="rtint", dir="/tmp")
+    try:
+        first_log = tmp_path / "first.log"
+        with open(first_log, "w") as log:
+            first = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env(raytmp), start_new_session=True
+            )
+            try:
+                deadline = time.time() + 300
+                while not list((out / "scores").glob("*.parquet")):  # scoring has begun
+                    assert first.poll() is None, first_log.read_text()[-4000:]
+                    assert time.time() < deadline, "no part written before the deadline"
+                    time.sleep(0.2)
+                os.kill(first.pid, signal.SIGINT)
+                rc = first.wait(timeout=120)
+            finally:
+                stop_group(first)
+        text = first_log.read_text()
+        assert rc == 130, text[-6000:]
+        assert "[score] interrupted:" in text and "run the same command again" in text, text[-3000:]
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-6000:]
+        # the driver never joins another cluster once its own session is gone
+        assert "Connecting to existing Ray cluster" not in text, text[-6000:]
+        kept = len(read_scores(str(out), skip_unreadable=True))
+        assert 0 < kept < n, kept
+
+        second = subprocess.run(cmd, capture_output=True, text=True, env=run_env(raytmp), timeout=600)
+        assert second.returncode == 0, (second.stdout + second.stderr)[-6000:]
+        assert "already scored" in second.stdout
+        rows = read_scores(str(out))
+        assert len(rows) == n and rows["path"].nunique() == n
+    finally:
+        shutil.rmtree(raytmp, ignore_errors=True)

@@ -357,10 +357,15 @@ def test_score_job_writes_out_of_scope_rows(scoped_bundle, head_bundle, ray_sess
     assert summarise(rows.reset_index(drop=True), "no")["out_of_scope"] == s["out_of_scope"]
     # --score-out-of-scope: the same rows labelled with a class anyway, scope columns unchanged.
     out2 = tmp_path / "out2"
-    score(ScoreConfig(bundle=str(scoped_bundle), input=str(inp), output=str(out2), score_out_of_scope=True))
+    s2 = score(
+        ScoreConfig(bundle=str(scoped_bundle), input=str(inp), output=str(out2), score_out_of_scope=True)
+    )
     rows2 = read_scores(str(out2))
     assert OUT_OF_SCOPE not in set(rows2["label"].dropna())
     assert int((~rows2["in_scope"].fillna(True).astype(bool)).sum()) == s["out_of_scope"]
+    # ... and the summary still counts them, by reason (it said "0 out of scope" before)
+    assert s2["out_of_scope"] == 0 and s2["out_of_scope_labelled"] == s["out_of_scope"]
+    assert s2["out_of_scope_labelled_reasons"] == s["out_of_scope_reasons"]
 
 
 def test_known_view_fills_views_a_manifest_lacks_and_is_checked():

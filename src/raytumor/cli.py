@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         func: Callable = args.func
         func(args)
+    except KeyboardInterrupt:  # a stage that has nothing to save or say (score and tune say more)
+        if known.debug:
+            raise
+        print(f"raytumor {command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         if known.debug or not user_error(e):
             raise

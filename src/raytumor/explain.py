@@ -198,11 +198,23 @@ def _draw_caption(img: Image.Image, caption: str) -> None:
     if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow without FreeType: bitmap font is latin-1 only
         caption = caption.replace("\u2014", "-").encode("latin-1", "replace").decode("latin-1")
     pad = max(2, size // 4)
-    left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+    text = "\n".join(_wrap(draw, caption, font, img.width - 4 * pad))  # a long reason is wrapped, not cut
+    left, top, right, bottom = draw.multiline_textbbox((0, 0), text, font=font)
     x, y = pad, img.height - (bottom - top) - 3 * pad
     # A dark box under the text so it is readable on top of both the scan and the heat map.
     draw.rectangle((x - pad, y - pad, x + right - left + pad, y + bottom - top + pad), fill=(0, 0, 0))
-    draw.text((x - left, y - top), caption, fill=(255, 255, 255), font=font)
+    draw.multiline_text((x - left, y - top), text, fill=(255, 255, 255), font=font)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: float) -> list[str]:
+    """Greedy word wrap to ``width`` pixels (a single word longer than that keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def explain_name(unit_id: str) -> str:

@@ -183,13 +183,17 @@ def write_slice_rows(output: str, storage: StorageOptions | None) -> str:
     return join(output, "slices.parquet")
 
 
-SUMMARY_COLUMNS = ["path", "label", "error", "kind", "n_slices", "scope_reason"]
+SUMMARY_COLUMNS = ["path", "label", "error", "kind", "n_slices", "scope_reason", "in_scope"]
 
 
 def summarise(df: pd.DataFrame, negative_class: str | None) -> dict[str, Any]:
     """Counts over all score rows (``SUMMARY_COLUMNS`` of an output folder)."""
     err = df["error"].notna()
     oos = df["label"] == OUT_OF_SCOPE
+    outside = df["in_scope"].eq(False) if "in_scope" in df.columns else pd.Series(False, index=df.index)
+    anyway = outside & ~oos & ~err
+    if "scope_reason" not in df.columns:
+        df = df.assign(scope_reason=None)
     # Without a no-tumour class (multi-class bundles) nothing is "positive": see the label counts.
     if negative_class:
         pos = df["label"].notna() & (df["label"] != negative_class) & ~oos
@@ -203,11 +207,14 @@ def summarise(df: pd.DataFrame, negative_class: str | None) -> dict[str, Any]:
         "errors": int(err.sum()),
         "positives": int(pos.sum()),
         "out_of_scope": int(oos.sum()),
-        "out_of_scope_reasons": (
-            {str(k): int(v) for k, v in df.loc[oos, "scope_reason"].fillna("?").value_counts().items()}
-            if "scope_reason" in df.columns
-            else {}
-        ),
+        "out_of_scope_reasons": {
+            str(k): int(v) for k, v in df.loc[oos, "scope_reason"].fillna("?").value_counts().items()
+        },
+        # --score-out-of-scope: rows outside the scope that got a class anyway, counted so that they show
+        "out_of_scope_labelled": int(anyway.sum()),
+        "out_of_scope_labelled_reasons": {
+            str(k): int(v) for k, v in df.loc[anyway, "scope_reason"].fillna("?").value_counts().items()
+        },
         "volumes": int((df["kind"] == "volume").sum()),
         "images_scored": int(df["n_slices"].fillna(0).sum()),
         "error_reasons": dict(Counter(str(e).split(":", 1)[0] for e in df.loc[err, "error"]).most_common(20)),

@@ -108,6 +108,12 @@ def _isolate_local_session(ray: Any, kwargs: dict[str, Any]) -> None:
     write_ray_address(gcs, kwargs["_temp_dir"])
     _SESSION.update(gcs_address=gcs, root=root, temp_dir=kwargs["_temp_dir"])
     atexit.register(_remove_session_dir, root)
+    # Once this session has shut down (Ctrl-C, exit), a Ray call from a thread still winding down (Ray
+    # Data's iterator) would otherwise run ``ray.init()`` with no address and join whatever cluster the
+    # machine-wide file names: another user's job. This driver only ever uses the session it started.
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = False
 
 
 # Ray's longest socket path below a session root; AF_UNIX paths may not exceed 107 bytes.

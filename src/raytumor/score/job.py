@@ -395,6 +395,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 EXIT_RETRY = 75
 
 
+# Exit status of a run stopped by Ctrl-C (the shell's 128 + SIGINT), as raytumor tune exits.
+EXIT_INTERRUPTED = 130
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = from_args(ScoreConfig, args)
     try:
@@ -402,6 +406,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     except ScoreFailed as e:
         print_summary(e.summary)
         raise SystemExit(f"[score] FAILED: {e}") from None
+    except KeyboardInterrupt:
+        # Every part on storage is whole (a half-written one is removed on resume): say so, no traceback.
+        try:  # count only: a part an actor is still writing is the next run's to remove
+            storage = StorageOptions.from_env(cfg.s3_endpoint)
+            kept = f"{len(read_scores(cfg.output, storage, ['path'], skip_unreadable=True)):,} rows are"
+        except Exception:  # noqa: BLE001 - the count is a courtesy; the hint below is what matters
+            kept = "the rows written so far are"
+        print(
+            f"[score] interrupted: {kept} in {join(cfg.output, SCORES_DIR)}; run the same command again "
+            "to score the rest",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(EXIT_INTERRUPTED) from None
     print_summary(s)
     if s["unreachable"] or s["missing_rows"]:
         # Exit non-zero (EX_TEMPFAIL) so a scheduler retries: these inputs have no row yet, not an error row.
@@ -425,6 +443,12 @@ def print_summary(s: dict[str, Any]) -> None:
         print(
             "[score] out of scope (label out_of_scope; --score-out-of-scope labels them anyway): "
             + ", ".join(f"{k} {v}" for k, v in s["out_of_scope_reasons"].items())
+        )
+    if s.get("out_of_scope_labelled"):
+        print(
+            f"[score] {s['out_of_scope_labelled']} rows outside the bundle's scope were labelled anyway "
+            "(--score-out-of-scope; in_scope false): "
+            + ", ".join(f"{k} {v}" for k, v in s["out_of_scope_labelled_reasons"].items())
         )
     if s["error_reasons"]:
         print("[score] errors by reason: " + ", ".join(f"{k} {v}" for k, v in s["error_reasons"].items()))
