@@ -82,6 +82,7 @@ def test_native_stderr_filter_drops_only_the_known_lines():
         "object store and max_restarts > 0. See\\nsecond\\n')\n"
         "os.write(2, b'[gcs_server] (gcs_server) Failed to kill actor 96af: RpcError: Socket closed\\n')\n"
         "os.write(2, b'(gcs_server) Failed to kill actor 96af: out of memory\\n')\n"
+        "os.write(2, b'(pid=12135) [mutex.cc : 452] RAW: Lock blocking 0x563f8aed1320   @ 0x7fdd3e62b1a2\\n')\n"
         "os.write(2, b'partial')\n"
         "time.sleep(0.6)\n"
         "sys.stderr.write(' line\\n')\n"

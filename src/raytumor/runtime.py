@@ -186,6 +186,8 @@ NATIVE_NOISE: tuple[tuple[bytes, ...], ...] = (
     (b"has constructor arguments in the object store and max_restarts > 0",),
     # GCS, forwarded: an actor Ray Data released had already exited when GCS came to kill it.
     (b"(gcs_server)", b"Failed to kill actor", b"Socket closed"),
+    # Abseil's raw mutex tracing, which a worker's native code sometimes switches on: lock addresses only.
+    (b"[mutex.cc : ", b"] RAW: "),
 )
 _STDERR_FILTER: dict[str, Any] = {}
 
