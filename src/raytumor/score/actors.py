@@ -165,7 +165,8 @@ class ScorePredictor:
         table = self.score_rows(batch)
         if self.scores_dir is None:
             return table
-        write_part(table, self.scores_dir, self.storage)
+        if table.num_rows:  # a batch can be empty (a resumed tar's members all done)
+            write_part(table, self.scores_dir, self.storage)
         return {"rows": np.array([table.num_rows], dtype=np.int64)}
 
     def score_rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
