@@ -43,3 +43,25 @@ def test_scoring_replicas_reserve_their_decode_peak_and_fit_the_memory(ray_sessi
     # less than one replica's budget: one replica asks for what there is rather than waiting forever
     assert memory_budget(4, gib) == (1, int(0.9 * gib))
     assert memory_budget(3, 0) == (3, 0)  # a cluster that reports no memory resource
+
+
+def test_ray_train_report_lines_are_dropped_and_nothing_else(caplog):
+    """Train V2 logs each report's whole metrics dict and checkpoint path per worker per epoch; the worker
+    setup hook drops those two lines (the loop prints its own epoch line) and keeps the rest."""
+    import logging
+    import os
+
+    import ray
+
+    from raytumor.runtime import quiet_train_reports
+
+    quiet_train_reports()
+    quiet_train_reports()  # idempotent: one filter per logger
+    path = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    lg = logging.getLogger(path)
+    assert len(lg.filters) == 1
+    with caplog.at_level(logging.INFO, logger=path):
+        lg.info("Reporting training result 2: TrainingReport(checkpoint=..., metrics={...}) from rank 0")
+        lg.info("something else Train says")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == ["something else Train says"]

@@ -163,11 +163,44 @@ def quiet_ray_internal_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
 
 
+# INFO lines Ray Train V2 logs in every training worker at each report, repeating what the loop's own
+# ``[raytumor] epoch N`` line says: the whole metrics dict and the checkpoint path, twice per epoch. Their
+# loggers are named by file path (``logging.getLogger(__file__)``), relative to the ray package here.
+TRAIN_REPORT_NOISE: dict[str, str] = {
+    "train/v2/_internal/execution/context.py": "Reporting training result ",
+    "train/v2/_internal/execution/storage.py": "Checkpoint successfully created at",
+}
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_train_reports() -> None:
+    """Drop :data:`TRAIN_REPORT_NOISE` from this process's Ray Train loggers (nothing else they log)."""
+    import ray
+
+    root = os.path.dirname(ray.__file__)
+    for rel, prefix in TRAIN_REPORT_NOISE.items():
+        lg = logging.getLogger(os.path.join(root, *rel.split("/")))
+        if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in lg.filters):
+            lg.addFilter(_DropPrefix(prefix))
+
+
 def _setup_worker() -> None:
     """Worker setup hook of an in-process session: Ray's own address discovery (State API clients, e.g.
     Train's placement-group cleaner) must find this worker's cluster, never another one on the machine;
     and the worker's log stays free of Ray's warnings about its own internals."""
     quiet_ray_internal_warnings()
+    try:
+        quiet_train_reports()
+    except Exception:  # noqa: BLE001 - log noise is never worth a failed worker
+        log.debug("could not quiet Ray Train's report lines", exc_info=True)
     try:
         import ray
 
