@@ -108,7 +108,9 @@ def _score_inbox(out: Path, holdout: Path, corrupt: list[str], bundle: str) -> d
     shutil.copytree(holdout, inbox)
     for p in corrupt:
         shutil.copy(p, inbox / Path(p).name)
-    print(f"[demo] 3/4 batch scoring {inbox} (holdout phantoms + {len(corrupt)} broken files)")
+    docs = sorted(f.name for f in inbox.iterdir() if f.is_file() and f.suffix.lower() in (".txt", ".md"))
+    extra = f" + {', '.join(docs)} (not a scan: an error row too)" if docs else ""
+    print(f"[demo] 3/4 batch scoring {inbox} (holdout phantoms + {len(corrupt)} broken files{extra})")
     # A bundle trained on SYNTHETIC phantoms has no scope (no real examples of any view): by default every
     # scan would be labelled out_of_scope. The demo shows the pipeline, so it labels them anyway.
     print(
