@@ -45,7 +45,7 @@ def test_scoring_replicas_reserve_their_decode_peak_and_fit_the_memory(ray_sessi
     assert memory_budget(3, 0) == (3, 0)  # a cluster that reports no memory resource
 
 
-def test_ray_train_report_lines_are_dropped_and_nothing_else(caplog):
+def test_ray_train_report_lines_are_dropped_and_nothing_else():
     """Train V2 logs each report's whole metrics dict and checkpoint path per worker per epoch; the worker
     setup hook drops those two lines (the loop prints its own epoch line) and keeps the rest."""
     import logging
@@ -58,10 +58,21 @@ def test_ray_train_report_lines_are_dropped_and_nothing_else(caplog):
     quiet_train_reports()
     quiet_train_reports()  # idempotent: one filter per logger
     path = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
-    lg = logging.getLogger(path)
-    assert len(lg.filters) == 1
-    with caplog.at_level(logging.INFO, logger=path):
-        lg.info("Reporting training result 2: TrainingReport(checkpoint=..., metrics={...}) from rank 0")
-        lg.info("something else Train says")
-    msgs = [r.getMessage() for r in caplog.records]
-    assert msgs == ["something else Train says"]
+    loggers = [logging.getLogger(path), logging.getLogger("ray.train.v2._internal.execution.storage")]
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    for lg in loggers:
+        assert len(lg.filters) == 1
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    try:
+        loggers[0].info("Reporting training result 2: TrainingReport(checkpoint=..., metrics={}) from rank 0")
+        loggers[0].info("something else Train says")
+        loggers[1].info("Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)")
+        loggers[1].info("another storage line")
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+            lg.setLevel(logging.NOTSET)
+    assert seen == ["something else Train says", "another storage line"]

@@ -165,10 +165,11 @@ def quiet_ray_internal_warnings() -> None:
 
 # INFO lines Ray Train V2 logs in every training worker at each report, repeating what the loop's own
 # ``[raytumor] epoch N`` line says: the whole metrics dict and the checkpoint path, twice per epoch. Their
-# loggers are named by file path (``logging.getLogger(__file__)``), relative to the ray package here.
+# logger: by module name, or (a path ending in .py) by file path relative to the ray package, as the
+# module names it (``logging.getLogger(__file__)``).
 TRAIN_REPORT_NOISE: dict[str, str] = {
     "train/v2/_internal/execution/context.py": "Reporting training result ",
-    "train/v2/_internal/execution/storage.py": "Checkpoint successfully created at",
+    "ray.train.v2._internal.execution.storage": "Checkpoint successfully created at",
 }
 
 
@@ -186,8 +187,8 @@ def quiet_train_reports() -> None:
     import ray
 
     root = os.path.dirname(ray.__file__)
-    for rel, prefix in TRAIN_REPORT_NOISE.items():
-        lg = logging.getLogger(os.path.join(root, *rel.split("/")))
+    for name, prefix in TRAIN_REPORT_NOISE.items():
+        lg = logging.getLogger(os.path.join(root, *name.split("/")) if name.endswith(".py") else name)
         if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in lg.filters):
             lg.addFilter(_DropPrefix(prefix))
 
