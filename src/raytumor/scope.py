@@ -142,10 +142,8 @@ class ViewNet(torch.nn.Module):
         p = self.probabilities(images)
         if len(p) and NOT_BRAIN in self.views:
             j = self.views.index(NOT_BRAIN)
-            sure = p[:, j] >= not_brain_p
-            p = p.copy()
-            p[~sure, j] = -1.0
-            p[sure] = np.where(np.arange(p.shape[1]) == j, 1.0, 0.0)
+            sure = p[:, j] >= not_brain_p  # p is this call's own array: edit it in place
+            p[:, j] = np.where(sure, 2.0, -1.0)
         return np.asarray(self.views, dtype=object)[p.argmax(1)] if len(p) else np.zeros(0, dtype=object)
 
 
