@@ -1,8 +1,10 @@
 """Batch-scoring throughput and memory, measured in one run on the same files.
 
-1. ``raytumor score`` (Ray Data: decode on CPU tasks, model on an actor pool, Parquet out) images/s
+1. ``raytumor score`` (Ray Data: decode fused into an actor pool, Parquet out) images/s
    ÷ a plain PyTorch loop (decode with PIL, same preprocessing, same model and batch size,
    ``torch.set_num_threads(cores)``)                                              target ≥ 1.0
+   ÷ the same loop with the scoring actors' BatchNorm-folded model (reported, no target: Ray's own
+   overhead against the same engine in one process)
    ÷ model-only forward on preloaded tensors (the ceiling)                        target ≥ 0.8
 2. Peak memory (PSS summed over the driver and every Ray process) scoring 1× and 10× the files
    (a small model and small images so the 10× run stays short)                    target ≤ 1.2× growth
@@ -52,14 +54,18 @@ def list_images(data: Path, limit: int | None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def plain_loop(bundle: Path, files: list[Path], batch_size: int, threads: int) -> float:
-    """Images/s of decode + preprocess + forward in one process, batch by batch."""
+def plain_loop(bundle: Path, files: list[Path], batch_size: int, threads: int, fused: bool = False) -> float:
+    """Images/s of decode + preprocess + forward in one process, batch by batch (``fused``: with the
+    scoring actors' BatchNorm-folded model, to show how much of a ratio is the engine's, not Ray's)."""
     from raytumor.bundle import load_bundle
     from raytumor.formats import decode_image, fit_square
+    from raytumor.model import fuse_for_inference
     from raytumor.predict import forward_probs
 
     torch.set_num_threads(threads)
     b = load_bundle(bundle, device="cpu")
+    if fused:
+        b.model = fuse_for_inference(b.model)
     size = b.meta.image_size
     forward_probs(b.model, np.zeros((batch_size, size, size), np.uint8), b.device)  # warm-up
     t0 = time.perf_counter()
@@ -183,6 +189,8 @@ def main() -> None:
         print(f"model only (preloaded tensors): {res['model_only']:8.1f} img/s", flush=True)
         res["plain"] = plain_loop(bundle, files, args.batch_size, threads)
         print(f"plain PyTorch loop (PIL decode): {res['plain']:8.1f} img/s", flush=True)
+        res["plain_fused"] = plain_loop(bundle, files, args.batch_size, threads, fused=True)
+        print(f"  same, BatchNorm folded:         {res['plain_fused']:8.1f} img/s", flush=True)
         init_ray(num_cpus=threads)
         # Ray's fixed cost per job (actor processes start, import torch, load the model; executor start):
         # a 16-file job in the same session. Steady-state rate = the rest of the time.
@@ -204,6 +212,11 @@ def main() -> None:
         res["ray_vs_model_only"] = res["ray"] / res["model_only"]
         print(f"ratio Ray / plain loop:  {res['ray_vs_plain']:.3f}   (target >= 1.0)")
         print(f"ratio Ray / model only:  {res['ray_vs_model_only']:.3f}   (target >= 0.8)")
+        res["ray_vs_plain_fused"] = res["ray"] / res["plain_fused"]
+        print(
+            f"ratio Ray / plain loop with BatchNorm folded: {res['ray_vs_plain_fused']:.3f}   "
+            "(Ray's own overhead against the same engine in one process)"
+        )
 
         if not args.skip_rss:
             small = make_bundle(tmp / "small", args.rss_backbone, args.rss_image_size)

@@ -393,3 +393,35 @@ def test_train_and_tune_refuse_unavailable_weights_before_ray_starts(tmp_path, m
     # weights that are there pass the check: the packaged Lite0 checkpoint, and no pretrained weights at all
     M.check_weights("efficientnet_lite0", "imagenet")
     M.check_weights("resnet18", "none")
+
+
+@pytest.mark.parametrize("backbone", list_backbones())
+def test_fused_inference_model_matches_the_model_and_folds_every_batchnorm(backbone):
+    """The scoring actors' BatchNorm-folded copy gives the same logits and OOD features as the model (with
+    non-trivial statistics, so a dropped BatchNorm or a lost timm activation would show) and leaves the
+    model itself untouched for Grad-CAM and AdaBN."""
+    torch.manual_seed(0)
+    model = create_model(backbone, 2, weights="none", dropout=0.0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval().to(memory_format=torch.channels_last)
+    fused = M.fuse_for_inference(model)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    if backbone == "densenet121":  # pre-activation: each layer's first BatchNorm precedes its convolution
+        assert 0 < left < n_bn
+    else:  # every BatchNorm directly follows its convolution (none in convnext's LayerNorm design)
+        assert left == 0
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn
+    size = 64 if backbone in HEAVY else 96  # big enough that every tap's map has > 1 pixel (std defined)
+    x = torch.rand(4, 1, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        a_logits, a_feats, a_layout = model.forward_with_taps(x)
+        b_logits, b_feats, b_layout = fused.forward_with_taps(x)
+    assert a_layout == b_layout
+    torch.testing.assert_close(b_logits, a_logits, rtol=1e-4, atol=1e-4 * float(a_logits.abs().max()))
+    torch.testing.assert_close(b_feats, a_feats, rtol=1e-3, atol=1e-4 * float(a_feats.abs().max()))

@@ -18,7 +18,9 @@ Backbones come from two places:
 
 from __future__ import annotations
 
+import copy
 import importlib
+import itertools
 import logging
 import os
 from collections.abc import Mapping
@@ -184,8 +186,9 @@ class TumorClassifier(nn.Module):
         pooled: list[torch.Tensor] = []
 
         def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
-            o = out.float().flatten(2)
-            pooled.append(torch.cat([o.mean(-1), o.std(-1)], 1))
+            # Over (H, W) in place: flatten(2) of a channels_last map would copy it (8 % of a Lite0 forward).
+            std, mean = torch.std_mean(out.float(), dim=(2, 3))
+            pooled.append(torch.cat([mean, std], 1))
 
         handles = [m.register_forward_hook(hook) for m in self.tap_modules()]
         try:
@@ -242,6 +245,31 @@ class TumorClassifier(nn.Module):
             if no_decay:
                 groups.append({"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
         return groups
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm that directly follows a convolution folded into
+    that convolution's weights: the same outputs (to float rounding) for 10-20 % less CPU time per forward
+    (Lite0: 49 folds). timm's ``BatchNormAct2d`` keeps its activation. Used by the scoring actors only;
+    training, AdaBN and Grad-CAM need the BatchNorm layers as they are."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(model).eval()
+    for parent in fused.modules():
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
+            if not (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and bn.track_running_stats
+                and bn.running_mean is not None
+                and conv.out_channels == bn.num_features
+            ):
+                continue
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
+    return fused
 
 
 def _split_decay(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

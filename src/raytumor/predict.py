@@ -17,6 +17,7 @@ import torch
 
 from raytumor.bundle import LoadedBundle, fetch_bundle, load_bundle
 from raytumor.metrics import nonfinite_rows, predict_labels, tumour_score
+from raytumor.model import fuse_for_inference
 from raytumor.preprocess import model_inputs
 from raytumor.scan import DecodedScan, ok_mask
 from raytumor.scope import OUT_OF_SCOPE, Scope
@@ -113,9 +114,19 @@ class Predictor:
     def predict_probs(self, images: np.ndarray) -> np.ndarray:
         return self.predict(images)[0]
 
+    @property
+    def inference_model(self) -> torch.nn.Module:
+        """The bundle's model with BatchNorm folded into its convolutions (:func:`fuse_for_inference`: the
+        same outputs, 10-35 % less CPU per forward), built on first use and again if ``bundle.model`` is
+        replaced (AdaBN swaps in the archive's statistics)."""
+        model = self.bundle.model
+        if getattr(self, "_fused_from", None) is not model:
+            self._fused, self._fused_from = fuse_for_inference(model), model
+        return self._fused
+
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, pooled features) of a (B, S, S) uint8 batch."""
-        p, f = forward_outputs(self.bundle.model, images, self.bundle.device, self.meta.temperature)
+        p, f = forward_outputs(self.inference_model, images, self.bundle.device, self.meta.temperature)
         return p.numpy(), f.numpy()
 
     def feature_layout(self) -> list[int]:

@@ -102,7 +102,7 @@ class ScorePredictor:
 
     def _forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, pooled features) of every slice, in forward chunks of ``batch_size``."""
-        m, dev, t = self.bundle.model, self.bundle.device, self.meta.temperature
+        m, dev, t = self.predictor.inference_model, self.bundle.device, self.meta.temperature
         probs, feats = [], []
         for s in range(0, len(images), self.batch_size):
             chunk = images[s : s + self.batch_size]
