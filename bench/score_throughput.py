@@ -204,9 +204,19 @@ def main() -> None:
             f"raytumor score (Ray Data):      {res['ray']:8.1f} img/s  ({s['seconds']} s incl. listing and actor start)"
         )
         res["ray_steady"] = (len(files) - 16) / max(1e-9, s["seconds"] - res["ray_fixed_s"])
+        # This machine's speed drifts by tens of percent over minutes: the plain loop runs again after the
+        # Ray job (its session shut down first) and every ratio uses the mean of its two runs.
+        import ray
+
+        ray.shutdown()
+        first = res["plain"]
+        again = plain_loop(bundle, files, args.batch_size, threads)
+        res["plain_runs"] = [first, again]
+        res["plain"] = (first + again) / 2
+        print(f"plain PyTorch loop again:        {again:8.1f} img/s (mean {res['plain']:.1f})", flush=True)
         print(
             f"  of which fixed cost {res['ray_fixed_s']:.1f} s (a 16-file job); steady state "
-            f"{res['ray_steady']:.1f} img/s = {res['ray_steady'] / res['plain']:.3f}x the plain loop"
+            f"{res['ray_steady']:.1f} img/s = {res['ray_steady'] / res['plain']:.3f}x the plain loop (mean)"
         )
         res["ray_vs_plain"] = res["ray"] / res["plain"]
         res["ray_vs_model_only"] = res["ray"] / res["model_only"]
@@ -219,6 +229,7 @@ def main() -> None:
         )
 
         if not args.skip_rss:
+            init_ray(num_cpus=threads)
             small = make_bundle(tmp / "small", args.rss_backbone, args.rss_image_size)
             peaks = {}
             for copies in (1, 10):

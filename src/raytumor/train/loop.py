@@ -187,7 +187,8 @@ def _wrap_ddp(model: torch.nn.Module, world: int, device: torch.device) -> torch
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    # Gradients as views into the all-reduce buckets: no copy of every gradient into its bucket per step.
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def _with_callbacks(
