@@ -102,9 +102,12 @@ def main() -> None:
     cores = os.cpu_count() or 1
     results = {}
     manifest = None
+    # A fresh folder per invocation: a run folder left by an earlier invocation would be resumed from its
+    # checkpoint, and its history (old epochs' rates) read back as this run's.
+    runs = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     for w in [int(x) for x in args.workers.split(",")]:
         t0 = time.time()
-        rates, manifest = ray_run(args, w, Path(args.out))
+        rates, manifest = ray_run(args, w, runs)
         results[f"ray_{w}w"] = {
             "img_s": float(np.mean(rates[1:] or rates)),
             "epochs": rates,
