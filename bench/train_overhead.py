@@ -80,6 +80,8 @@ def ray_run(args, workers: int, out: Path) -> tuple[list[float], pd.DataFrame]:
     summary = run_training(cfg)
     hist = pd.read_csv(Path(summary["bundle"]) / "history.csv")
     manifest = pd.read_parquet(cfg.run_dir / "split_manifest.parquet")
+    if "train_data_wait_s" in hist:
+        print(f"ray {workers}w data wait per epoch (s): {hist['train_data_wait_s'].round(2).tolist()}")
     return hist["train_images_per_s"].tolist(), manifest
 
 

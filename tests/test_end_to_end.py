@@ -54,6 +54,12 @@ def test_demo_job_end_to_end(tmp_path):
 
     board = pd.read_csv(summary["search"]["leaderboard"])
     assert len(board) == 2 and set(board["config/backbone"]) == {"efficientnet_lite0", "efficientnet_lite1"}
+    # the retrained winner's bundle records what the search chose (the model card's "tuned by search")
+    meta = json.loads(Path(summary["bundle"], "bundle.json").read_text())
+    assert sorted(meta["metrics"]["search"]["config"]) == ["backbone", "lr"]
+    assert meta["metrics"]["search"]["config"]["backbone"] == meta["backbone"]
+    assert meta["metrics"]["search"]["trial_id"] == summary["search"]["best_trial"]
+    assert meta["metrics"]["search"]["trial_id"] in set(board["trial_id"])
     inbox = [p for p in (tmp_path / "inbox").rglob("*") if p.is_file()]
     assert summary["score_summary"]["rows"] == len(inbox) and summary["score_summary"]["errors"] >= 3
     assert (

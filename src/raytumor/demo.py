@@ -150,7 +150,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         print(f"[demo]   winner: {best}  (leaderboard {search['leaderboard']})")
         base = replace(base, backbone=best["backbone"], lr=float(best.get("lr", base.lr)))
     print(f"[demo] 2/4 training {base.backbone} for {base.epochs} epochs on 2 Ray workers")
-    summary = run_training(base)
+    # The model card names what the search chose: the retrained bundle records the values it took from the
+    # winning trial (backbone and learning rate; the rest is the demo's own config).
+    chosen = None
+    if search:
+        took = {"backbone": base.backbone, "lr": base.lr}
+        chosen = {"search": {"trial_id": search["best_trial"], "trials": search["trials"], "config": took}}
+    summary = run_training(base, extra_meta=chosen)
     print("[demo]   held-out test split of the training folder:")
     print(format_table(summary["test"]))
     corrupt = [str(p) for p in info.get("corrupt", [])]
@@ -161,7 +167,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     result = {
         "synthetic_data": str(data),
         "corrupt_files": corrupt,
-        "search": search and {k: search[k] for k in ("run_dir", "leaderboard", "best_config", "trials")},
+        "search": search
+        and {k: search[k] for k in ("run_dir", "leaderboard", "best_trial", "best_config", "trials")},
         "run_dir": summary["run_dir"],
         "bundle": summary["bundle"],
         "test_metrics": summary["test"],

@@ -117,7 +117,7 @@ class Predictor:
     @property
     def inference_model(self) -> torch.nn.Module:
         """The bundle's model with BatchNorm folded into its convolutions (:func:`fuse_for_inference`: the
-        same outputs, 10-35 % less CPU per forward), built on first use and again if ``bundle.model`` is
+        same outputs, faster), built on first use and again if ``bundle.model`` is
         replaced (AdaBN swaps in the archive's statistics)."""
         model = self.bundle.model
         if getattr(self, "_fused_from", None) is not model:

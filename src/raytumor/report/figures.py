@@ -143,10 +143,11 @@ def training(hist: pd.DataFrame, best_epoch: Any) -> bytes:
     for c in METRIC_COLS:
         if c in hist.columns and hist[c].notna().any():
             a2.plot(x, hist[c], "o-", ms=3, label=c)
-    for ax, title in ((a1, "loss"), (a2, "validation metrics")):
+    panels = ((a1, "loss", "cross-entropy (per image)"), (a2, "validation metrics", "metric value"))
+    for ax, title, ylabel in panels:
         if best_epoch is not None:
             ax.axvline(best_epoch, c="0.4", ls="--", lw=1, label=f"best epoch {best_epoch}")
-        ax.set(xlabel="epoch", title=title)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _png(fig)

@@ -114,8 +114,11 @@ def run_training(
     callbacks: list[Any] | None = None,
     worker_callbacks: list[Callable[[dict[str, Any]], None]] | None = None,
     grouping: Grouping | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the whole training job; returns a summary with the bundle path and test metrics.
+
+    ``extra_meta``: more bundle.json fields (the demo records the search whose winner it retrains).
 
     ``grouping``: the catalogue and duplicate/patient groups already computed for this data (a
     cross-validation fold reuses its driver's instead of decoding every source again).
@@ -146,7 +149,7 @@ def run_training(
     history = pd.DataFrame(final_state["history"])
     state_dict, _ = load_checkpoint_files(best_ckpt)
     meta, test = export_bundle(
-        cfg, data, state_dict, best_metrics, history, metric, split_sha, run_dir / "bundle"
+        cfg, data, state_dict, best_metrics, history, metric, split_sha, run_dir / "bundle", extra_meta
     )
     report = write_test_report(run_dir, data, cfg.s3_endpoint, cfg.seed) if cfg.report else None
     res = train_resources(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker)

@@ -61,7 +61,13 @@ def train_one_epoch(
 ) -> dict[str, float]:
     model.train()
     loss_sum, n, t0 = 0.0, 0, time.perf_counter()
-    for batch in batches:
+    waited, it = 0.0, iter(batches)
+    while True:
+        tw = time.perf_counter()
+        batch = next(it, None)  # the time spent here is the input pipeline's, not the model's
+        waited += time.perf_counter() - tw
+        if batch is None:
+            break
         x, y = _to_input(batch["image"], device), batch["label"].to(device)
         with _autocast(device):
             logits = model(x)
@@ -72,7 +78,7 @@ def train_one_epoch(
         scheduler.step()
         loss_sum += float(loss.detach()) * len(y)
         n += len(y)
-    return {"loss_sum": loss_sum, "n": n, "seconds": time.perf_counter() - t0}
+    return {"loss_sum": loss_sum, "n": n, "seconds": time.perf_counter() - t0, "data_wait_s": waited}
 
 
 @torch.inference_mode()
@@ -173,6 +179,8 @@ def _epoch_metrics(parts: list[tuple], cfg: dict[str, Any]) -> dict[str, Any]:
         "train_loss": sum(q[4]["loss_sum"] for q in parts) / max(1, n_seen),
         "train_images": n_seen,
         "train_images_per_s": n_seen / max(1e-9, max(q[4]["seconds"] for q in parts)),
+        # the slowest rank's seconds waiting for input batches (its share of the epoch: an input-bound run)
+        "train_data_wait_s": max(q[4].get("data_wait_s", 0.0) for q in parts),
         "val_loss": float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1)).mean()),
         "val_n": int(len(y)),
     }
@@ -309,6 +317,7 @@ def _run_epoch(run: dict[str, Any], cfg: dict[str, Any], epoch: int, io: dict[st
         dtypes={"image": torch.uint8, "label": torch.int64},
         drop_last=True,  # a trailing batch of 1 breaks BatchNorm in train mode
         local_shuffle_buffer_size=bs * 8,
+        prefetch_batches=4,  # augmentation runs ahead of the step instead of on its critical path
     )
     if cfg.get("worker_callbacks"):
         info = {"epoch": epoch, "rank": rank, "world": world, "steps_per_epoch": run["steps_per_epoch"]}
