@@ -317,7 +317,6 @@ def _run_epoch(run: dict[str, Any], cfg: dict[str, Any], epoch: int, io: dict[st
         dtypes={"image": torch.uint8, "label": torch.int64},
         drop_last=True,  # a trailing batch of 1 breaks BatchNorm in train mode
         local_shuffle_buffer_size=bs * 8,
-        prefetch_batches=4,  # augmentation runs ahead of the step instead of on its critical path
     )
     if cfg.get("worker_callbacks"):
         info = {"epoch": epoch, "rank": rank, "world": world, "steps_per_epoch": run["steps_per_epoch"]}
