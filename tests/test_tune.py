@@ -131,6 +131,33 @@ def test_several_sources_holdout_and_cross_source_objective(tmp_path):
     ]
 
 
+def test_leaderboard_ties_go_to_the_checkpoint_train_keeps(tmp_path):
+    """Equal best scores (a flat validation AUC): the leaderboard names the latest of them, the checkpoint
+    Train's retention keeps; the earliest, which it may have deleted, broke the export of a resumed search."""
+    hist = pd.DataFrame(
+        {
+            "val_roc_auc": [0.4375, 0.4375, 0.4375],
+            "val_loss": [0.9, 0.7, 0.8],
+            "epoch": [0, 1, 2],
+            "epochs_done": [1, 2, 3],
+            "checkpoint_path": ["ck0", "ck1", "ck2"],
+        }
+    )
+    grid = [
+        SimpleNamespace(
+            metrics={"trial_id": "t"}, path=str(tmp_path / "t"), config={}, error=None, metrics_dataframe=hist
+        )
+    ]
+    best = leaderboard(grid, "val_roc_auc", "max", max_epochs=3).iloc[0]
+    assert best["checkpoint_path"] == "ck2" and best["best_epoch"] == 2
+    hist.loc[2, "val_loss"] = 0.7  # a tie on a metric to minimise too
+    best = leaderboard(grid, "val_loss", "min", max_epochs=3).iloc[0]
+    assert best["checkpoint_path"] == "ck2" and best["val_loss"] == 0.7
+    hist.loc[2, "val_loss"] = float("nan")  # a missing value never wins
+    best = leaderboard(grid, "val_loss", "min", max_epochs=3).iloc[0]
+    assert best["checkpoint_path"] == "ck1"
+
+
 @pytest.mark.ray
 def test_concurrency_leaves_ray_data_a_cpu(ray_session):
     """On 2 CPUs one 2-worker trial runs at a time: a second would take Ray Data's last CPU (ray#54305)."""

@@ -314,7 +314,11 @@ def leaderboard(
         row: dict[str, Any] = {"trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name}
         row.update({f"config/{k}": v for k, v in (r.config or {}).items()})
         if hist is not None and metric in hist.columns and hist[metric].notna().any():
-            best = hist.loc[hist[metric].idxmax() if mode == "max" else hist[metric].idxmin()]
+            vals = hist[metric]
+            top = vals.max() if mode == "max" else vals.min()
+            # Ties go to the latest epoch: Train's checkpoint retention (num_to_keep) keeps the later of
+            # equally scored checkpoints, so an earlier one may already be deleted.
+            best = hist.loc[vals.index[vals == top][-1]]
             row.update(
                 {
                     k: best[k]
