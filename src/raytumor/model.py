@@ -249,10 +249,11 @@ class TumorClassifier(nn.Module):
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every BatchNorm that directly follows a convolution folded into
-    that convolution's weights: the same outputs (to float rounding), fewer small ops per forward (Lite0:
-    49 folds; on 2 CPU threads ~1.6x faster at batch 8, 1 thread ~1.15x; ResNet-18 ~1.05x). timm's
-    ``BatchNormAct2d`` keeps its activation. Used by the scoring actors only;
-    training, AdaBN and Grad-CAM need the BatchNorm layers as they are."""
+    that convolution's weights: the same outputs (to float rounding) with fewer small ops per forward
+    (``bench/fused_inference.py``: Lite0 1.55x on 1 CPU thread, 1.88x on 2; ResNet-18 1.11x / 1.16x). timm's
+    ``BatchNormAct2d`` keeps its activation; a BatchNorm before its convolution (DenseNet) stays. For
+    inference only: training, AdaBN statistics and Grad-CAM use the model as it is."""
+
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     fused = copy.deepcopy(model).eval()

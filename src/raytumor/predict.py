@@ -117,8 +117,8 @@ class Predictor:
     @property
     def inference_model(self) -> torch.nn.Module:
         """The bundle's model with BatchNorm folded into its convolutions (:func:`fuse_for_inference`: the
-        same outputs, faster), built on first use and again if ``bundle.model`` is
-        replaced (AdaBN swaps in the archive's statistics)."""
+        same outputs, faster); built on first use, and again once ``bundle.model`` is replaced (AdaBN swaps
+        in a copy with the archive's statistics)."""
         model = self.bundle.model
         if getattr(self, "_fused_from", None) is not model:
             self._fused, self._fused_from = fuse_for_inference(model), model
