@@ -253,7 +253,6 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     (``bench/fused_inference.py``: Lite0 1.55x on 1 CPU thread, 1.88x on 2; ResNet-18 1.11x / 1.16x). timm's
     ``BatchNormAct2d`` keeps its activation; a BatchNorm before its convolution (DenseNet) stays. For
     inference only: training, AdaBN statistics and Grad-CAM use the model as it is."""
-
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     fused = copy.deepcopy(model).eval()
