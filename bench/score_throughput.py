@@ -5,6 +5,8 @@
    ``torch.set_num_threads(cores)``)                                              target ≥ 1.0
    ÷ the same loop with the scoring actors' BatchNorm-folded model (reported, no target: Ray's own
    overhead against the same engine in one process)
+   ÷ that loop in a process with the actors' malloc settings too (``raytumor.runtime.TORCH_PROCESS_ENV``;
+   reported, no target: everything the actors get, in one process)
    ÷ model-only forward on preloaded tensors (the ceiling)                        target ≥ 0.8
 2. Peak memory (PSS summed over the driver and every Ray process) scoring 1× and 10× the files
    (a small model and small images so the 10× run stays short)                    target ≤ 1.2× growth
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -78,6 +81,20 @@ def plain_loop(bundle: Path, files: list[Path], batch_size: int, threads: int, f
         )
         forward_probs(b.model, x, b.device)
     return len(files) / (time.perf_counter() - t0)
+
+
+def plain_tuned(bundle: Path, files: list[Path], batch_size: int, threads: int) -> float:
+    """:func:`plain_loop` with the folded model, in a fresh process with the scoring actors' malloc settings."""
+    from raytumor.runtime import TORCH_PROCESS_ENV
+
+    listing = bundle.parent / "plain_files.json"
+    listing.write_text(json.dumps([str(f) for f in files]))
+    cmd = [sys.executable, __file__, "--plain-only", str(listing), "--bundle", str(bundle)]
+    cmd += ["--batch-size", str(batch_size), "--threads", str(threads)]
+    out = subprocess.run(
+        cmd, env={**os.environ, **TORCH_PROCESS_ENV}, check=True, capture_output=True, text=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def model_only(bundle: Path, files: list[Path], batch_size: int, threads: int) -> float:
@@ -164,7 +181,15 @@ def main() -> None:
     p.add_argument("--rss-image-size", type=int, default=64)
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    # internal: one fused plain loop over a JSON file list (plain_tuned's subprocess)
+    p.add_argument("--plain-only", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.plain_only:
+        listing = [Path(f) for f in json.loads(args.plain_only.read_text())]
+        print(plain_loop(args.bundle, listing, args.batch_size, args.threads, fused=True))
+        return
     if not args.data.is_dir():
         sys.exit(f"{args.data} not found: pass --data (e.g. ../shared/data/br35h-3000)")
 
@@ -191,6 +216,8 @@ def main() -> None:
         print(f"plain PyTorch loop (PIL decode): {res['plain']:8.1f} img/s", flush=True)
         res["plain_fused"] = plain_loop(bundle, files, args.batch_size, threads, fused=True)
         print(f"  same, BatchNorm folded:         {res['plain_fused']:8.1f} img/s", flush=True)
+        res["plain_fused_tuned"] = plain_tuned(bundle, files, args.batch_size, threads)
+        print(f"  folded + actors' malloc env:    {res['plain_fused_tuned']:8.1f} img/s", flush=True)
         init_ray(num_cpus=threads)
         # Ray's fixed cost per job (actor processes start, import torch, load the model; executor start):
         # a 16-file job in the same session. Steady-state rate = the rest of the time.
@@ -226,6 +253,11 @@ def main() -> None:
         print(
             f"ratio Ray / plain loop with BatchNorm folded: {res['ray_vs_plain_fused']:.3f}   "
             "(Ray's own overhead against the same engine in one process)"
+        )
+        res["ray_vs_plain_fused_tuned"] = res["ray"] / res["plain_fused_tuned"]
+        print(
+            f"ratio Ray / plain loop folded, actors' malloc env: {res['ray_vs_plain_fused_tuned']:.3f}   "
+            "(everything the actors get, in one process)"
         )
 
         if not args.skip_rss:

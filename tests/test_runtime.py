@@ -6,8 +6,10 @@ import pytest
 
 from raytumor.runtime import (
     ACTOR_MEMORY_BYTES,
+    TORCH_PROCESS_ENV,
     memory_budget,
     predictor_resources,
+    torch_runtime_env,
     train_resources,
     worker_threads,
 )
@@ -43,6 +45,49 @@ def test_scoring_replicas_reserve_their_decode_peak_and_fit_the_memory(ray_sessi
     # less than one replica's budget: one replica asks for what there is rather than waiting forever
     assert memory_budget(4, gib) == (1, int(0.9 * gib))
     assert memory_budget(3, 0) == (3, 0)  # a cluster that reports no memory resource
+
+
+def test_torch_processes_get_the_malloc_settings_unless_the_user_chose_their_own(monkeypatch):
+    for k in TORCH_PROCESS_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("RAYTUMOR_MALLOC", raising=False)
+    assert torch_runtime_env() == {"env_vars": TORCH_PROCESS_ENV}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert torch_runtime_env()["env_vars"]["MALLOC_ARENA_MAX"] == "4"
+    monkeypatch.setenv("RAYTUMOR_MALLOC", "default")
+    assert torch_runtime_env() == {}
+
+
+def test_scoring_actors_and_their_fused_decode_tasks_run_with_the_malloc_settings(ray_session):
+    """The decode tasks and the scoring actors carry the same runtime env (or Ray Data would stop fusing
+    them), and a process started with it sees the settings glibc reads at start-up."""
+    import os
+
+    import pandas as pd
+    import ray.data
+
+    r = predictor_resources()
+    assert r["remote_args"] == {"runtime_env": torch_runtime_env()}
+
+    def env(batch: pd.DataFrame) -> pd.DataFrame:
+        return batch.assign(arena=os.environ.get("MALLOC_ARENA_MAX"), pid=os.getpid())
+
+    class Env:
+        def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+            return batch.assign(actor_arena=os.environ.get("MALLOC_ARENA_MAX"), actor_pid=os.getpid())
+
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.from_pandas(pd.DataFrame({"x": range(8)})).map_batches(
+        env, batch_format="pandas", num_cpus=r["decode_cpus"], memory=r["decode_memory"], **r["remote_args"]
+    )
+    ds = ds.map_batches(
+        Env, batch_format="pandas", compute=ActorPoolStrategy(size=1), num_cpus=r["num_cpus"],
+        memory=r["memory"], **r["remote_args"],
+    )  # fmt: skip
+    out = ds.to_pandas()
+    assert set(out["arena"]) == set(out["actor_arena"]) == {TORCH_PROCESS_ENV["MALLOC_ARENA_MAX"]}
+    assert (out["pid"] == out["actor_pid"]).all()  # fused: the actor ran the decode step itself
 
 
 def test_ray_train_report_lines_are_dropped_and_nothing_else():

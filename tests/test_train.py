@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from raytumor.bundle import load_bundle, read_meta
 from raytumor.config import from_args
@@ -52,6 +53,17 @@ def kill_worker_once(epoch: int, marker: Path):
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
             os._exit(1)
+
+    return callback
+
+
+def record_worker_env(path: Path):
+    """A worker callback that writes the training process's malloc environment once per rank."""
+
+    def callback(info: dict) -> None:
+        f = path.with_name(f"{path.name}.{info['rank']}")
+        if not f.exists():
+            f.write_text(json.dumps({k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}))
 
     return callback
 
@@ -135,7 +147,8 @@ def ddp_run(ray_session, navoneel, br35h_subset, view_manifest, tmp_path_factory
         view_data=[view_manifest],
     )
     die = kill_worker_once(epoch=1, marker=cfg.run_dir / ".failed_once")
-    summary = run_training(cfg, callbacks=[RecordReports(str(reports))], worker_callbacks=[die])
+    env = record_worker_env(out / "worker_env.json")
+    summary = run_training(cfg, callbacks=[RecordReports(str(reports))], worker_callbacks=[die, env])
     return cfg, summary, [json.loads(line) for line in reports.read_text().splitlines()]
 
 
@@ -209,6 +222,16 @@ def test_bundle_and_report_cis_agree_on_the_test_split(ddp_run):
     for k in ("roc_auc", "sensitivity", "specificity", "average_precision"):
         assert rep[k] == pytest.approx(test[k], abs=1e-6), k
         assert rep["ci95"][k] == pytest.approx(test["ci95"][k], abs=1e-6), k
+
+
+def test_training_workers_run_with_the_torch_malloc_settings(ddp_run):
+    from raytumor.runtime import TORCH_PROCESS_ENV
+
+    cfg, _, _ = ddp_run
+    seen = sorted(Path(cfg.out).glob("worker_env.json.*"))
+    assert [f.suffix for f in seen] == [".0", ".1"]
+    for f in seen:
+        assert json.loads(f.read_text()) == TORCH_PROCESS_ENV
 
 
 def test_worker_failure_recovered_from_checkpoint(ddp_run):
@@ -311,6 +334,7 @@ def test_resume_after_interrupted_run_three_classes(ray_session, tmp_path):
         num_workers=1,
         patience=5,
         seed=1,
+        augment_in="data",  # the GPU path (augmentation in Ray Data tasks); ddp_run covers "worker"
     )
     cfg = TrainConfig(**base, max_failures=0)
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker death in its own error types
@@ -452,3 +476,43 @@ def test_balance_sources_repeats_smaller_sources_up_to_a_share_and_a_cap():
     assert balance_sources(files, 0.0, 0) is files and balance_sources(
         files[files.source == "big"], 1.0, 0
     ).equals(files[files.source == "big"])
+
+
+def test_augmentation_runs_in_the_worker_on_cpus_and_in_ray_data_on_gpus():
+    from raytumor.train.data import augment_placement
+
+    cfg = TrainConfig(data="x")
+    assert augment_placement(cfg, use_gpu=False) == "worker"
+    assert augment_placement(cfg, use_gpu=True) == "data"
+    assert augment_placement(replace(cfg, augment_in="data"), use_gpu=False) == "data"
+    assert augment_placement(replace(cfg, augment_in="worker"), use_gpu=True) == "worker"
+    with pytest.raises(SystemExit):
+        from_args(TrainConfig, get_args_parser().parse_args(["--data", "x", "--augment-in", "gpu"]))
+
+
+def test_worker_side_augmentation_turns_store_size_images_into_fresh_training_batches():
+    """With ``augment_in="worker"`` the shard holds store-size uint8 images: the loop augments them into
+    model-size tensors, differently each epoch, and keeps labels aligned and drop_last's batch count."""
+    from raytumor.augment import store_size
+    from raytumor.train.data import augment_kwargs
+    from raytumor.train.loop import _train_batches
+
+    size, n, bs = 48, 20, 8
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (n, store_size(size), store_size(size)), dtype=np.uint8)
+    labels = np.arange(n) % 2
+
+    class Shard:  # the slice of Ray Data's DataIterator API the loop uses
+        def iter_batches(self, batch_size, batch_format, drop_last, local_shuffle_buffer_size):
+            assert batch_format == "numpy" and drop_last
+            for i in range(0, n - batch_size + 1, batch_size):
+                yield {"image": images[i : i + batch_size], "label": labels[i : i + batch_size]}
+
+    cfg = {"augment_in": "worker", "augment": augment_kwargs(TrainConfig(data="x", image_size=size))}
+    first, second = list(_train_batches(Shard(), bs, cfg)), list(_train_batches(Shard(), bs, cfg))
+    assert len(first) == n // bs
+    for b in first:
+        assert b["image"].dtype == torch.uint8 and tuple(b["image"].shape) == (bs, size, size)
+        assert b["label"].dtype == torch.int64
+    assert [b["label"].tolist() for b in first] == [labels[i : i + bs].tolist() for i in (0, 8)]
+    assert not torch.equal(first[0]["image"], second[0]["image"])  # augmented afresh each pass

@@ -404,6 +404,7 @@ def predict_files(
         num_gpus=r["num_gpus"],
         memory=r["memory"],
         batch_format="numpy",
+        **r.get("remote_args", {}),
     )
     return ds.to_pandas()
 

@@ -469,6 +469,30 @@ def train_resources(
     return TrainResources(num_workers, gpu, round(cpus_per_worker, 3), cpus, gpus)
 
 
+# glibc malloc settings for processes that run torch on CPUs (training workers, scoring replicas). By
+# default every activation above the dynamic mmap threshold is a fresh mmap, and a thread other than the
+# main one (Train V2 runs the training function in one) allocates from a capped 64 MB arena, so each step
+# re-faults its activations from the kernel: 2.3-2.9 M page faults and ~25 % of the CPU time in the kernel
+# per 480 Lite0 training images at 160 px. One arena with a fixed 32 MB mmap threshold (glibc's maximum)
+# and no trimming keeps them in the heap: 40 -> 50 img/s in a thread, 45 -> 55 in the main thread
+# (bench/train_overhead.py measures it in place). Read at process start, so they go in as env vars.
+TORCH_PROCESS_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
+    "MALLOC_TOP_PAD_": str(256 << 20),
+}
+
+
+def torch_runtime_env() -> dict[str, Any]:
+    """Runtime env for Ray actors that run torch on CPUs: :data:`TORCH_PROCESS_ENV`, unless the user set
+    any of those variables in their own environment (theirs win; ``RAYTUMOR_MALLOC=default`` keeps
+    glibc's defaults)."""
+    if os.environ.get("RAYTUMOR_MALLOC", "") == "default":
+        return {}
+    return {"env_vars": {k: os.environ.get(k, v) for k, v in TORCH_PROCESS_ENV.items()}}
+
+
 def worker_threads(local_world_size: int) -> int:
     """Torch threads for one training worker: its share of this node's cores, not its fractional Ray CPUs."""
     return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
@@ -513,7 +537,7 @@ def predictor_resources() -> dict[str, Any]:
         # GPU replicas get separate decode tasks, one unit in flight each: they reserve the decode peak.
         return {
             "size": size, "num_gpus": 1, "num_cpus": 1, "threads": None, "decode_cpus": 1, "memory": mem,
-            "decode_memory": min(mem, DECODE_PEAK_BYTES),
+            "decode_memory": min(mem, DECODE_PEAK_BYTES), "remote_args": {},
         }  # fmt: skip
     # On CPUs, model replicas beat intra-op threads: ResNet-18 on 2 cores runs 45 img/s per 1-thread
     # process (90 for two) but 81 img/s as one 2-thread process. Replicas of 1 thread on small machines,
@@ -525,7 +549,10 @@ def predictor_resources() -> dict[str, Any]:
     # the same CPUs and memory as an actor so Ray Data fuses them into it: each replica decodes its own
     # batches, one unit at a time, inside its memory budget.
     per = round(max(0.25, cpus * 0.5 / size), 3)
+    env = torch_runtime_env()
     return {
         "size": size, "num_gpus": 0, "num_cpus": per, "threads": threads, "decode_cpus": per, "memory": mem,
         "decode_memory": mem,
+        # The same on the decode tasks and the actors, or Ray Data stops fusing them.
+        "remote_args": {"runtime_env": env} if env else {},
     }  # fmt: skip

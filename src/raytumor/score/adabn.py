@@ -52,6 +52,7 @@ def _measure(
         num_gpus=r["num_gpus"],
         memory=r["memory"],
         batch_format="numpy",
+        **r.get("remote_args", {}),
     )
     state: dict | None = None
     seen = 0

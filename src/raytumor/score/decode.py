@@ -615,4 +615,5 @@ def map_read_decode(
         batch_format="numpy",
         num_cpus=r["decode_cpus"],
         memory=r["decode_memory"],
+        **r.get("remote_args", {}),
     )

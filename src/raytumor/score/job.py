@@ -263,6 +263,7 @@ def run_pipeline(
         num_gpus=r["num_gpus"],
         memory=r["memory"],
         batch_format="numpy",
+        **r.get("remote_args", {}),
     )
     counter = RowCounter()
     reporter = ProgressReporter(counter, total=len(frame))

@@ -70,6 +70,13 @@ class TrainConfig:
         "strength of scanner/source-shift augmentation (blur/sharpen, JPEG, resampling, 90° turns, erasing); "
         "0 = off",
     )
+    augment_in: str = opt(
+        "auto",
+        "where the training augmentation runs: data (Ray Data tasks beside the workers; keeps GPU workers fed) "
+        "or worker (inside each training worker, between its steps: on CPU workers, concurrent augmentation "
+        "tasks stall the model's intra-op threads); auto = worker on CPU, data on GPU",
+        choices=("auto", "data", "worker"),
+    )
     preprocess: str = opt(
         "none",
         "slice preprocessing stored in the bundle and reused when scoring: none, or a comma list of crop "

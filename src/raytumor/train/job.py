@@ -13,9 +13,16 @@ import pandas as pd
 
 from raytumor.config import echo, from_args, stage_parser
 from raytumor.model import check_weights
-from raytumor.runtime import init_ray, train_resources
+from raytumor.runtime import init_ray, torch_runtime_env, train_resources
 from raytumor.train.config import TrainConfig, is_min_metric, resolve_metric
-from raytumor.train.data import Grouping, build_datasets, check_metric, prepare_split
+from raytumor.train.data import (
+    Grouping,
+    augment_kwargs,
+    build_datasets,
+    check_metric,
+    prepare_split,
+    resolve_augment_in,
+)
 from raytumor.train.loop import train_loop_per_worker
 from raytumor.train.package import (
     discard_staging,
@@ -73,6 +80,8 @@ def make_trainer(
         "negative_class": negative_class,
         "n_train": n_train,
         "worker_callbacks": list(worker_callbacks or []),
+        "augment_in": resolve_augment_in(cfg),  # the same rule build_datasets followed
+        "augment": augment_kwargs(cfg),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -98,6 +107,7 @@ def make_trainer(
                 checkpoint_score_order="min" if is_min_metric(metric) else "max",
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env=torch_runtime_env(),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raytumor.augment import augment_batch
 from raytumor.metrics import compute_metrics
 from raytumor.model import create_model
 from raytumor.runtime import worker_threads
@@ -312,12 +313,7 @@ def _run_epoch(run: dict[str, Any], cfg: dict[str, Any], epoch: int, io: dict[st
     model.set_backbone_trainable(not frozen)
     if run.get("phase") != frozen:  # DDP registers the trainable params at construction: rebuild
         run["ddp"], run["phase"] = _wrap_ddp(model, world, device), frozen
-    batches = io["train"].iter_torch_batches(
-        batch_size=bs,
-        dtypes={"image": torch.uint8, "label": torch.int64},
-        drop_last=True,  # a trailing batch of 1 breaks BatchNorm in train mode
-        local_shuffle_buffer_size=bs * 8,
-    )
+    batches = _train_batches(io["train"], bs, cfg)
     if cfg.get("worker_callbacks"):
         info = {"epoch": epoch, "rank": rank, "world": world, "steps_per_epoch": run["steps_per_epoch"]}
         batches = _with_callbacks(batches, cfg["worker_callbacks"], info)
@@ -336,6 +332,19 @@ def _run_epoch(run: dict[str, Any], cfg: dict[str, Any], epoch: int, io: dict[st
         "lr_head": run["optimizer"].param_groups[-1]["lr"],
         "frozen_backbone": frozen,
     }
+
+
+def _train_batches(shard: Any, batch_size: int, cfg: dict[str, Any]) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's training batches as uint8/int64 tensors. With ``augment_in == "worker"`` the shard holds
+    store-size images and they are augmented here, between steps, on the threads the model uses."""
+    common = {"batch_size": batch_size, "drop_last": True, "local_shuffle_buffer_size": batch_size * 8}
+    # drop_last: a trailing batch of 1 breaks BatchNorm in train mode.
+    if cfg.get("augment_in", "data") == "data":
+        yield from shard.iter_torch_batches(dtypes={"image": torch.uint8, "label": torch.int64}, **common)
+        return
+    for batch in shard.iter_batches(batch_format="numpy", **common):
+        out = augment_batch(batch, **cfg["augment"])
+        yield {"image": torch.from_numpy(out["image"]), "label": torch.from_numpy(out["label"]).long()}
 
 
 def _track_best(state: dict[str, Any], metrics: dict[str, Any], metric: str) -> None:
