@@ -501,6 +501,7 @@ def test_worker_side_augmentation_turns_store_size_images_into_fresh_training_ba
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (n, store_size(size), store_size(size)), dtype=np.uint8)
     labels = np.arange(n) % 2
+    images.flags.writeable = labels.flags.writeable = False  # as Ray hands them out of the object store
 
     class Shard:  # the slice of Ray Data's DataIterator API the loop uses
         def iter_batches(self, batch_size, batch_format, drop_last, local_shuffle_buffer_size):
@@ -509,7 +510,11 @@ def test_worker_side_augmentation_turns_store_size_images_into_fresh_training_ba
                 yield {"image": images[i : i + batch_size], "label": labels[i : i + batch_size]}
 
     cfg = {"augment_in": "worker", "augment": augment_kwargs(TrainConfig(data="x", image_size=size))}
-    first, second = list(_train_batches(Shard(), bs, cfg)), list(_train_batches(Shard(), bs, cfg))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "The given NumPy array is not writable"
+        first, second = list(_train_batches(Shard(), bs, cfg)), list(_train_batches(Shard(), bs, cfg))
     assert len(first) == n // bs
     for b in first:
         assert b["image"].dtype == torch.uint8 and tuple(b["image"].shape) == (bs, size, size)

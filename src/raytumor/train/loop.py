@@ -344,7 +344,11 @@ def _train_batches(shard: Any, batch_size: int, cfg: dict[str, Any]) -> Iterator
         return
     for batch in shard.iter_batches(batch_format="numpy", **common):
         out = augment_batch(batch, **cfg["augment"])
-        yield {"image": torch.from_numpy(out["image"]), "label": torch.from_numpy(out["label"]).long()}
+        # Ray's label arrays are read-only views of the object store: copied (from_numpy would warn).
+        yield {
+            "image": torch.from_numpy(out["image"]),
+            "label": torch.tensor(out["label"], dtype=torch.int64),
+        }
 
 
 def _track_best(state: dict[str, Any], metrics: dict[str, Any], metric: str) -> None:
