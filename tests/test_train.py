@@ -490,6 +490,30 @@ def test_augmentation_runs_in_the_worker_on_cpus_and_in_ray_data_on_gpus():
         from_args(TrainConfig, get_args_parser().parse_args(["--data", "x", "--augment-in", "gpu"]))
 
 
+def test_augmentation_placement_is_decided_once_for_the_datasets_and_the_workers(monkeypatch):
+    """A GPU node joining between build_datasets and make_trainer must not give an unaugmented run: the
+    run pins the answer once, and both then read the pinned value without asking the cluster again."""
+    import raytumor.train.data as train_data
+    from raytumor.runtime import TrainResources
+
+    answers = iter([False, True, True, True])  # CPU workers at first, a GPU node afterwards
+    calls = []
+
+    def flipping_cluster(num_workers, use_gpu, cpus_per_worker):
+        calls.append(1)
+        return TrainResources(1, next(answers), 1.0, 2.0, 1.0)
+
+    monkeypatch.setattr(train_data, "train_resources", flipping_cluster)
+    cfg = TrainConfig(data="x")
+    pinned = train_data.pin_augment_in(cfg)
+    assert pinned.augment_in == "worker" and len(calls) == 1
+    # What build_datasets and make_trainer each ask: the same answer, and the cluster is not asked again.
+    assert train_data.resolve_augment_in(pinned) == train_data.resolve_augment_in(pinned) == "worker"
+    assert len(calls) == 1
+    # Unpinned, the two questions would have disagreed (the defect this guards against).
+    assert train_data.resolve_augment_in(cfg) == "data"
+
+
 def test_worker_side_augmentation_turns_store_size_images_into_fresh_training_batches():
     """With ``augment_in="worker"`` the shard holds store-size uint8 images: the loop augments them into
     model-size tensors, differently each epoch, and keeps labels aligned and drop_last's batch count."""

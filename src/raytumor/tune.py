@@ -38,6 +38,7 @@ from raytumor.train import (
     is_min_metric,
     load_checkpoint_files,
     make_trainer,
+    pin_augment_in,
     prepare_split,
     resolve_metric,
     write_split,
@@ -281,7 +282,7 @@ def trial_driver(config: dict[str, Any], payload: dict[str, Any]) -> None:
 
     init_ray()
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = replace(TrainConfig(**payload["base"]), **config)
+    cfg = pin_augment_in(replace(TrainConfig(**payload["base"]), **config))
     train_ds, val_ds = build_datasets(payload["train"], payload["val"], cfg)
     path, fs = _storage(payload["trials_storage"], cfg.s3_endpoint)
     trainer, _ = make_trainer(

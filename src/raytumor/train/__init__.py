@@ -7,7 +7,14 @@ split, Ray datasets), ``loop`` (inside each Ray Train worker), ``package`` (bund
 """
 
 from raytumor.train.config import DATA_HELP, HOLDOUT_HELP, TrainConfig, is_min_metric, resolve_metric
-from raytumor.train.data import SplitData, build_datasets, check_metric, prepare_split, resolve_source
+from raytumor.train.data import (
+    SplitData,
+    build_datasets,
+    check_metric,
+    pin_augment_in,
+    prepare_split,
+    resolve_source,
+)
 from raytumor.train.job import get_args_parser, main, make_trainer, run_training
 from raytumor.train.loop import cosine_lambda, evaluate_shard, source_metrics, train_one_epoch
 from raytumor.train.package import (
@@ -24,6 +31,7 @@ __all__ = [
     "SplitData",
     "TrainConfig",
     "build_datasets",
+    "pin_augment_in",
     "check_metric",
     "cosine_lambda",
     "discard_staging",

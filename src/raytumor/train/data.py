@@ -4,7 +4,7 @@ augmented afresh each epoch)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -270,8 +270,17 @@ def augment_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def resolve_augment_in(cfg: TrainConfig) -> str:
-    """``augment_placement`` for this run's workers on the connected cluster."""
+    """``augment_placement`` for this run's workers on the connected cluster (not asked once pinned)."""
+    if cfg.augment_in != "auto":
+        return cfg.augment_in
     return augment_placement(cfg, train_resources(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker).use_gpu)
+
+
+def pin_augment_in(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``augment_in`` decided once, before the datasets and the trainer are built: both ask
+    where augmentation runs, and a GPU node joining between the two questions would otherwise give a
+    dataset that skipped augmentation to workers that skip it too (an unaugmented run, silently)."""
+    return replace(cfg, augment_in=resolve_augment_in(cfg))
 
 
 def build_datasets(train_files: pd.DataFrame, val_files: pd.DataFrame, cfg: TrainConfig) -> tuple[Any, Any]:

@@ -20,6 +20,7 @@ from raytumor.train.data import (
     augment_kwargs,
     build_datasets,
     check_metric,
+    pin_augment_in,
     prepare_split,
     resolve_augment_in,
 )
@@ -146,6 +147,7 @@ def run_training(
     data = prepare_split(cfg, grouping)
     split_sha, summary_ingest = write_split(data, run_dir)
     check_metric(resolve_metric(cfg.metric, data.classes, data.negative_class), data.files("val"))
+    cfg = pin_augment_in(cfg)  # one answer for the datasets and the workers
     train_ds, val_ds = build_datasets(data.files("train"), data.files("val"), cfg)
     trainer, metric = make_trainer(
         cfg, data.classes, data.negative_class, data.n_train, {"train": train_ds, "val": val_ds},
