@@ -31,8 +31,13 @@ from raytumor.scan import (
 )
 
 __all__ = [
+    "SERIES_HEADER_PEEK",
     "NiftiVolume",
     "decode_dicom",
+    "decode_dicom_series",
+    "dicom_header",
+    "series_grid",
+    "slice_normal",
     "decode_nifti",
     "decode_nifti_volume",
     "head_slices",
@@ -631,13 +636,28 @@ def decode_nifti(
         u8, view = np.moveaxis(u8, axis, 2), VIEW_OF_AXIS[axis]
     if require_2d and u8.shape[2] > 1:
         raise DecodeError(f"3-D volume (nifti, {u8.shape[2]} slices): not a 2-D image")
-    stack = plane_slices(u8, "axial")
+    return _volume_scan(u8, "axial", spacing, min_foreground, "nifti", vol.mode, view)
+
+
+def _volume_scan(
+    voxels: np.ndarray,
+    plane: str,
+    spacing: float | None,
+    min_foreground: float,
+    fmt: str,
+    mode: str,
+    view: str,
+    modality: str | None = None,
+) -> DecodedScan:
+    """The slices of a RAS-canonical uint8 volume along ``plane`` that hold head: the one way NIfTI
+    volumes and DICOM series become slice stacks, so both score the same voxels the same way."""
+    stack = plane_slices(voxels, plane)
     nz = stack.shape[0]
     keep = head_slices(stack, min_foreground)
     return DecodedScan(
         slices=stack[keep] if keep.size < nz else stack,
-        format="nifti",
-        mode=vol.mode,
+        format=fmt,
+        mode=mode,
         width=int(stack.shape[2]),
         height=int(stack.shape[1]),
         kind="volume" if nz > 1 else "image",
@@ -645,4 +665,218 @@ def decode_nifti(
         num_slices=nz,
         spacing_mm=spacing if nz > 1 else None,
         view=view,
+        modality=modality,
+        plane=plane,
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# DICOM series: single-frame files that together form a volume
+
+# Header bytes read per file by the series header pass; a header longer than this is read whole.
+SERIES_HEADER_PEEK = 64 << 10
+# Slices whose normal is this far from a near-isotropic volume's are reformatted to axial like a NIfTI
+# volume; a series with slices thicker than this many times its pixel size is scored in its own plane
+# (axial slices cut from 5 mm coronal slices would be 10x blurred along one axis).
+REFORMAT_MAX_ANISOTROPY = 1.5
+
+
+def _floats(value, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(math.isfinite(v) for v in out) else None
+
+
+def _text(ds, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except MemoryError:
+        raise
+    except Exception:
+        return None
+    if value is None:
+        return None
+    value = str(value).strip()
+    return value or None
+
+
+def dicom_header(data: bytes, complete: bool = True) -> dict | None:
+    """The series-assembly fields of a DICOM file's header (pixels never read), as plain types.
+
+    ``data`` may be the file's first bytes (``complete=False``): None means the header did not fit and
+    the whole file is needed. A file that is not DICOM gives ``{"dicom": False}``; one whose header does
+    not parse ``{"dicom": True, "header_error": reason}``. UIDs and descriptions are returned for the
+    driver to hash or drop: callers never write them out unless asked to (they identify a patient)."""
+    import pydicom
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    start = dicom_start(data)
+    if start < 0:
+        return {"dicom": False}
+    body = data[start:]
+    try:
+        fp = io.BytesIO(body)
+        read_preamble(fp, True)
+        meta = _read_file_meta_info(fp)
+        if meta.get("TransferSyntaxUID") == _DEFLATED:  # header inside the deflated stream: a lone file
+            return {"dicom": True, "header_error": "deflated data set"}
+        ds = pydicom.dcmread(io.BytesIO(body), force=True, stop_before_pixels=True)
+        rows, cols = ds.get("Rows"), ds.get("Columns")
+        if not complete and ("BitsAllocated" not in ds or rows is None):
+            return None  # the peek ended inside the header
+    except MemoryError:
+        raise
+    except Exception as e:
+        if not complete:
+            return None
+        return {"dicom": True, "header_error": f"corrupt DICOM header: {type(e).__name__}"}
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        rows, cols = int(rows or 0), int(cols or 0)
+    except (TypeError, ValueError):
+        frames, rows, cols = 1, 0, 0
+    try:
+        image_type = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
+    except Exception:  # noqa: BLE001 - malformed value: no type
+        image_type = []
+    instance = _text(ds, "InstanceNumber")
+    thickness = _floats([ds.get("SliceThickness")], 1) if ds.get("SliceThickness") is not None else None
+    return {
+        "dicom": True,
+        "header_error": None,
+        "study_uid": _text(ds, "StudyInstanceUID"),
+        "series_uid": _text(ds, "SeriesInstanceUID"),
+        "sop_uid": _text(ds, "SOPInstanceUID"),
+        "sop_class": _text(ds, "SOPClassUID"),
+        "frame_of_reference": _text(ds, "FrameOfReferenceUID"),
+        "modality": _dicom_modality(ds),
+        "image_type": "\\".join(image_type),
+        "iop": _floats(ds.get("ImageOrientationPatient") or (), 6),
+        "ipp": _floats(ds.get("ImagePositionPatient") or (), 3),
+        "pixel_spacing": _floats(ds.get("PixelSpacing") or (), 2),
+        "slice_thickness": thickness[0] if thickness else None,
+        "instance_number": int(float(instance)) if instance and _floats([instance], 1) else None,
+        "rows": rows,
+        "cols": cols,
+        "frames": frames,
+        "series_description": _text(ds, "SeriesDescription"),
+    }
+
+
+def slice_normal(iop) -> np.ndarray:
+    """The unit normal (row x column) of an ImageOrientationPatient, LPS axes."""
+    v = np.asarray(iop, dtype=np.float64)
+    row, col = v[:3] / np.linalg.norm(v[:3]), v[3:] / np.linalg.norm(v[3:])
+    n = np.cross(row, col)
+    return n / np.linalg.norm(n)
+
+
+def series_grid(positions: np.ndarray, iop) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """Slice order and place of a series: (order of the files along the slice normal, each sorted file's
+    index on the regular slice grid (gaps where slices are missing), spacing in mm). Spacing is the median
+    step between neighbours along the normal, None for one file. ValueError for slices at the same
+    position (several echoes or repeats in one series) or an irregular grid."""
+    along = np.asarray(positions, dtype=np.float64) @ slice_normal(iop)
+    order = np.argsort(along, kind="stable")
+    z = along[order]
+    if len(z) < 2:
+        return order, np.zeros(len(z), dtype=np.int64), None
+    steps = np.diff(z)
+    if (steps < 1e-3).any():
+        raise ValueError(f"{int((steps < 1e-3).sum())} slices share a position (several echoes or repeats)")
+    spacing = float(np.median(steps))
+    grid = np.rint((z - z[0]) / spacing).astype(np.int64)
+    if np.abs((z - z[0]) / spacing - grid).max() > 0.25 or grid[-1] + 1 > 2 * len(z):
+        raise ValueError("irregular slice positions (not one regular stack)")
+    return order, grid, spacing
+
+
+def decode_dicom_series(
+    blobs: list[bytes],
+    *,
+    min_foreground: float = 0.05,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+) -> DecodedScan:
+    """Single-frame DICOM files of one series (any order) -> the slices to score, like a NIfTI volume.
+
+    Each file's pixels go through its modality LUT (RescaleSlope/Intercept); the files are placed on a
+    regular grid along the slice normal from ImagePositionPatient (a missing slice stays a gap: the
+    sustained-score rule sees it), the volume gets the affine the headers give and is brought to the
+    RAS-canonical order of NIfTI volumes, with one intensity window for the whole volume. A near-isotropic
+    series (slice step <= 1.5x its pixel size) is cut into axial slices exactly as a NIfTI volume is; a
+    series of thick slices is scored in its own plane. ``view``: the plane of the slices scored ('oblique'
+    for a tilted stack)."""
+    import nibabel as nib
+    from pydicom.pixels import apply_modality_lut
+
+    if not blobs:
+        raise DecodeError("empty series")
+    planes, positions, spacing_px, mode, modality, shape, iop0 = [], [], None, "", None, None, None
+    for data in blobs:
+        ds, stored = _read_dicom(data, limits, require_2d=True)
+        rows, cols, _, samples, pi, bits = _check_geometry(ds, limits, stored, True)
+        if samples != 1 or pi not in ("MONOCHROME1", "MONOCHROME2"):
+            raise DecodeError(f"series of {pi} images: monochrome slices expected")
+        iop = _floats(ds.get("ImageOrientationPatient") or (), 6)
+        ipp = _floats(ds.get("ImagePositionPatient") or (), 3)
+        if iop is None or ipp is None:
+            raise DecodeError("series slice without ImageOrientationPatient/ImagePositionPatient")
+        if shape is None:
+            shape, iop0, mode, modality = (rows, cols), iop, f"{pi}/{bits}", _dicom_modality(ds)
+            spacing_px = _floats(ds.get("PixelSpacing") or (), 2) or (1.0, 1.0)
+            limits.check_voxels(rows * cols * len(blobs))
+        elif (rows, cols) != shape:
+            raise DecodeError("series slices of different sizes")
+        elif np.abs(np.subtract(iop, iop0)).max() > 1e-3:
+            raise DecodeError("series slices of different orientations")
+        _check_frames(ds, limits, rows, cols, 1, samples, bits)
+        try:
+            arr = apply_modality_lut(_dicom_pixels(ds), ds).astype(np.float32, copy=False)
+        except (MemoryError, DecodeError):
+            raise
+        except Exception as e:
+            raise DecodeError(f"corrupt DICOM: {type(e).__name__} in pixel transform") from e
+        planes.append(-arr if pi == "MONOCHROME1" else arr)  # MONOCHROME1: low values are white
+        positions.append(ipp)
+    try:
+        order, grid, step = series_grid(np.asarray(positions), iop0)
+    except ValueError as e:
+        raise DecodeError(f"series geometry: {e}") from None
+    rows, cols = shape
+    vol = np.zeros((cols, rows, int(grid[-1]) + 1), dtype=np.float32)  # (i: column, j: row, k: slice)
+    for g, f in zip(grid, order, strict=True):
+        vol[:, :, g] = planes[f].T
+    del planes
+    # Voxel (i, j, k) -> patient LPS: IPP of the first slice + i steps along the row direction (PixelSpacing
+    # [1], between columns), j along the column direction (PixelSpacing[0], between rows), k along the normal.
+    r, c = np.asarray(iop0[:3]), np.asarray(iop0[3:])
+    r, c = r / np.linalg.norm(r), c / np.linalg.norm(c)
+    affine = np.eye(4)
+    affine[:3, 0] = r * spacing_px[1]
+    affine[:3, 1] = c * spacing_px[0]
+    affine[:3, 2] = slice_normal(iop0) * (step or max(spacing_px))
+    affine[:3, 3] = positions[order[0]]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS, as NIfTI
+    try:
+        can = nib.as_closest_canonical(nib.Nifti1Image(vol, affine))  # flips/transposes only
+    except Exception as e:
+        raise DecodeError(f"series geometry: orientation {type(e).__name__}") from e
+    voxels = np.asanyarray(can.dataobj)
+    zooms = [abs(float(z)) for z in can.header.get_zooms()[:3]]
+    lo, hi = _volume_window(voxels)
+    u8 = _scale_range(np.array(voxels, dtype=np.float32), lo, hi, overwrite=True)
+    view = view_from_orientation(iop0)
+    # The canonical axis the acquired slices are stacked along (the normal's largest RAS component).
+    axis = int(np.argmax(np.abs(np.linalg.inv(can.affine[:3, :3]) @ (affine[:3, :3] @ [0, 0, 1]))))
+    thick = step is not None and step > REFORMAT_MAX_ANISOTROPY * max(spacing_px)
+    plane = VIEW_OF_AXIS[axis] if thick else "axial"
+    # The view of the slices the model sees: axial reformats are axial unless the stack was oblique
+    # (the canonical reorientation only permutes axes, so its "axial" slices stay tilted).
+    seen = view if thick or view == "oblique" else "axial"
+    return _volume_scan(u8, plane, zooms[_AXIS_OF_VIEW[plane]], min_foreground, "dicom", mode, seen, modality)
+
+
+_AXIS_OF_VIEW = {v: i for i, v in enumerate(VIEW_OF_AXIS)}

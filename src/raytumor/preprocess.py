@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from raytumor.formats import decode_scan, fit_square
+from raytumor.medical import decode_dicom_series
 from raytumor.scan import DecodedScan
 from raytumor.volumes import brain_slice_range
 
@@ -488,11 +489,38 @@ def model_inputs(
         cfg = PreprocessConfig.from_dict(cfg)
     if volumes:
         scan = decode_scan(data, draft_size=size, min_foreground=min_foreground)
-        if scan.kind == "volume":  # only the slices a 2-D model was trained on
-            keep = brain_slice_range(np.asarray(scan.slice_index), scan.spacing_mm, *volume_range)
-            scan = dataclasses.replace(
-                scan, slices=scan.slices[keep], slice_index=np.asarray(scan.slice_index)[keep]
-            )
     else:
         scan = decode_scan(data, draft_size=size, require_2d=True)
+    return scan_inputs(scan, size, cfg, volume_range)
+
+
+def series_model_inputs(
+    blobs: list[bytes],
+    size: int,
+    cfg: PreprocessConfig | Mapping[str, Any] | None = None,
+    *,
+    min_foreground: float = 0.05,
+    volume_range: tuple[float, float] = (0.0, 0.0),
+) -> tuple[np.ndarray, DecodedScan]:
+    """:func:`model_inputs` for the single-frame DICOM files of one series (any order): the series is
+    assembled into a volume (:func:`raytumor.medical.decode_dicom_series`) and goes the NIfTI way."""
+    scan = decode_dicom_series(blobs, min_foreground=min_foreground)
+    return scan_inputs(scan, size, cfg, volume_range)
+
+
+def scan_inputs(
+    scan: DecodedScan,
+    size: int,
+    cfg: PreprocessConfig | Mapping[str, Any] | None,
+    volume_range: tuple[float, float] = (0.0, 0.0),
+) -> tuple[np.ndarray, DecodedScan]:
+    """A decoded scan's (K, size, size) model inputs: a volume cut axially keeps the slices in
+    ``volume_range`` (mm below the vertex); every slice gets the bundle's preprocessing."""
+    if cfg is not None and not isinstance(cfg, PreprocessConfig):
+        cfg = PreprocessConfig.from_dict(cfg)
+    if scan.kind == "volume" and scan.plane == "axial":  # only the slices a 2-D model was trained on
+        keep = brain_slice_range(np.asarray(scan.slice_index), scan.spacing_mm, *volume_range)
+        scan = dataclasses.replace(
+            scan, slices=scan.slices[keep], slice_index=np.asarray(scan.slice_index)[keep]
+        )
     return np.stack([to_model_input(s, size, cfg) for s in scan.slices]), scan

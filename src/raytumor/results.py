@@ -31,7 +31,7 @@ SUMMARY_FILE = "summary.json"
 OUT_OF_SCOPE = "out_of_scope"
 
 
-def output_schema(classes: list[str], explain: bool, slice_rows: bool) -> pa.Schema:
+def output_schema(classes: list[str], explain: bool, slice_rows: bool, with_uids: bool = False) -> pa.Schema:
     fields = [
         pa.field("path", pa.string()),
         *[pa.field(f"prob_{c}", pa.float32()) for c in classes],
@@ -53,7 +53,21 @@ def output_schema(classes: list[str], explain: bool, slice_rows: bool) -> pa.Sch
         pa.field("bundle_version", pa.string()),
         pa.field("error", pa.string()),
         pa.field("scored_at", pa.timestamp("ms", tz="UTC")),
+        # Volumes and DICOM series: slice spacing; series: files, missing grid slices, why not scored
+        # (``skipped: ...``), and the study/series as keyed hashes of their UIDs (raytumor.series.uid_hash).
+        pa.field("spacing_mm", pa.float32()),
+        pa.field("n_files", pa.int32()),
+        pa.field("n_missing", pa.int32()),
+        pa.field("reason", pa.string()),
+        pa.field("study", pa.string()),
+        pa.field("series", pa.string()),
     ]
+    if with_uids:  # --with-uids: identifiers for use inside the hospital's own network
+        fields += [
+            pa.field("study_uid", pa.string()),
+            pa.field("series_uid", pa.string()),
+            pa.field("series_description", pa.string()),
+        ]
     if explain:
         fields.append(pa.field("explain", pa.string()))
     if slice_rows:
@@ -166,7 +180,10 @@ def write_slice_rows(output: str, storage: StorageOptions | None) -> str:
         for p in parts:
             with fs.open_input_file(p) as f:
                 t = pq.read_table(f, columns=["path", "kind", "slice_indices", "slice_scores"])
-            t = t.filter(pc.equal(t["kind"], "volume"))
+            # scored volumes/series only (a skipped series or an error row has no slice scores)
+            t = t.filter(
+                pc.and_(pc.is_in(t["kind"], pa.array(VOLUME_KINDS)), pc.is_valid(t["slice_indices"]))
+            )
             if t.num_rows == 0:
                 continue
             lens = pc.list_value_length(t["slice_indices"])
@@ -183,12 +200,26 @@ def write_slice_rows(output: str, storage: StorageOptions | None) -> str:
     return join(output, "slices.parquet")
 
 
-SUMMARY_COLUMNS = ["path", "label", "error", "kind", "n_slices", "scope_reason", "in_scope"]
+SUMMARY_COLUMNS = [
+    "path",
+    "label",
+    "error",
+    "kind",
+    "n_slices",
+    "scope_reason",
+    "in_scope",
+    "reason",
+    "n_files",
+]
+# Row kinds scored as a stack of slices with the volume rules.
+VOLUME_KINDS = ("volume", "series")
 
 
 def summarise(df: pd.DataFrame, negative_class: str | None) -> dict[str, Any]:
     """Counts over all score rows (``SUMMARY_COLUMNS`` of an output folder)."""
     err = df["error"].notna()
+    skipped = df["reason"].notna() if "reason" in df.columns else pd.Series(False, index=df.index)
+    series = df["kind"].eq("series")
     oos = df["label"] == OUT_OF_SCOPE
     outside = df["in_scope"].eq(False) if "in_scope" in df.columns else pd.Series(False, index=df.index)
     anyway = outside & ~oos & ~err
@@ -203,8 +234,12 @@ def summarise(df: pd.DataFrame, negative_class: str | None) -> dict[str, Any]:
         "labels": {str(k): int(v) for k, v in df["label"].value_counts().items()},
         "rows": int(len(df)),
         "unique_paths": int(df["path"].nunique()),
-        "scored": int((~err).sum()),
+        "scored": int((~err & ~skipped).sum()),
         "errors": int(err.sum()),
+        "skipped": int(skipped.sum()),
+        "skipped_reasons": {str(k): int(v) for k, v in df.loc[skipped, "reason"].value_counts().items()},
+        "series_rows": int(series.sum()),
+        "series_scored": int((series & ~err & ~skipped).sum()),
         "positives": int(pos.sum()),
         "out_of_scope": int(oos.sum()),
         "out_of_scope_reasons": {
@@ -216,6 +251,70 @@ def summarise(df: pd.DataFrame, negative_class: str | None) -> dict[str, Any]:
             str(k): int(v) for k, v in df.loc[anyway, "scope_reason"].fillna("?").value_counts().items()
         },
         "volumes": int((df["kind"] == "volume").sum()),
+        "files_in_series_rows": int(df.loc[series, "n_files"].fillna(0).sum())
+        if "n_files" in df.columns
+        else 0,
         "images_scored": int(df["n_slices"].fillna(0).sum()),
         "error_reasons": dict(Counter(str(e).split(":", 1)[0] for e in df.loc[err, "error"]).most_common(20)),
     }
+
+
+STUDIES_COLUMNS = [
+    "path",
+    "kind",
+    "study",
+    "series",
+    "score",
+    "label",
+    "in_scope",
+    "error",
+    "reason",
+    "n_files",
+]
+
+
+def study_rows(df: pd.DataFrame, negative_class: str | None) -> pd.DataFrame:
+    """One row per study (rows with a ``study`` hash): the highest-scoring in-scope scored series (its path,
+    score and label: the study's), and counts of series scored/skipped/failed and of single-file rows. A
+    study with no in-scope scored series has no score and label, and says why in ``reason``."""
+    if "study" not in df.columns:
+        return pd.DataFrame(columns=["study"])
+    df = df[df["study"].notna()]
+    out = []
+    for study, g in df.groupby("study", sort=True):
+        series = g[g["kind"] == "series"]
+        err, skipped = series["error"].notna(), series["reason"].notna()
+        scored = series[~err & ~skipped]
+        usable = scored[scored["in_scope"].eq(True) & scored["score"].notna()]
+        top = usable.loc[usable["score"].idxmax()] if len(usable) else None
+        if top is None:
+            why = "no series scored" if scored.empty else "no series in scope"
+        out.append(
+            {
+                "study": study,
+                "score": float(top["score"]) if top is not None else np.nan,
+                "label": top["label"] if top is not None else None,
+                "positive": (top["label"] != negative_class) if top is not None and negative_class else None,
+                "series_path": top["path"] if top is not None else None,
+                "series_scored": int(len(scored)),
+                "series_in_scope": int(len(usable)),
+                "series_skipped": int(skipped.sum()),
+                "series_errors": int((err & ~skipped).sum()),
+                "files_in_series": int(series["n_files"].fillna(0).sum()),
+                "single_file_rows": int((g["kind"] != "series").sum()),
+                "reason": None if top is not None else why,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def write_studies(output: str, storage: StorageOptions | None, negative_class: str | None) -> str | None:
+    """OUTPUT/studies.parquet from all score rows (:func:`study_rows`); None when no row has a study."""
+    rows = read_scores(output, storage, columns=STUDIES_COLUMNS)
+    studies = study_rows(rows, negative_class)
+    if studies.empty:
+        return None
+    fs, path = get_filesystem(join(output, "studies.parquet"), storage)
+    with fs.open_output_stream(path) as f:
+        pq.write_table(pa.Table.from_pandas(studies, preserve_index=False), f)
+    return join(output, "studies.parquet")

@@ -198,6 +198,8 @@ class DecodedScan:
     spacing_mm: float | None = None  # distance between adjacent slices (NIfTI), None when not known
     view: str | None = None
     modality: str | None = None
+    plane: str = "axial"  # volumes: the canonical plane the slices were cut along ('axial' unless a series
+    # of thick coronal/sagittal slices is scored in its own plane; the slice-range rule is axial only)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from raytumor import volumes
 from raytumor.adapt import BNStatsAccumulator, apply_bn_state, flip_tta_probs
 from raytumor.explain import GradCAM, explain_name, overlay_png
 from raytumor.predict import NONFINITE_ERROR, Predictor, forward_outputs
-from raytumor.results import EXPLAIN_DIR, OUT_OF_SCOPE, output_schema, write_part
+from raytumor.results import EXPLAIN_DIR, OUT_OF_SCOPE, VOLUME_KINDS, output_schema, write_part
 from raytumor.scan import has_error
 from raytumor.storage import StorageOptions, get_filesystem
 
@@ -32,6 +32,17 @@ def unit_stacks(batch: dict[str, np.ndarray], shape: tuple[int, int], counts: np
         for i in range(len(counts))
         if counts[i]
     ]
+
+
+def _passed(batch: dict[str, np.ndarray], key: str, n: int, cast: type) -> list:
+    """A unit column carried through decoding (DICOM series/study fields), None where a unit has none."""
+    if key not in batch:
+        return [None] * n
+    return [None if _missing(v) else cast(v) for v in batch[key]]
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (np.ndim(v) == 0 and not isinstance(v, str) and bool(np.isnan(v)))
 
 
 @dataclass
@@ -78,8 +89,10 @@ class ScorePredictor:
         adaptation: str = "none",
         score_out_of_scope: bool = False,
         scores_dir: str | None = None,
+        with_uids: bool = False,
     ) -> None:
         self.scores_dir = scores_dir
+        self.with_uids = with_uids
         self.predictor = Predictor.from_bundle(bundle_dir, num_threads=num_threads, storage=storage)
         self.bundle = self.predictor.bundle
         if bn_state is not None:  # AdaBN: the archive's BatchNorm statistics, every weight untouched
@@ -94,7 +107,7 @@ class ScorePredictor:
         self.explain_dir = explain_dir
         self.storage = storage
         self.slice_rows = slice_rows
-        self.schema = output_schema(self.meta.classes, explain_dir is not None, slice_rows)
+        self.schema = output_schema(self.meta.classes, explain_dir is not None, slice_rows, with_uids)
         self.bundle_version = f"raytumor {self.meta.versions.get('raytumor', '?')} / {self.meta.created_at}"
         size = self.meta.image_size
         self.shape = (size, size)
@@ -195,7 +208,7 @@ class ScorePredictor:
         pred = self.predictor.labels(u.probs, u.score, self.threshold)
         labels = self.predictor.label_names(pred, ok, scope.in_scope, self.score_out_of_scope)
         kinds = [k if isinstance(k, str) else None for k in batch["kind"]]
-        volume = np.array(kinds, dtype=object) == "volume"
+        volume = np.isin(np.array(kinds, dtype=object), VOLUME_KINDS)
         slice_src = [
             int(np.frombuffer(batch["slice_index"][i], dtype=np.int32)[u.best[i]])
             if volume[i] and ok[i]
@@ -220,7 +233,14 @@ class ScorePredictor:
             "bundle_version": [self.bundle_version] * n,
             "error": errors,
             "scored_at": [datetime.now(timezone.utc)] * n,
+            "spacing_mm": np.where(volume & ok, np.asarray(batch["spacing"], dtype=np.float64), np.nan),
+            **{k: _passed(batch, k, n, int) for k in ("n_files", "n_missing")},
+            **{k: _passed(batch, k, n, str) for k in ("reason", "study", "series")},
         }
+        if self.with_uids:
+            cols.update(
+                {k: _passed(batch, k, n, str) for k in ("study_uid", "series_uid", "series_description")}
+            )
         if self.explain_dir is not None:
             cols["explain"] = self._explain(batch, u.best, labels, u.score)
         if self.slice_rows:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import bz2
 import copy
+import json
 import lzma
 import sys
 import tarfile
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from raytumor.preprocess import PreprocessConfig, model_inputs
+from raytumor.preprocess import PreprocessConfig, model_inputs, series_model_inputs
 from raytumor.scan import DecodeError, sniff_format
 from raytumor.storage import (
     Retrier,
@@ -48,6 +49,11 @@ _RAW_CHUNK = 16 << 10  # compressed bytes read at a time from a compressed tar
 DECODED_COLUMNS = (
     "path", "kind", "format", "n_slices", "slice_index", "spacing", "pixels", "view_header", "modality",
     "error",
+)  # fmt: skip
+# Unit columns a decoded row carries through to its score row (DICOM series and study fields; None for
+# units that have none, e.g. tar members).
+PASS_COLUMNS = (
+    "study", "series", "n_files", "n_missing", "reason", "study_uid", "series_uid", "series_description",
 )  # fmt: skip
 
 
@@ -342,6 +348,42 @@ def collect_unreachable(log: Any) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def read_error(e: Exception) -> str:
+    """A failed read's error reason (the row's ``error``)."""
+    if isinstance(e, _Refused):
+        return str(e)
+    if isinstance(e, RuntimeError):  # zipfile: encrypted members need a password
+        return f"unreadable archive member: {e}"[:300]
+    return f"unreadable: {type(e).__name__}: {e}"[:300]  # permissions, vanished object, corrupt member
+
+
+def series_row(uid: str, image_size: int, blobs: list[bytes] | None, error: str | None, rd: Any) -> dict:
+    """The decoded row of a DICOM series (``decoded_row`` for a list of files)."""
+    row = decoded_row(uid, image_size, None, error, 0)
+    row.update(kind="series", format="dicom")
+    if error is not None or blobs is None:
+        return row
+    try:
+        stack, scan = series_model_inputs(
+            blobs, image_size, rd.prep, min_foreground=rd.min_fg, volume_range=rd.volume_range
+        )
+        row.update(
+            n_slices=len(stack),
+            slice_index=np.asarray(scan.slice_index).astype(np.int32).tobytes(),
+            spacing=scan.spacing_mm if scan.spacing_mm else np.nan,
+            pixels=stack.tobytes(),
+            view_header=scan.view,
+            modality=scan.modality,
+        )
+    except DecodeError as e:
+        row["error"] = e.reason
+    except MemoryError:
+        row["error"] = "out of memory while decoding"
+    except Exception as e:  # a decoder bug costs one row, not the run
+        row["error"] = f"decode failed: {type(e).__name__}: {e}"[:300]
+    return row
+
+
 class ReadDecode:
     """Callable for ``map_batches``: unit rows in, decoded rows out (tars expand to one row per member).
     Units that storage did not answer for after the retries get no row: their ids are in ``unreachable``
@@ -405,29 +447,79 @@ class ReadDecode:
             self._reported = len(self.unreachable)
 
     def _one(self, batch: dict[str, np.ndarray], i: int) -> dict | None:
-        uid, source, kind = str(batch["id"][i]), str(batch["source"][i]), batch["kind"][i]
-        if kind != "zip" and int(batch["size"][i]) > self.max_bytes:
-            return decoded_row(uid, self.image_size, None, f"too large: {int(batch['size'][i])} bytes", 0)
+        uid, kind = str(batch["id"][i]), batch["kind"][i]
+        if kind == "series":
+            row = self._series(
+                uid, str(batch["source"][i]), batch["reason"][i] if "reason" in batch else None
+            )
+        else:
+            row = self._unit(uid, str(batch["source"][i]), kind, batch["member"][i], batch["member_n"][i],
+                             int(batch["size"][i]))  # fmt: skip
+        if row is not None:
+            for k in PASS_COLUMNS:
+                if k in batch:
+                    v = batch[k][i]
+                    row[k] = (
+                        None
+                        if v is None or (np.ndim(v) == 0 and not isinstance(v, str) and np.isnan(v))
+                        else v
+                    )
+        return row
+
+    def read_unit(self, source: str, kind: str, member: Any, member_n: Any, size: int) -> bytes:
+        """A file's or zip member's bytes, retried while storage is transiently down. Raises
+        StorageUnreachable (after the retries), _Refused (too large, bomb) or the read's own error."""
+        if kind != "zip" and size > self.max_bytes:
+            raise _Refused(f"too large: {size} bytes")
+        if kind == "zip":
+            return self._zip_member(source, str(member), int(member_n))
+        return self.retry.call(self._read_file, source, what=source)
+
+    def _unit(self, uid: str, source: str, kind: str, member: Any, member_n: Any, size: int) -> dict | None:
         try:
-            if kind == "zip":
-                data = self._zip_member(source, str(batch["member"][i]), int(batch["member_n"][i]))
-            else:
-                data = self.retry.call(self._read_file, source, what=source)
+            data = self.read_unit(source, kind, member, member_n, size)
         except StorageUnreachable:
             self.unreachable.append(uid)  # no row: the same command reads it again
             return None
-        except _Refused as e:
-            return decoded_row(uid, self.image_size, None, str(e), 0)
-        except RuntimeError as e:  # zipfile: encrypted members need a password
-            return decoded_row(uid, self.image_size, None, f"unreadable archive member: {e}"[:300], 0)
-        except Exception as e:  # permissions, vanished object, corrupt archive member
-            return decoded_row(uid, self.image_size, None, f"unreadable: {type(e).__name__}: {e}"[:300], 0)
+        except Exception as e:
+            return decoded_row(uid, self.image_size, None, read_error(e), 0)
         return decoded_row(uid, self.image_size, data, None, self.min_fg, self.prep, self.volume_range)
+
+    def _series(self, uid: str, files_json: str, reason: Any) -> dict | None:
+        """A DICOM series unit: its files (in slice order) read and assembled into one volume; a series the
+        rules skipped gets its row without reading anything. A file storage did not answer for leaves the
+        whole series for the next run; one that cannot be read or decoded makes it an error row."""
+        if isinstance(reason, str) and reason:
+            row = decoded_row(uid, self.image_size, None, None, 0)
+            row.update(kind="series", format="dicom")
+            return row
+        blobs = []
+        for source, kind, member, member_n, size in json.loads(files_json):
+            try:
+                blobs.append(self.read_unit(source, kind, member, member_n, int(size)))
+            except StorageUnreachable:
+                self.unreachable.append(uid)
+                return None
+            except Exception as e:
+                return series_row(uid, self.image_size, None, f"series file {read_error(e)}", self)
+        return series_row(uid, self.image_size, blobs, None, self)
 
     def _read_file(self, source: str) -> bytes:
         fs, path = get_filesystem(source, self.storage, single_attempt=True)
         with fs.open_input_stream(path, compression=None) as f:  # raw bytes: see storage.read_bytes
             return _read_limited(f, self.max_bytes)
+
+    def read_head(self, source: str, kind: str, member: Any, member_n: Any, size: int, n: int) -> bytes:
+        """The first ``n`` bytes of a file (a ranged read: a header, not the pixels); a zip member whole."""
+        if kind != "file":
+            return self.read_unit(source, kind, member, member_n, size)
+
+        def head() -> bytes:
+            fs, path = get_filesystem(source, self.storage, single_attempt=True)
+            with fs.open_input_file(path) as f:
+                return f.read(min(n, self.max_bytes))
+
+        return self.retry.call(head, what=source)
 
     def _zip_member(self, source: str, member: str, occurrence: int) -> bytes:
         fresh = source not in self._checked
@@ -532,8 +624,8 @@ class ReadDecode:
 
 def columns(rows: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for k in DECODED_COLUMNS:
-        vals = [r[k] for r in rows]
+    for k in DECODED_COLUMNS + PASS_COLUMNS:
+        vals = [r.get(k) for r in rows]
         if k == "n_slices":
             out[k] = np.array(vals, dtype=np.int64)
         elif k == "spacing":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -30,12 +31,15 @@ from raytumor.results import (
     summarise,
     write_csv,
     write_slice_rows,
+    write_studies,
 )
 from raytumor.runtime import init_ray, pool_size, predictor_resources
 from raytumor.score.actors import ScorePredictor
 from raytumor.score.adabn import adabn_state
 from raytumor.score.decode import collect_unreachable, map_read_decode, new_unreachable_log
 from raytumor.score.progress import ProgressReporter, RowCounter
+from raytumor.score.series import HEADERS_FILE, SERIES_FILES, candidates, series_units
+from raytumor.series import SeriesRules, new_salt
 from raytumor.storage import StorageOptions, Units, get_filesystem, join, list_units, read_text, write_text
 
 
@@ -83,6 +87,23 @@ class ScoreConfig:
     units_per_block: int = opt(32, "units per block: what an interrupted run can lose")
     num_actors: int | None = opt(None, "model actors (default: one per GPU, or sized from the CPUs)")
     overwrite: bool = opt(False, "clear OUTPUT first instead of resuming")
+    series: str = opt(
+        "auto",
+        "DICOM files that form a series (same study and series UID, positions along one normal) are scored as "
+        "one volume: one row per series; off: every DICOM file is its own row",
+        choices=("auto", "off"),
+    )
+    series_rules: str | None = opt(
+        None, "YAML overriding the series selection rules (modalities, skip_localizers, min_slices, "
+        "include_derived, max_missing_fraction, orientation_tolerance)"
+    )  # fmt: skip
+    uid_salt: str | None = opt(
+        None, "key of the study/series UID hashes in the rows (default: a random one kept in OUTPUT/uid_salt)"
+    )
+    with_uids: bool = opt(
+        False,
+        "also write raw StudyInstanceUID/SeriesInstanceUID and SeriesDescription (inside your network only)",
+    )
     score_out_of_scope: bool = opt(
         False,
         "give inputs outside the bundle's scope (a view or modality it never learned, out-of-distribution "
@@ -92,6 +113,10 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if self.adapt not in ("none", "adabn") or self.tta not in ("none", "flip"):
             raise ValueError(f"adapt must be none|adabn and tta none|flip, got {self.adapt!r}, {self.tta!r}")
+        if self.series not in ("auto", "off"):
+            raise ValueError(f"series must be auto|off, got {self.series!r}")
+        if self.series_rules:
+            SeriesRules.from_yaml(self.series_rules)  # a bad rules file is a user error before any work
 
     @property
     def volume_range(self) -> tuple[float, float]:
@@ -112,7 +137,12 @@ class ScoreConfig:
 # The output folder and what is left to score
 
 # What a score run writes at the top of OUTPUT: anything else means the folder is not (only) a score output.
-OUTPUT_ENTRIES = {RUN_FILE, SUMMARY_FILE, SCORES_DIR, EXPLAIN_DIR, ADABN_FILE, "scores.csv", "slices.parquet"}
+STUDIES_FILE = "studies.parquet"
+SALT_FILE = "uid_salt"
+OUTPUT_ENTRIES = {
+    RUN_FILE, SUMMARY_FILE, SCORES_DIR, EXPLAIN_DIR, ADABN_FILE, "scores.csv", "slices.parquet", SALT_FILE,
+    HEADERS_FILE, SERIES_FILES, STUDIES_FILE,
+}  # fmt: skip
 
 
 class ScoreFailed(RuntimeError):
@@ -166,10 +196,33 @@ def start_output(cfg: ScoreConfig, meta: BundleMeta, storage: StorageOptions | N
         fs, root = get_filesystem(cfg.output, storage)
         if fs.get_file_info(root).type == pafs.FileType.Directory:
             fs.delete_dir_contents(root)
-    write_text(
-        join(cfg.output, RUN_FILE), json.dumps({**run, "config": asdict(cfg)}, indent=2) + "\n", storage
-    )
+    config = {**asdict(cfg), "uid_salt": "(given)" if cfg.uid_salt else None}  # a key is not for logs
+    write_text(join(cfg.output, RUN_FILE), json.dumps({**run, "config": config}, indent=2) + "\n", storage)
     return run
+
+
+def uid_salt(cfg: ScoreConfig, storage: StorageOptions | None) -> str:
+    """The key of this output's UID hashes: ``--uid-salt``, else a random one kept in OUTPUT/uid_salt so a
+    rerun hashes the same series to the same rows. A given salt is not stored, only its fingerprint: a
+    rerun with another salt would name every series anew, and is refused."""
+    path = join(cfg.output, SALT_FILE)
+    kept = (read_text(path, storage) or "").strip()
+    if cfg.uid_salt:
+        mark = "sha256:" + hashlib.sha256(cfg.uid_salt.encode()).hexdigest()[:16]
+        if kept and kept != mark:
+            raise ValueError(
+                f"{cfg.output} was scored with another UID salt: use the same --uid-salt, another --output, "
+                "or --overwrite"
+            )
+        if not kept:
+            write_text(path, mark + "\n", storage)
+        return cfg.uid_salt
+    if kept.startswith("sha256:"):
+        raise ValueError(f"{cfg.output} was scored with a --uid-salt of your own: give it again")
+    if not kept:
+        kept = new_salt()
+        write_text(path, kept + "\n", storage)
+    return kept
 
 
 @dataclass
@@ -255,6 +308,7 @@ def run_pipeline(
             "adaptation": cfg.adaptation,
             "score_out_of_scope": cfg.score_out_of_scope,
             "scores_dir": join(cfg.output, SCORES_DIR),
+            "with_uids": cfg.with_uids,
         },
         compute=ActorPoolStrategy(size=actors),
         # A GPU wants whole forward batches; blocks stay small (resume granularity) and get bundled.
@@ -308,12 +362,41 @@ def finish(
             **extra,
         }
     )
+    summary.update(series_accounting(cfg, storage, rows))
+    studies = write_studies(cfg.output, storage, meta.negative_class)
+    if studies:
+        summary["studies"] = studies
     if cfg.csv:
         summary["csv"] = write_csv(cfg.output, storage)
     if cfg.slice_rows:
         summary["slices"] = write_slice_rows(cfg.output, storage)
     write_text(join(cfg.output, SUMMARY_FILE), json.dumps(summary, indent=2, default=str) + "\n", storage)
     return summary
+
+
+def series_accounting(cfg: ScoreConfig, storage: StorageOptions | None, rows: pd.DataFrame) -> dict[str, Any]:
+    """Every DICOM file of a series is in exactly one series row's ``n_files`` or has its own row: checked
+    against OUTPUT/series_files.parquet (file -> series row). Empty without series."""
+    import pyarrow.parquet as pq
+
+    fs, path = get_filesystem(join(cfg.output, SERIES_FILES), storage)
+    try:
+        with fs.open_input_file(path) as f:
+            members = pq.read_table(f).to_pandas()
+    except (FileNotFoundError, OSError):
+        return {}
+    series = rows[rows["kind"].eq("series")] if "kind" in rows.columns else rows.iloc[:0]
+    n_files = dict(zip(series["path"], series["n_files"].fillna(0).astype(int), strict=True))
+    per_series = members.groupby("series_path").size()
+    return {
+        "files_in_series": len(members),
+        # a file in two series, or in a series and with its own row: counted twice
+        "files_counted_twice": int(
+            members["file"].duplicated().sum() + members["file"].isin(set(rows["path"])).sum()
+        ),
+        # a series row whose n_files disagrees with its files (or a series without a row yet)
+        "series_files_mismatch": int(sum(n_files.get(s, -1) != n for s, n in per_series.items())),
+    }
 
 
 def nonfinite_failure(summary: dict[str, Any]) -> str | None:
@@ -341,6 +424,17 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     check_output(cfg, storage)
     units = list_units(cfg.input, storage)
     start_output(cfg, meta, storage)
+    series_stats: dict[str, Any] = {}
+    if cfg.series != "off" and candidates(units.table).any():
+        units, _, series_stats = series_units(units, cfg, storage, uid_salt(cfg, storage))
+        if series_stats.get("series"):
+            print(
+                f"[score] DICOM: {series_stats['header_files']:,} headers ({series_stats['header_files_read']:,} "
+                f"read now, {series_stats['header_seconds']} s): {series_stats['series']} series "
+                f"({series_stats['files_in_series']:,} files), {series_stats['series_skipped']} skipped by the "
+                f"series rules, {series_stats['files_refused']} files could not join their series",
+                flush=True,
+            )
     p = plan(cfg, storage, units)
     t_list = time.time() - t0
     print(
@@ -371,6 +465,7 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
         "actors": cfg.num_actors or r["size"],
         **({"adabn": adapt_info} if adapt_info else {}),
         "unreachable_ids": unreachable_ids,
+        **({"dicom_series": series_stats} if series_stats else {}),
     }
     summary = finish(cfg, p, meta, storage, extra)
     failed = nonfinite_failure(summary)
