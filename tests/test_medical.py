@@ -239,6 +239,7 @@ def test_no_phi_in_outputs():
         "spacing_mm",  # a float from the header geometry, never a tag value
         "view",  # derived from the orientation vectors
         "modality",  # a code string (CS characters only), else None
+        "plane",  # the canonical plane a volume was cut along, from the geometry
     }
     # a Modality holding free text (here: a name) is not a code: never passed on
     ds.Modality = "Doe^Jane"

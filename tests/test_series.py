@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHARED_DATA, phantom_volume
+from conftest import HEAD_SIZE, SHARED_DATA, phantom_volume
 
 from raytumor.medical import decode_dicom_series, decode_nifti
 from raytumor.results import read_scores
@@ -271,3 +271,64 @@ def test_a_pacs_export_scores_one_row_per_series_and_study_without_identifiers(
     )
     w = read_scores(str(wout))
     assert set(w["study_uid"].dropna()) == {uids[2]} and uids[3] in set(w["series_uid"].dropna())
+
+
+def _sr_items(ds) -> list:
+    """Every content item of an SR, depth first."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        out.append(item)
+        out += _sr_items(item)
+    return out
+
+
+def test_dicom_out_writes_a_valid_structured_report_per_scored_series(ray_session, head_bundle, tmp_path):
+    """--dicom-out: a TID 1500 SR per labelled series, in the source study, listing every source instance as
+    evidence and referencing the slice that carries the score; dciodvfy finds no error; a rerun writes none."""
+    import pydicom
+
+    rng = np.random.default_rng(7)
+    root = tmp_path / "export"
+    study, series = new_uid(rng), new_uid(rng)
+    vox = _phantom_stack(7, 24, size=HEAD_SIZE)
+    paths = write_series(root / "S", vox, axial_affine(vox.shape, slice_mm=3.0), rng=rng, study_uid=study,
+                         series_uid=series)  # fmt: skip
+    loc = _phantom_stack(8, 3)
+    write_series(root / "L", loc, axial_affine(loc.shape), rng=rng, study_uid=study,
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))  # fmt: skip
+    out, dicom = tmp_path / "out", tmp_path / "out" / "dicom"
+    cfg = ScoreConfig(bundle=str(head_bundle.bundle), input=str(root), output=str(out), dicom_out=str(dicom),
+                      score_out_of_scope=True, volume_depth_mm=0)  # fmt: skip
+    s = score(cfg)
+    row = read_scores(str(out)).query("kind == 'series' and reason.isna()").iloc[0]
+    reports = sorted(dicom.iterdir())
+    assert s["dicom_reports"] == 1 and len(reports) == 1  # the localizer has no result to report
+    sr = pydicom.dcmread(reports[0])
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.StudyInstanceUID == study and sr.SeriesInstanceUID != series
+    assert sr.PatientID == FAKE_PHI["PatientID"]  # filed with its study: these files are for the PACS
+    ev = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert ev.SeriesInstanceUID == series and len(ev.ReferencedSOPSequence) == 24
+    items = _sr_items(sr)
+    nums = {i.ConceptNameCodeSequence[0].CodeValue: float(i.MeasuredValueSequence[0].NumericValue)
+            for i in items if i.ValueType == "NUM"}  # fmt: skip
+    assert (
+        abs(nums["series-score"] - row["score"]) < 1e-4
+        and abs(nums["max-slice-score"] - row["score_max"]) < 1e-4
+    )
+    finding = next(
+        i for i in items if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "126952004"
+    )
+    assert finding.ConceptCodeSequence[0].CodeMeaning == ("Present" if row["label"] == "yes" else "Absent")
+    # the slice carrying the score: axial slices written bottom to top, so canonical index k is file k
+    image = next(i for i in items if i.ValueType == "IMAGE")
+    want = pydicom.dcmread(paths[int(row["slice"])], stop_before_pixels=True).SOPInstanceUID
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == want
+    if shutil.which("dciodvfy"):  # Debian dicom3tools: the standard's IOD rules, offline
+        import subprocess
+
+        check = subprocess.run(["dciodvfy", str(reports[0])], capture_output=True, text=True)
+        errors = [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]
+        assert not errors, errors
+    mtime = reports[0].stat().st_mtime_ns
+    assert score(cfg)["dicom_reports"] == 1 and reports[0].stat().st_mtime_ns == mtime  # rerun: nothing new

@@ -12,9 +12,20 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # as ``score/``, its siblings, without cycles). The README's "Where things are" table follows this order.
 LAYERS: list[tuple[str, ...]] = [
     # shared layers
-    ("storage", "scan", "groups", "volumes", "config", "runtime", "model", "phantoms", "augment"),
+    (
+        "storage",
+        "scan",
+        "groups",
+        "volumes",
+        "config",
+        "runtime",
+        "model",
+        "phantoms",
+        "synth_dicom",
+        "augment",
+    ),
     ("medical", "metrics", "results", "split"),
-    ("scope",),
+    ("scope", "series"),
     ("formats", "bundle", "calibrate", "explain"),
     ("preprocess",),
     ("predict", "ingest"),

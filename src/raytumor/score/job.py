@@ -37,6 +37,7 @@ from raytumor.runtime import init_ray, pool_size, predictor_resources
 from raytumor.score.actors import ScorePredictor
 from raytumor.score.adabn import adabn_state
 from raytumor.score.decode import collect_unreachable, map_read_decode, new_unreachable_log
+from raytumor.score.dicom_sr import REPORT_COLUMNS, write_reports
 from raytumor.score.progress import ProgressReporter, RowCounter
 from raytumor.score.series import HEADERS_FILE, SERIES_FILES, candidates, series_units
 from raytumor.series import SeriesRules, new_salt
@@ -97,6 +98,11 @@ class ScoreConfig:
         None, "YAML overriding the series selection rules (modalities, skip_localizers, min_slices, "
         "include_derived, max_missing_fraction, orientation_tolerance)"
     )  # fmt: skip
+    dicom_out: str | None = opt(
+        None,
+        "write a DICOM Structured Report (TID 1500) per scored series here, to send back to PACS (these files "
+        "carry the source study's patient module; e.g. OUTPUT/dicom)",
+    )
     uid_salt: str | None = opt(
         None, "key of the study/series UID hashes in the rows (default: a random one kept in OUTPUT/uid_salt)"
     )
@@ -141,7 +147,7 @@ STUDIES_FILE = "studies.parquet"
 SALT_FILE = "uid_salt"
 OUTPUT_ENTRIES = {
     RUN_FILE, SUMMARY_FILE, SCORES_DIR, EXPLAIN_DIR, ADABN_FILE, "scores.csv", "slices.parquet", SALT_FILE,
-    HEADERS_FILE, SERIES_FILES, STUDIES_FILE,
+    HEADERS_FILE, SERIES_FILES, STUDIES_FILE, "dicom",
 }  # fmt: skip
 
 
@@ -359,6 +365,7 @@ def finish(
             "this_run_units": p.n_todo,
             "resumed_from": len(p.done),
             "adaptation": cfg.adaptation,
+            "dicom_out": cfg.dicom_out,
             **extra,
         }
     )
@@ -467,6 +474,16 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
         "unreachable_ids": unreachable_ids,
         **({"dicom_series": series_stats} if series_stats else {}),
     }
+    if cfg.dicom_out:
+        rows = read_scores(cfg.output, storage, columns=REPORT_COLUMNS)
+        extra.update(
+            write_reports(
+                rows, p.units.table[p.units.table["kind"] == "series"], cfg.dicom_out, storage, cfg.max_file_bytes,
+                {"backbone": meta.backbone, "negative_class": meta.negative_class,
+                 "version": f"raytumor {meta.versions.get('raytumor', '?')}"},
+                r.get("decode_cpus", 1.0),
+            )
+        )  # fmt: skip
     summary = finish(cfg, p, meta, storage, extra)
     failed = nonfinite_failure(summary)
     if failed:
@@ -517,6 +534,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         )
         raise SystemExit(EXIT_INTERRUPTED) from None
     print_summary(s)
+    if s.get("dicom_report_errors"):
+        for e in s["dicom_report_errors"][:5]:
+            print(f"[score] DICOM report not written: {e}", file=sys.stderr)
+        raise SystemExit(
+            f"[score] {len(s['dicom_report_errors'])} DICOM reports could not be written to {cfg.dicom_out}"
+        )
     if s["unreachable"] or s["missing_rows"]:
         # Exit non-zero (EX_TEMPFAIL) so a scheduler retries: these inputs have no row yet, not an error row.
         why = (
@@ -546,6 +569,21 @@ def print_summary(s: dict[str, Any]) -> None:
             "(--score-out-of-scope; in_scope false): "
             + ", ".join(f"{k} {v}" for k, v in s["out_of_scope_labelled_reasons"].items())
         )
+    if s.get("series_rows"):
+        print(
+            f"[score] DICOM series: {s['series_rows']} rows ({s['files_in_series_rows']:,} files): "
+            f"{s['series_scored']} scored, {s['skipped']} skipped"
+            + (": " + ", ".join(f"{k.removeprefix('skipped: ')} {v}" for k, v in s["skipped_reasons"].items())
+               if s["skipped_reasons"] else "")
+            + ("; every file in one series row or its own row" if not s.get("files_counted_twice")
+               and not s.get("series_files_mismatch") else
+               f"; WARNING: {s.get('files_counted_twice')} files counted twice, "
+               f"{s.get('series_files_mismatch')} series rows whose files disagree")
+        )  # fmt: skip
+    if s.get("studies"):
+        print(f"[score] studies: {s['studies']} (one row per study: its highest in-scope series)")
+    if s.get("dicom_reports"):
+        print(f"[score] DICOM reports: {s['dicom_reports']} in {s['dicom_out']}")
     if s["error_reasons"]:
         print("[score] errors by reason: " + ", ".join(f"{k} {v}" for k, v in s["error_reasons"].items()))
     if s["missing_rows"] or s["duplicate_rows"]:

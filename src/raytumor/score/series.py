@@ -191,7 +191,8 @@ def series_units(
         duplicate_entries=units.duplicate_entries,
         unreachable=list(units.unreachable),
     )
-    _write(asm.members, join(cfg.output, SERIES_FILES), storage)
+    if len(asm.members):
+        _write(asm.members, join(cfg.output, SERIES_FILES), storage)
     stats.update(
         {
             "series": len(s),
