@@ -123,9 +123,12 @@ def read_headers(
         known = merged[list(_OUT)]
     todo = table[~table["id"].isin(known["id"])]
     fresh = pd.DataFrame(columns=list(_OUT))
+    ray_start_s = 0.0
     if len(todo):
+        t_ray = time.time()
         init_ray()
         r = predictor_resources()
+        ray_start_s = round(time.time() - t_ray, 2)
         n_blocks = max(1, min(len(todo) // 64, 512))
         ds = ray.data.from_pandas(todo.reset_index(drop=True)).repartition(n_blocks)
         ds = ds.map_batches(
@@ -141,7 +144,7 @@ def read_headers(
     headers = pd.concat([known, fresh], ignore_index=True) if len(known) else fresh
     if len(fresh):
         _write(headers[list(_OUT)], join(cfg.output, HEADERS_FILE), storage)
-    return headers.reset_index(drop=True), len(todo)
+    return headers.reset_index(drop=True), len(todo), ray_start_s
 
 
 def _file_record(t: pd.DataFrame) -> dict[str, list]:
@@ -159,8 +162,8 @@ def series_units(
     join their series as listing errors, and the study hash on every DICOM unit. Writes the file -> series
     map (``OUTPUT/series_files.parquet``) for the accounting check. Returns (units, assembly, stats)."""
     t0 = time.time()
-    headers, n_read = read_headers(units, cfg, storage, salt)
-    stats = {"header_files": len(headers), "header_files_read": n_read}
+    headers, n_read, ray_start_s = read_headers(units, cfg, storage, salt)
+    stats = {"header_files": len(headers), "header_files_read": n_read, "ray_start_seconds": ray_start_s}
     if not len(headers) or not headers["dicom"].astype(bool).any():
         stats["header_seconds"] = round(time.time() - t0, 2)
         return units, None, stats
