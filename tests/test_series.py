@@ -332,3 +332,33 @@ def test_dicom_out_writes_a_valid_structured_report_per_scored_series(ray_sessio
         assert not errors, errors
     mtime = reports[0].stat().st_mtime_ns
     assert score(cfg)["dicom_reports"] == 1 and reports[0].stat().st_mtime_ns == mtime  # rerun: nothing new
+
+
+def test_series_in_a_bucket_and_inside_a_zip_archive(
+    ray_session, head_bundle, s3_server, s3_client, tmp_path
+):
+    """The same export read from s3:// (ranged header reads) and from a zip inside the bucket (members read
+    in memory): each series is one row, the localizer skipped, files accounted for."""
+    import io
+    import zipfile
+
+    rng = np.random.default_rng(9)
+    study = new_uid(rng)
+    vox = _phantom_stack(9, 12, size=HEAD_SIZE)
+    blobs = series_files(vox, axial_affine(vox.shape), rng=rng, study_uid=study)
+    loc = series_files(_phantom_stack(10, 3), axial_affine((64, 64, 3)), rng=rng, study_uid=study,
+                       image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))  # fmt: skip
+    s3_client.create_bucket(Bucket="pacs")
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        for k, b in enumerate(blobs + loc):
+            name = f"{rng.bytes(5).hex()}"
+            s3_client.put_object(Bucket="pacs", Key=f"export/{'a' if k % 2 else 'b'}/{name}", Body=b)
+            z.writestr(f"exp/{name}", b)
+    s3_client.put_object(Bucket="pacs", Key="zipped/export.zip", Body=zbuf.getvalue())
+    for prefix, n_rows in (("export", 2), ("zipped", 2)):
+        s = score(ScoreConfig(bundle=str(head_bundle.bundle), input=f"s3://pacs/{prefix}",
+                              output=f"s3://pacs/out-{prefix}", s3_endpoint=s3_server))  # fmt: skip
+        assert s["series_rows"] == n_rows and s["series_scored"] == 1 and s["skipped"] == 1, s
+        assert s["files_in_series"] == 15 and s["files_counted_twice"] == 0 and s["missing_rows"] == 0
+        assert s["rows"] == n_rows

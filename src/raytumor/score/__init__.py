@@ -12,11 +12,27 @@ write has no Parquet footer: it is unreadable, deleted, and its units are scored
 Nothing from inside a scan reaches the output but its pixels' scores: no DICOM tags (PHI), and archive
 member names only ever appear as strings in the ``path`` column, never as output file names.
 
-Modules: ``job`` (config, plan, pipeline, summary, CLI), ``decode`` (read + decode tasks), ``actors`` (the
-model actors, built on :class:`raytumor.predict.Predictor`), ``adabn`` (the adaptation pass). Listing
-units lives in :mod:`raytumor.storage`, the output contract in :mod:`raytumor.results`.
+A DICOM series (single-frame files of one series) is one unit too: ``series`` runs the header pass that
+finds them, ``dicom_sr`` writes a Structured Report per scored series on request.
+
+Modules: ``job`` (config, plan, pipeline, summary, CLI), ``series`` (DICOM header pass), ``decode`` (read +
+decode tasks), ``actors`` (the model actors, built on :class:`raytumor.predict.Predictor`), ``adabn`` (the
+adaptation pass), ``dicom_sr``. Listing units lives in :mod:`raytumor.storage`, the output contract in
+:mod:`raytumor.results`.
 """
 
-from raytumor.score.job import ScoreConfig, get_args_parser, main, score
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["ScoreConfig", "get_args_parser", "main", "score"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: Ray tasks import this package to reach their function (e.g. the DICOM header task), and the job
+    # module pulls in torch through the bundle (~1.3 s per worker process for nothing).
+    if name in __all__:
+        from raytumor.score import job
+
+        return getattr(job, name)
+    raise AttributeError(f"module 'raytumor.score' has no attribute {name!r}")

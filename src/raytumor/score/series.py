@@ -28,6 +28,7 @@ from raytumor.series import HEADER_COLUMNS, Assembly, SeriesRules, assemble, uid
 from raytumor.storage import StorageOptions, Units, get_filesystem, join
 
 HEADERS_FILE = "dicom_headers.parquet"
+HEADER_BLOCK = 512  # files per header task: ~0.3 s of reading and parsing
 SERIES_FILES = "series_files.parquet"
 
 # Names that are never DICOM: their files skip the header pass (the decoders still sniff content, so a
@@ -129,16 +130,19 @@ def read_headers(
         init_ray()
         r = predictor_resources()
         ray_start_s = round(time.time() - t_ray, 2)
-        n_blocks = max(1, min(len(todo) // 64, 512))
-        ds = ray.data.from_pandas(todo.reset_index(drop=True)).repartition(n_blocks)
+        # Blocks cut on the driver (a repartition is an all-to-all pass: it took most of the time) of up to
+        # HEADER_BLOCK files, at least 4 per CPU while the archive allows: one task each.
+        todo = todo.reset_index(drop=True)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        per = max(16, min(HEADER_BLOCK, -(-len(todo) // (4 * cpus))))
+        ds = ray.data.from_pandas([todo.iloc[i : i + per] for i in range(0, len(todo), per)])
         ds = ds.map_batches(
             header_task,
             fn_kwargs={"storage": storage, "max_file_bytes": cfg.max_file_bytes, "salt": salt,
                        "with_uids": cfg.with_uids},
-            batch_size=64,
+            batch_size=None,
             batch_format="numpy",
-            num_cpus=r.get("decode_cpus", 1),
-            **r.get("remote_args", {}),
+            num_cpus=r.get("decode_cpus", 1),  # no torch here: Ray's pre-started workers do (no malloc env)
         )  # fmt: skip
         fresh = ds.to_pandas()
     headers = pd.concat([known, fresh], ignore_index=True) if len(known) else fresh
