@@ -192,7 +192,9 @@ def assemble(headers: pd.DataFrame, rules: SeriesRules) -> Assembly:
     fields, with the study/series UIDs as keyed hashes (``study``, ``series``; :func:`uid_hash`) and the raw
     ``study_uid``/``series_uid``/``series_description`` only where the user asked for them."""
     h = headers.copy()
-    h["series_key"] = [f"{a}|{b}" if b else None for a, b in zip(h["study"], h["series"], strict=True)]
+    h["series_key"] = [
+        f"{a}|{b}" if isinstance(b, str) and b else None for a, b in zip(h["study"], h["series"], strict=True)
+    ]
     single = (
         h["dicom"].astype(bool)
         & h["header_error"].isna()
@@ -201,19 +203,28 @@ def assemble(headers: pd.DataFrame, rules: SeriesRules) -> Assembly:
     )
     counts = h.loc[single, "series_key"].value_counts()
     grouped = single & h["series_key"].map(counts).fillna(0).gt(1)
-    lone = h.loc[~grouped, ["id", "study"]].reset_index(drop=True)
+    lone = [h.loc[~grouped, ["id", "study"]]]
     refused: list[tuple[str, str]] = []
     series_rows, member_rows = [], []
     for key, g in h[grouped].groupby("series_key", sort=True):
         study, series = key.split("|", 1)
-        ok = [
-            _vec(i, 6) is not None and _vec(p, 3) is not None for i, p in zip(g["iop"], g["ipp"], strict=True)
-        ]
-        placed = g[ok]
-        for fid in g.loc[[not o for o in ok], "id"]:
-            refused.append((str(fid), "not in its series: no ImagePositionPatient/ImageOrientationPatient"))
+        image = g["rows"].fillna(0).astype(int).gt(0) & g["cols"].fillna(0).astype(int).gt(0)
+        placed_mask = image & pd.Series(
+            [
+                _vec(i, 6) is not None and _vec(p, 3) is not None
+                for i, p in zip(g["iop"], g["ipp"], strict=True)
+            ],
+            index=g.index,
+        )
+        if not placed_mask.any():  # no slice geometry at all: not a volume; each file as it is
+            lone.append(g[["id", "study"]])
+            continue
+        placed = g[placed_mask]
+        for fid, is_image in zip(g.loc[~placed_mask, "id"], image[~placed_mask], strict=True):
+            why = "no ImagePositionPatient/ImageOrientationPatient" if is_image else "no image pixel module"
+            refused.append((str(fid), f"not in its series: {why}"))
         files = list(map(str, placed["id"]))
-        path = series_path(sorted(files) or sorted(map(str, g["id"])), series)
+        path = series_path(sorted(files), series)
         raw = {
             k: next((v for v in g[k] if isinstance(v, str)), None)
             for k in ("study_uid", "series_uid", "series_description")
@@ -223,7 +234,7 @@ def assemble(headers: pd.DataFrame, rules: SeriesRules) -> Assembly:
             "modality": next((m for m in g["modality"] if isinstance(m, str)), None),
             "n_missing": 0, "view": None, "spacing_mm": np.nan, "n_slices": 0,
         }  # fmt: skip
-        reason = _verdict(placed, rules) if len(placed) else "skipped: no slice has a position"
+        reason = _verdict(placed, rules)
         if reason is None:
             iop = _vec(placed["iop"].iloc[0], 6)
             try:
@@ -241,4 +252,4 @@ def assemble(headers: pd.DataFrame, rules: SeriesRules) -> Assembly:
         member_rows += [(f, path) for f in files]
     series = pd.DataFrame(series_rows, columns=list(SERIES_COLUMNS))
     members = pd.DataFrame(member_rows, columns=["file", "series_path"])
-    return Assembly(series, lone, refused, members)
+    return Assembly(series, pd.concat(lone, ignore_index=True), refused, members)
