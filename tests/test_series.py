@@ -69,7 +69,9 @@ def test_every_ixi_volume_written_as_a_shuffled_series_decodes_to_the_nifti_slic
         want = decode_nifti(path.read_bytes())
         # RescaleSlope is a 16-character decimal string, NIfTI's scl_slope a float32: the intensities can
         # differ in the last bit, which moves a few voxels across a grey-level boundary (IXI162: 0.35 %).
-        assert np.array_equal(got.slice_index, want.slice_index) and got.slices.shape == want.slices.shape, path
+        assert np.array_equal(got.slice_index, want.slice_index) and got.slices.shape == want.slices.shape, (
+            path
+        )
         diff = np.abs(got.slices.astype(np.int16) - want.slices)
         assert diff.max() <= 1 and (diff > 0).mean() < 0.005, (path, diff.max(), (diff > 0).mean())
 

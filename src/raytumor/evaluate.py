@@ -46,7 +46,7 @@ from raytumor.ingest import build_catalogue, decode_dataset, is_negative_name, l
 from raytumor.localise import localise
 from raytumor.metrics import BINARY_METRICS, metrics_with_ci, per_source_metrics, tumour_binary
 from raytumor.predict import Predictor
-from raytumor.results import read_scores
+from raytumor.results import VOLUME_KINDS, read_scores
 from raytumor.runtime import init_ray, pool_size, predictor_resources
 from raytumor.scope import OUT_OF_SCOPE, UNKNOWN
 from raytumor.storage import StorageOptions, is_manifest, read_manifest
@@ -651,7 +651,7 @@ def score_rows_as_predictions(
         raise ValueError(f"score rows lack {missing}: were they written with another bundle?")
     probs = df[cols].to_numpy(np.float64, copy=True)
     if negative_class is not None and "kind" in df.columns and "score" in df.columns:
-        vol = (df["kind"] == "volume").to_numpy() & np.isfinite(df["score"].to_numpy(np.float64))
+        vol = df["kind"].isin(VOLUME_KINDS).to_numpy() & np.isfinite(df["score"].to_numpy(np.float64))
         if vol.any():
             neg = classes.index(negative_class)
             score = df["score"].to_numpy(np.float64)[vol]
@@ -757,7 +757,7 @@ def evaluate_scores(
         "by_source": per_source_metrics(preds, classes, meta.negative_class, thr, n_boot, seed),
         "by_kind": {
             k: metrics_with_ci(preds[kinds == k], classes, meta.negative_class, thr, n_boot, seed)
-            for k in ("image", "volume")
+            for k in ("image", *VOLUME_KINDS)
             if kinds is not None and (kinds == k).any()
         },
         "files": {

@@ -213,7 +213,11 @@ def _by_kind(rep: dict[str, Any], figures: Figures) -> str:
     bk = rep.get("by_kind")
     if not bk:
         return ""
-    names = {"image": "slices (one image per file)", "volume": "volumes (volume rule)"}
+    names = {
+        "image": "slices (one image per file)",
+        "volume": "volumes (volume rule)",
+        "series": "DICOM series (volume rule)",
+    }
     rows = []
     for key, km in bk.items():
         kci = km.get("ci95") or {}

@@ -431,22 +431,28 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     check_output(cfg, storage)
     units = list_units(cfg.input, storage)
     start_output(cfg, meta, storage)
+    n_listed = len(units.table)
     series_stats: dict[str, Any] = {}
     if cfg.series != "off" and candidates(units.table).any():
         units, _, series_stats = series_units(units, cfg, storage, uid_salt(cfg, storage))
         if series_stats.get("series"):
+            st = series_stats
             print(
-                f"[score] DICOM: {series_stats['header_files']:,} headers ({series_stats['header_files_read']:,} "
-                f"read now, {series_stats['header_seconds']} s): {series_stats['series']} series "
-                f"({series_stats['files_in_series']:,} files), {series_stats['series_skipped']} skipped by the "
-                f"series rules, {series_stats['files_refused']} files could not join their series",
+                f"[score] {n_listed:,} files listed; DICOM headers of {st['header_files']:,} "
+                f"({st['header_files_read']:,} read now) in {st['header_seconds'] - st['ray_start_seconds']:.1f} s "
+                f"(+{st['ray_start_seconds']:.1f} s Ray start-up): {st['series']} series of "
+                f"{st['files_in_series']:,} files, {st['series_skipped']} of them skipped by the series rules, "
+                f"{st['files_refused']} files could not join their series",
                 flush=True,
             )
     p = plan(cfg, storage, units)
     t_list = time.time() - t0
+    n_series = int((p.units.table["kind"] == "series").sum())
     print(
-        f"[score] {len(p.units.table)} units listed ({(p.units.table['kind'] == 'tar').sum()} tar archives "
-        f"streamed), {len(p.done)} already scored, {len(p.todo)} to read"
+        f"[score] {len(p.units.table)} units listed ("
+        + (f"{n_series} DICOM series, " if n_series else "")
+        + f"{(p.units.table['kind'] == 'tar').sum()} tar archives streamed), {len(p.done)} already scored, "
+        f"{len(p.todo)} to read"
         + (f", {p.removed_parts} partial parts from an interrupted run removed" if p.removed_parts else ""),
         flush=True,
     )
@@ -555,7 +561,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def print_summary(s: dict[str, Any]) -> None:
     print(
         f"[score] {s['rows']} rows: {s['scored']} scored, {s['errors']} errors, {s['positives']} positive, "
-        f"{s['out_of_scope']} out of scope ({s['volumes']} volumes); this run {s['this_run_units']} units in {s['seconds']} s "
+        f"{s['out_of_scope']} out of scope ({s['volumes']} volumes"
+        + (f", {s['series_rows']} DICOM series" if s.get("series_rows") else "")
+        + f"); this run {s['this_run_units']} units in {s['seconds']} s "
         f"({s['units_per_s']} units/s, {s['device']}, batch {s['batch_size']})"
     )
     if s["out_of_scope_reasons"]:

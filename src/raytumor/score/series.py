@@ -144,7 +144,8 @@ def read_headers(
             batch_format="numpy",
             num_cpus=r.get("decode_cpus", 1),  # no torch here: Ray's pre-started workers do (no malloc env)
         )  # fmt: skip
-        fresh = ds.to_pandas()
+        # block by block: Ray's to_pandas() concatenates with a pandas call that warns on pandas >= 3.1
+        fresh = pd.concat(list(ds.iter_batches(batch_size=None, batch_format="pandas")), ignore_index=True)
     headers = pd.concat([known, fresh], ignore_index=True) if len(known) else fresh
     if len(fresh):
         _write(headers[list(_OUT)], join(cfg.output, HEADERS_FILE), storage)
