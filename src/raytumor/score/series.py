@@ -28,6 +28,7 @@ from raytumor.series import HEADER_COLUMNS, Assembly, SeriesRules, assemble, uid
 from raytumor.storage import StorageOptions, Units, get_filesystem, join
 
 HEADERS_FILE = "dicom_headers.parquet"
+UNREADABLE = "unreadable"
 HEADER_BLOCK = 512  # files per header task: ~0.3 s of reading and parsing
 SERIES_FILES = "series_files.parquet"
 
@@ -70,7 +71,7 @@ def header_task(
         try:
             h = _header(rd, batch, i)
         except Exception:  # noqa: BLE001 - unreadable or unreachable now: the scoring pass decides
-            h = {"dicom": False, "header_error": "unreadable"}
+            h = {"dicom": False, "header_error": UNREADABLE}
         h = {k: h.get(k) for k in HEADER_COLUMNS}
         h.update(
             id=str(batch["id"][i]),
@@ -148,7 +149,12 @@ def read_headers(
         fresh = pd.concat(list(ds.iter_batches(batch_size=None, batch_format="pandas")), ignore_index=True)
     headers = pd.concat([known, fresh], ignore_index=True) if len(known) else fresh
     if len(fresh):
-        _write(headers[list(_OUT)], join(cfg.output, HEADERS_FILE), storage)
+        # A header that could not be read now is read again next time (storage may have been down).
+        _write(
+            headers.loc[headers["header_error"].ne(UNREADABLE), list(_OUT)],
+            join(cfg.output, HEADERS_FILE),
+            storage,
+        )
     return headers.reset_index(drop=True), len(todo), ray_start_s
 
 
