@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("adapt", "localise"),
     # stages
     ("score", "slices"),
+    ("serve",),
     ("evaluate",),
     ("report",),
     ("train",),
@@ -74,6 +75,14 @@ def test_every_module_has_a_layer():
     assert units == set(RANK), (units - set(RANK), set(RANK) - units)
 
 
+# Project modules that may be imported inside functions, and why.
+LAZY_MODULES = {
+    # imports ray.serve (~1 s) at module level for its @serve.batch method; only a replica and
+    # `raytumor serve` need it, not every `raytumor --help`
+    "raytumor.serve.endpoint",
+}
+
+
 def test_project_imports_at_module_top():
     """Imports of raytumor modules inside functions hide the dependency graph (and once hid two cycles);
     only heavy optional libraries (ray, pydicom, nibabel, matplotlib) are imported lazily."""
@@ -95,6 +104,7 @@ def test_project_imports_at_module_top():
                 found = _imports(node, mods)
                 if id(node) in lazy:
                     found = [(m, line) for m, line in found if not m.startswith(name + ".")]
+                found = [(m, line) for m, line in found if m not in LAZY_MODULES]
                 inner += [f"{name}:{line} imports {m}" for m, line in found]
     assert not inner, inner
 

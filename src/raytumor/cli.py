@@ -27,6 +27,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "cross-validate: group folds or leave-one-source-out, folds in parallel, one report",
     ),
     "score": ("raytumor.score", "batch-score a folder/bucket/archive of scans: one row per file, resumable"),
+    "serve": (
+        "raytumor.serve",
+        "serve a bundle over HTTP on Ray Serve: one scan per request, the batch scorer's rows",
+    ),
     "report": ("raytumor.report", "self-contained HTML evaluation report of a bundle on labelled data"),
     "evaluate": ("raytumor.evaluate", "metrics of a bundle on labelled data, with 95 percent CIs"),
     "slices": (

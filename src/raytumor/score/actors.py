@@ -183,6 +183,13 @@ class ScorePredictor:
         return {"rows": np.array([table.num_rows], dtype=np.int64)}
 
     def score_rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return self.score_batch(batch)[0]
+
+    def score_batch(
+        self, batch: dict[str, np.ndarray], overlay_for: np.ndarray | None = None
+    ) -> tuple[pa.Table, dict[int, bytes]]:
+        """The batch's score rows, and Grad-CAM overlay PNGs of the units flagged in ``overlay_for`` that
+        got a class label (by unit position)."""
         n = len(batch["path"])
         errors = [e if has_error(e) else None for e in batch["error"]]
         counts = np.array([int(k) if errors[i] is None else 0 for i, k in enumerate(batch["n_slices"])])
@@ -245,7 +252,11 @@ class ScorePredictor:
             cols["explain"] = self._explain(batch, u.best, labels, u.score)
         if self.slice_rows:
             cols["slice_indices"], cols["slice_scores"] = u.slice_indices, u.slice_scores
-        return pa.Table.from_pydict(cols, schema=self.schema)
+        pngs: dict[int, bytes] = {}
+        if overlay_for is not None:
+            want = [i for i in range(n) if overlay_for[i] and labels[i] not in (None, OUT_OF_SCOPE)]
+            pngs = self.overlays(batch, u.best, labels, u.score, want)
+        return pa.Table.from_pydict(cols, schema=self.schema), pngs
 
     def _nonfinite_units(self, counts: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """Per unit: does any of its slices have NaN/inf probabilities or score?"""
@@ -258,6 +269,31 @@ class ScorePredictor:
         bad[has] = np.add.reduceat(slice_bad.astype(np.int64), starts) > 0
         return bad
 
+    def overlays(
+        self, batch: dict, best: np.ndarray, labels: list, score: np.ndarray, units: list[int]
+    ) -> dict[int, bytes]:
+        """Grad-CAM overlay PNGs (of the predicted class, on each unit's most suspicious slice) of ``units``:
+        what ``--explain`` writes and ``raytumor serve ?explain=1`` returns."""
+        if not units:
+            return {}
+        if self._cam is None:
+            self._cam = GradCAM(self.bundle.model)
+        images = np.stack(
+            [
+                np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(-1, *self.shape)[best[i]]
+                for i in units
+            ]
+        )
+        targets = [self.meta.classes.index(labels[i]) for i in units]
+        out = {}
+        for s in range(0, len(units), self.batch_size):
+            chunk = units[s : s + self.batch_size]
+            cams = self._cam(images[s : s + len(chunk)], targets[s : s + len(chunk)])
+            for j, i in enumerate(chunk):
+                caption = f"{labels[i]} {score[i]:.2f} - research use only"
+                out[i] = overlay_png(images[s + j], cams[j], caption=caption)
+        return out
+
     def _explain(self, batch: dict, best: np.ndarray, labels: list, score: np.ndarray) -> list[str | None]:
         """Grad-CAM overlay for each positive unit (its most suspicious slice), named by a hash of its id."""
         neg = self.meta.negative_class
@@ -266,29 +302,14 @@ class ScorePredictor:
             if labels[i] not in (None, OUT_OF_SCOPE) and (neg is None or labels[i] != neg)
         ]  # fmt: skip
         out: list[str | None] = [None] * len(labels)
-        if not positive:
-            return out
-        if self._cam is None:
-            self._cam = GradCAM(self.bundle.model)
-        fs, root = get_filesystem(self.explain_dir, self.storage)
-        images = np.stack(
-            [
-                np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(-1, *self.shape)[best[i]]
-                for i in positive
-            ]
-        )
-        targets = [self.meta.classes.index(labels[i]) for i in positive]  # CAM of the predicted class
-        for s in range(0, len(positive), self.batch_size):
-            chunk = positive[s : s + self.batch_size]
-            cams = self._cam(images[s : s + len(chunk)], targets[s : s + len(chunk)])
-            for j, i in enumerate(chunk):
-                name = explain_name(str(batch["path"][i]))
-                png = overlay_png(
-                    images[s + j], cams[j], caption=f"{labels[i]} {score[i]:.2f} - research use only"
-                )
-                with fs.open_output_stream(posixpath.join(root, name)) as f:
-                    f.write(png)
-                out[i] = f"{EXPLAIN_DIR}/{name}"
+        fs, root = (None, None)
+        for i, png in self.overlays(batch, best, labels, score, positive).items():
+            if fs is None:
+                fs, root = get_filesystem(self.explain_dir, self.storage)
+            name = explain_name(str(batch["path"][i]))
+            with fs.open_output_stream(posixpath.join(root, name)) as f:
+                f.write(png)
+            out[i] = f"{EXPLAIN_DIR}/{name}"
         return out
 
 
