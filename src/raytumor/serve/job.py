@@ -47,6 +47,13 @@ def build_app(cfg: ServeConfig, num_replicas: int | None = None) -> Any:
     return deployment.bind(asdict(cfg), cfg.token(), r["threads"])
 
 
+def app(args: dict[str, Any]) -> Any:
+    """Application builder for a Serve config file (``import_path: raytumor.serve.job:app``; ``args`` are
+    ServeConfig fields). The proxy binds what the file's ``http_options`` say, so ``host`` defaults to
+    0.0.0.0 here: a token is required unless ``args`` says ``host: 127.0.0.1``."""
+    return build_app(ServeConfig(**{"host": "0.0.0.0", **args}))
+
+
 def serve_bundle(cfg: ServeConfig, blocking: bool = True) -> Any:
     """Validate the bundle, start Ray (and Serve's HTTP proxy on ``cfg.host:cfg.port``), deploy; block until
     Ctrl-C with ``blocking``. Returns the deployment handle."""
