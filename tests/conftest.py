@@ -228,16 +228,12 @@ def ray_session():
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=True,
-            log_to_driver=True,
-            object_store_memory=2 * 1024**3,
-        )
-        from ray._private.utils import write_ray_address
+        from raytumor.runtime import init_ray
 
-        write_ray_address(ray.get_runtime_context().gcs_address)  # see raytumor.runtime.init_ray
+        # Isolated like every raytumor run (its own temp dir and address, nothing machine-wide written):
+        # a test session that wrote the shared ray_current_cluster file once made a CI run beside it lose
+        # its Train placement-group cleaner (it asked this session's GCS after it was gone) and hang.
+        init_ray(num_cpus=2, include_dashboard=True, log_to_driver=True, object_store_memory=2 * 1024**3)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
