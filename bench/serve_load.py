@@ -5,8 +5,8 @@ client threads, each with its own keep-alive connection, every request one real 
 ../shared/data/br35h-3000 (cycled) as a raw body. Measured:
 
 - throughput (requests/s), p50/p95/p99 latency, error count
-- throughput at the best concurrency / ``raytumor score`` images/s on the same files, in the same Ray
-  session right after (start-up included, as a user sees it)                     target >= 0.7 on CPU
+- throughput at the best concurrency / ``raytumor score`` images/s on as many inputs (the same files
+  cycled), in the same Ray session right after (start-up included, as a user sees it)  target >= 0.7 on CPU
 - a replica killed mid-run (``ray.kill`` on one of the deployment's replicas while concurrency 8 runs):
   every request gets a response (200, or an error status with a JSON reason), none hangs or is dropped;
   the endpoint answers again once Serve has replaced the replica
@@ -164,8 +164,10 @@ def main() -> None:
 
     out_dir = work / "batch"
     t0 = time.perf_counter()
-    score(ScoreConfig(bundle=str(bundle), input=str(args.data if args.files <= 0 else _subset(files, work)),
-                      output=str(out_dir)))  # fmt: skip
+    # The same work as one load level: as many inputs as requests, the same files cycled under other names.
+    score(
+        ScoreConfig(bundle=str(bundle), input=str(_subset(files, args.requests, work)), output=str(out_dir))
+    )
     batch_s = time.perf_counter() - t0
     n = len(read_scores(str(out_dir), columns=["path"]))
     res["batch_img_s"] = round(n / batch_s, 2)
@@ -177,11 +179,13 @@ def main() -> None:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
 
 
-def _subset(files: list[Path], work: Path) -> Path:
-    """A folder of the files the requests used (hard links), for batch scoring the same inputs."""
+def _subset(files: list[Path], n: int, work: Path) -> Path:
+    """A folder of ``n`` inputs cycling through the files the requests used (hard links): batch scoring
+    the same inputs as one load level."""
     d = work / "files"
     d.mkdir()
-    for i, f in enumerate(files):
+    for i in range(n):
+        f = files[i % len(files)]
         (d / f"{i:05d}{f.suffix}").hardlink_to(f)
     return d
 
