@@ -18,6 +18,7 @@ are read; each request has a deadline (504). Nothing from a request (headers, na
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from dataclasses import asdict
 from typing import Any
@@ -61,18 +62,29 @@ def serve_bundle(cfg: ServeConfig, blocking: bool = True) -> Any:
 
     validate_bundle(cfg.bundle, StorageOptions.from_env(cfg.s3_endpoint))
     init_ray()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    handle = serve.run(build_app(cfg), name="raytumor", route_prefix="/", blocking=False)
-    print(
-        f"[serve] {cfg.bundle} on http://{cfg.host}:{cfg.port}/v1/score (GET /v1/model, /healthz)", flush=True
-    )
-    if blocking:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.shutdown()
-    return handle
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        handle = serve.run(build_app(cfg), name="raytumor", route_prefix="/", blocking=False)
+        print(
+            f"[serve] {cfg.bundle} on http://{cfg.host}:{cfg.port}/v1/score (GET /v1/model, /healthz)",
+            flush=True,
+        )
+        if not blocking:
+            return handle
+        # Ray's core worker takes over SIGINT/SIGTERM at the C level while it starts: hand both back to
+        # Python so Ctrl-C (and `kill`) reach the shutdown below.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        while True:
+            # Short sleeps: a Ctrl-C that the kernel hands to one of Ray's threads only sets Python's flag,
+            # which the main thread sees when it wakes (a long sleep ignored it for that long).
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (or a wrapper forwarding the first one again) must not cut the shutdown short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("[serve] stopping: replicas and the HTTP proxy shut down", flush=True)
+        serve.shutdown()
+        raise SystemExit(130) from None
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
