@@ -22,6 +22,7 @@ from raytumor.explain import GradCAM, explain_name, overlay_png
 from raytumor.predict import NONFINITE_ERROR, Predictor, forward_outputs
 from raytumor.results import EXPLAIN_DIR, OUT_OF_SCOPE, VOLUME_KINDS, output_schema, write_part
 from raytumor.scan import has_error
+from raytumor.score.decode import missing
 from raytumor.storage import StorageOptions, get_filesystem
 
 
@@ -38,11 +39,7 @@ def _passed(batch: dict[str, np.ndarray], key: str, n: int, cast: type) -> list:
     """A unit column carried through decoding (DICOM series/study fields), None where a unit has none."""
     if key not in batch:
         return [None] * n
-    return [None if _missing(v) else cast(v) for v in batch[key]]
-
-
-def _missing(v: Any) -> bool:
-    return v is None or (np.ndim(v) == 0 and not isinstance(v, str) and bool(np.isnan(v)))
+    return [None if missing(v) else cast(v) for v in batch[key]]
 
 
 @dataclass

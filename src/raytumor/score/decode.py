@@ -348,6 +348,11 @@ def collect_unreachable(log: Any) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def missing(v: Any) -> bool:
+    """A unit column value that is not there: None, or a NaN that pandas/Ray put in an object column."""
+    return v is None or (np.ndim(v) == 0 and not isinstance(v, str) and bool(np.isnan(v)))
+
+
 def read_error(e: Exception) -> str:
     """A failed read's error reason (the row's ``error``)."""
     if isinstance(e, _Refused):
@@ -459,11 +464,7 @@ class ReadDecode:
             for k in PASS_COLUMNS:
                 if k in batch:
                     v = batch[k][i]
-                    row[k] = (
-                        None
-                        if v is None or (np.ndim(v) == 0 and not isinstance(v, str) and np.isnan(v))
-                        else v
-                    )
+                    row[k] = None if missing(v) else v
         return row
 
     def read_unit(self, source: str, kind: str, member: Any, member_n: Any, size: int) -> bytes:
