@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     # stages
     ("score", "slices"),
     ("serve",),
+    ("review",),
     ("evaluate",),
     ("report",),
     ("train",),

@@ -31,6 +31,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "raytumor.serve",
         "serve a bundle over HTTP on Ray Serve: one scan per request, the batch scorer's rows",
     ),
+    "review": (
+        "raytumor.review",
+        "review flagged scans of a score output in a local web page; export verdicts as training data",
+    ),
     "report": ("raytumor.report", "self-contained HTML evaluation report of a bundle on labelled data"),
     "evaluate": ("raytumor.evaluate", "metrics of a bundle on labelled data, with 95 percent CIs"),
     "slices": (

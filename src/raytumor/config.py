@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import types
 import typing
@@ -192,3 +193,34 @@ def stage_parser(cls: type, description: str, add_help: bool = True) -> argparse
     add_options(p, cls)
     add_config_file(p)
     return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Local HTTP servers (``raytumor serve``, ``raytumor review``): one rule for where they may listen.
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token_file: str | None) -> None:
+    """Loopback only, unless requests must carry a token: scans and verdicts are not for the whole network."""
+    if not is_loopback(host) and not token_file:
+        raise ValueError(f"--host {host} is not loopback: give --token-file so requests must authenticate")
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token in ``token_file`` (None without one); short tokens are refused."""
+    if not token_file:
+        return None
+    token = Path(token_file).read_text().strip()
+    if len(token) < 16:
+        raise ValueError(f"--token-file {token_file}: the token must be at least 16 characters")
+    return token

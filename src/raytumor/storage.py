@@ -321,6 +321,24 @@ def member_id(archive: str, member: str, occurrence: int) -> str:
     return f"{archive}{MEMBER_SEP}{member}" + (f"#{occurrence}" if occurrence > 1 else "")
 
 
+def parse_member_id(uid: str, known: Callable[[str, str], bool] | None = None) -> tuple[str, str, int] | None:
+    """(archive, member, occurrence) of a :func:`member_id`, or None for an id that is not an archive member.
+
+    The archive is the shortest prefix before a ``!`` with an archive suffix (member names may hold ``!``).
+    A trailing ``#N`` is an occurrence only when ``known(archive, member)`` says the name without it exists
+    (without ``known``: whenever it parses), since member names may end in ``#N`` themselves."""
+    start = 0
+    while (i := uid.find(MEMBER_SEP, start)) > 0:
+        archive, member = uid[:i], uid[i + 1 :]
+        if archive_kind(archive) and member:
+            m = re.fullmatch(r"(.*)#(\d+)", member, flags=re.S)
+            if m and int(m.group(2)) > 1 and (known is None or not known(archive, member)):
+                return archive, m.group(1), int(m.group(2))
+            return archive, member, 1
+        start = i + 1
+    return None
+
+
 @dataclass
 class Units:
     table: pd.DataFrame  # id, source, member, member_n, kind ('file' | 'zip' | 'tar'), size

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
-from pathlib import Path
 
 from raytumor import volumes
-from raytumor.config import opt
-
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
+from raytumor.config import check_bind, opt, read_token
 
 
 @dataclass
@@ -33,26 +29,9 @@ class ServeConfig:
     volume_min_extent_mm: float = opt(volumes.DEFAULT_MIN_EXTENT_MM, "volumes: as raytumor score")
 
     def __post_init__(self) -> None:
-        if not _is_loopback(self.host) and not self.token_file:
-            raise ValueError(
-                f"--host {self.host} is not loopback: give --token-file so requests must authenticate"
-            )
+        check_bind(self.host, self.token_file)
         if self.max_request_bytes < 1 or self.request_timeout_s <= 0 or self.max_batch_size < 1:
             raise ValueError("--max-request-bytes, --request-timeout-s and --max-batch-size must be positive")
 
     def token(self) -> str | None:
-        if not self.token_file:
-            return None
-        token = Path(self.token_file).read_text().strip()
-        if len(token) < 16:
-            raise ValueError(f"--token-file {self.token_file}: the token must be at least 16 characters")
-        return token
-
-
-def _is_loopback(host: str) -> bool:
-    if host in LOOPBACK:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        return read_token(self.token_file)

@@ -1,0 +1,381 @@
+"""What the review page shows and keeps: a finished score output's rows, the filters and sort over them, and
+the append-only verdict log ``OUTPUT/reviews.csv``.
+
+No model and no Ray here: the table of a 100k-row output is pandas in memory (a few tens of MB), and the
+page asks for one page of rows at a time, so the browser never holds the whole output.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+
+from raytumor.ingest import is_negative_name
+from raytumor.results import OUT_OF_SCOPE, RUN_FILE, read_scores
+from raytumor.storage import (
+    MEMBER_SEP,
+    StorageOptions,
+    archive_kind,
+    get_filesystem,
+    is_manifest,
+    join,
+    read_manifest,
+    read_text,
+)
+
+REVIEWS_FILE = "reviews.csv"
+REVIEW_FIELDS = ["reviewed_at", "reviewer", "path", "verdict", "note", "label", "score", "bundle_id"]
+# Verdict code -> what the page's button says.
+VERDICTS = {"tumour": "confirm tumour", "no_tumour": "no tumour", "unsure": "unsure"}
+MAX_NOTE = 2000
+# Columns the table sorts and filters on; the detail view gets the whole row.
+TABLE_COLUMNS = [
+    "id", "name", "path", "kind", "score", "label", "view", "in_scope", "scope_reason", "source", "error",
+    "slice", "n_slices", "flagged", "verdict", "reviewer", "note", "reviewed_at",
+]  # fmt: skip
+SORTABLE = {"id", "name", "kind", "score", "label", "view", "in_scope", "source", "error", "verdict", "reviewed_at"}
+
+
+def _text(v: Any) -> str | None:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)) or v is pd.NA or v is pd.NaT:
+        return None
+    return str(v)
+
+
+def json_value(v: Any) -> Any:
+    """A table cell as JSON: NaN/NA -> null, numpy scalars -> Python, arrays -> lists, times -> ISO 8601."""
+    if isinstance(v, np.ndarray):
+        return [json_value(x) for x in v.tolist()]
+    if isinstance(v, (list, tuple)):
+        return [json_value(x) for x in v]
+    if v is None or v is pd.NA or v is pd.NaT:
+        return None
+    if isinstance(v, (np.bool_, bool)):
+        return bool(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v) if np.isfinite(v) else None
+    if isinstance(v, (pd.Timestamp, datetime)):
+        return v.isoformat()
+    return v
+
+
+def _safe_cell(text: str) -> str:
+    """A free-text cell a spreadsheet will not run as a formula (CSV injection): a leading = + - @ gets '."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The verdict log
+
+
+class ReviewLog:
+    """``OUTPUT/reviews.csv``: one line per verdict (who, when, what), never rewritten in place locally.
+
+    A later line for the same path supersedes an earlier one (the page shows the latest; the history stays).
+    Local files are appended under an exclusive ``flock``, so two review servers on one output interleave
+    whole lines; a bucket has no append, so the object is rewritten with the line added (one reviewer per
+    bucket output at a time)."""
+
+    def __init__(self, output: str, storage: StorageOptions | None) -> None:
+        self.uri = join(output, REVIEWS_FILE)
+        self.storage = storage
+        self.local = "://" not in self.uri
+        self._lock = threading.Lock()
+
+    def read(self) -> pd.DataFrame:
+        text = read_text(self.uri, self.storage)
+        if not text:
+            return pd.DataFrame(columns=REVIEW_FIELDS)
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        for c in REVIEW_FIELDS:
+            if c not in df.columns:
+                df[c] = ""
+        return df[df["verdict"].isin(list(VERDICTS))].reset_index(drop=True)
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = io.StringIO()
+        csv.writer(line, lineterminator="\n").writerow([record.get(k, "") for k in REVIEW_FIELDS])
+        with self._lock:
+            if self.local:
+                self._append_local(line.getvalue())
+            else:
+                self._append_bucket(line.getvalue())
+
+    def _header(self) -> str:
+        return ",".join(REVIEW_FIELDS) + "\n"
+
+    def _append_local(self, line: str) -> None:
+        import fcntl
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.uri)), exist_ok=True)
+        with open(self.uri, "a", encoding="utf-8", newline="") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                if f.tell() == 0:
+                    f.write(self._header())
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _append_bucket(self, line: str) -> None:
+        fs, path = get_filesystem(self.uri, self.storage)
+        old = b""
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            with fs.open_input_stream(path) as f:
+                old = f.read()
+        if not old:
+            old = self._header().encode()
+        elif not old.endswith(b"\n"):
+            old += b"\n"
+        with fs.open_output_stream(path) as f:
+            f.write(old + line.encode())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The rows
+
+
+@dataclass
+class Query:
+    """The table's filters and sort (the page's controls, as URL query parameters)."""
+
+    q: str = ""  # substring of the path, case-insensitive
+    label: str = ""
+    view: str = ""
+    source: str = ""
+    kind: str = ""
+    scope: str = ""  # "in" | "out" | ""
+    errors: str = ""  # "only" | "none" | ""
+    verdict: str = ""  # a verdict code | "reviewed" | "unreviewed" | ""
+    flagged: bool = False
+    sort: str = "score"
+    desc: bool = True
+    offset: int = 0
+    limit: int = 100
+
+    @classmethod
+    def from_params(cls, p: dict[str, str]) -> Query:
+        def flag(name: str, default: bool) -> bool:
+            v = p.get(name)
+            return default if v is None else v.lower() in ("1", "true", "yes", "on")
+
+        def num(name: str, default: int, lo: int, hi: int) -> int:
+            try:
+                return min(hi, max(lo, int(p.get(name, default))))
+            except ValueError:
+                return default
+
+        sort = p.get("sort", "score")
+        return cls(
+            q=p.get("q", "")[:500], label=p.get("label", ""), view=p.get("view", ""), source=p.get("source", ""),
+            kind=p.get("kind", ""), scope=p.get("scope", ""), errors=p.get("errors", ""),
+            verdict=p.get("verdict", ""), flagged=flag("flagged", False),
+            sort=sort if sort in SORTABLE else "score", desc=flag("desc", True),
+            offset=num("offset", 0, 0, 1 << 40), limit=num("limit", 100, 1, 1000),
+        )  # fmt: skip
+
+
+def row_source(path: str, root: str, manifest_sources: dict[str, str] | None = None) -> str:
+    """Where a row came from, for filtering and the corrections' ``source``: a manifest's own ``source``
+    value; else the archive a member is in; else the first folder under the scored input (the input's own
+    name for files directly in it)."""
+    if manifest_sources and path in manifest_sources:
+        return manifest_sources[path]
+    cut = path.split("#series-", 1)[0]
+    i = cut.find(MEMBER_SEP)
+    while i > 0 and not archive_kind(cut[:i]):
+        i = cut.find(MEMBER_SEP, i + 1)
+    if i > 0:
+        return posixpath.basename(cut[:i])
+    root = root.rstrip("/")
+    if root and cut.startswith(root + "/"):
+        rel = cut[len(root) + 1 :]
+        return rel.split("/", 1)[0] if "/" in rel else posixpath.basename(root) or root
+    return posixpath.basename(posixpath.dirname(cut)) or cut
+
+
+def display_name(path: str) -> str:
+    """A short name for the table: an archive member's name, a series' folder + hash, a file's base name."""
+    if "#series-" in path:
+        folder, h = path.split("#series-", 1)
+        return f"{posixpath.basename(folder.rstrip('/'))} · series {h[:10]}"
+    return posixpath.basename(path.split(MEMBER_SEP)[-1]) or path
+
+
+class ReviewStore:
+    """A finished score output's rows (``OUTPUT/scores``) with their latest verdicts, and the log."""
+
+    def __init__(
+        self, output: str, storage: StorageOptions | None = None, negative_class: str | None = None
+    ) -> None:
+        self.output = output.rstrip("/") if "://" in output else os.path.abspath(output)
+        self.storage = storage
+        run_text = read_text(join(self.output, RUN_FILE), storage)
+        if run_text is None:
+            raise FileNotFoundError(f"{output} is not a raytumor score output (no {RUN_FILE})")
+        self.run: dict[str, Any] = json.loads(run_text)
+        self.config: dict[str, Any] = self.run.get("config") or {}
+        df = read_scores(self.output, storage, skip_unreadable=True)
+        if df.empty:
+            raise ValueError(f"{output} holds no score rows yet (is the run still starting?)")
+        df = df.sort_values("path", kind="stable", ignore_index=True)
+        df.insert(0, "id", np.arange(len(df), dtype=np.int64))
+        src_root = str(self.run.get("input") or "")
+        manifest_sources, self.manifest_patients = self._manifest_columns(src_root)
+        root = "" if is_manifest(src_root) else src_root
+        df["source"] = [row_source(p, root, manifest_sources) for p in df["path"]]
+        df["name"] = [display_name(p) for p in df["path"]]
+        self.classes = [c[len("prob_") :] for c in df.columns if c.startswith("prob_")]
+        self.negative_class = negative_class if negative_class in self.classes else self._negative_class()
+        lab = df["label"].astype(object)
+        err = df["error"].astype(object)
+        df["has_error"] = err.notna() & (err.astype(str) != "")
+        # Flagged: the bundle called a tumour (a class other than the negative one, in scope, no error).
+        df["flagged"] = lab.notna() & ~lab.isin([OUT_OF_SCOPE, self.negative_class]) & ~df["has_error"]
+        for c in ("view", "scope_reason", "kind", "label", "error"):
+            if c not in df.columns:
+                df[c] = None
+        self.df = df
+        self.by_path = dict(zip(df["path"], df["id"], strict=True))
+        self.log = ReviewLog(self.output, storage)
+        self._lock = threading.Lock()
+        self._apply_reviews(self.log.read())
+
+    def _negative_class(self) -> str | None:
+        found = [c for c in self.classes if is_negative_name(c)]
+        return found[0] if len(found) == 1 else None
+
+    def _manifest_columns(self, src: str) -> tuple[dict[str, str] | None, dict[str, str]]:
+        """A scored manifest's own ``source`` and ``patient_id`` per path (unreadable now: none)."""
+        if not src or not is_manifest(src):
+            return None, {}
+        try:
+            m = read_manifest(src, self.storage)
+        except Exception:
+            return None, {}
+        out_s = dict(zip(m["path"], m["source"].astype(str), strict=True)) if "source" in m.columns else None
+        pats = {}
+        if "patient_id" in m.columns:
+            pats = {p: str(v) for p, v in zip(m["path"], m["patient_id"], strict=True) if _text(v)}
+        return out_s, pats
+
+    def _apply_reviews(self, log: pd.DataFrame) -> None:
+        df = self.df
+        for c in ("verdict", "reviewer", "note", "reviewed_at"):
+            df[c] = None
+        if log.empty:
+            return
+        latest = log.drop_duplicates("path", keep="last")
+        latest = latest[latest["path"].isin(self.by_path)]
+        ids = latest["path"].map(self.by_path).to_numpy()
+        for c in ("verdict", "reviewer", "note", "reviewed_at"):
+            df.loc[ids, c] = latest[c].to_numpy()
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def facets(self) -> dict[str, Any]:
+        """Values the page's filter menus offer, with counts."""
+        df = self.df
+
+        def counts(col: str) -> list[list[Any]]:
+            vc = df[col].astype(object).where(df[col].notna(), "(none)").astype(str).value_counts()
+            return [[k, int(v)] for k, v in vc.items()]
+
+        return {
+            "label": counts("label"), "view": counts("view"), "source": counts("source"), "kind": counts("kind"),
+            "total": len(df), "flagged": int(df["flagged"].sum()), "errors": int(df["has_error"].sum()),
+            "reviewed": int(df["verdict"].notna().sum()),
+            "reviewed_flagged": int((df["verdict"].notna() & df["flagged"]).sum()),
+        }  # fmt: skip
+
+    def select(self, q: Query) -> np.ndarray:
+        """Row ids matching ``q``, in its order (ties by path, so paging is stable)."""
+        df = self.df
+        m = np.ones(len(df), dtype=bool)
+        if q.q:
+            m &= df["path"].str.contains(q.q, case=False, regex=False).to_numpy()
+        for col in ("label", "view", "source", "kind"):
+            want = getattr(q, col)
+            if want:
+                vals = df[col].astype(object)
+                m &= (vals.isna() if want == "(none)" else vals.astype(str) == want).to_numpy()
+        if q.scope == "in":
+            m &= (df["in_scope"] == True).to_numpy()  # noqa: E712 (nullable column)
+        elif q.scope == "out":
+            m &= (df["in_scope"] == False).to_numpy()  # noqa: E712
+        if q.errors == "only":
+            m &= df["has_error"].to_numpy()
+        elif q.errors == "none":
+            m &= ~df["has_error"].to_numpy()
+        if q.flagged:
+            m &= df["flagged"].to_numpy()
+        if q.verdict == "reviewed":
+            m &= df["verdict"].notna().to_numpy()
+        elif q.verdict == "unreviewed":
+            m &= df["verdict"].isna().to_numpy()
+        elif q.verdict:
+            m &= (df["verdict"] == q.verdict).to_numpy()
+        sub = df.loc[m, ["id", q.sort]]
+        key = sub[q.sort]
+        if key.dtype == object:
+            key = key.astype(str).where(key.notna(), None)
+        order = sub.assign(_k=key).sort_values(
+            ["_k", "id"], ascending=[not q.desc, True], na_position="last", kind="stable"
+        )
+        return order["id"].to_numpy()
+
+    def table_rows(self, ids: np.ndarray) -> list[dict[str, Any]]:
+        cols = [c for c in TABLE_COLUMNS if c in self.df.columns]
+        sub = self.df.loc[ids, cols]
+        return [{k: json_value(v) for k, v in r.items()} for r in sub.to_dict("records")]
+
+    def row(self, rid: int) -> dict[str, Any]:
+        if not 0 <= rid < len(self.df):
+            raise KeyError(rid)
+        r = self.df.loc[rid].to_dict()
+        r.pop("has_error", None)
+        return {k: json_value(v) for k, v in r.items()}
+
+    def history(self, rid: int) -> list[dict[str, Any]]:
+        path = self.df.at[rid, "path"]
+        log = self.log.read()
+        return log[log["path"] == path].to_dict("records")
+
+    def record(self, rid: int, verdict: str, note: str, reviewer: str) -> dict[str, Any]:
+        """Append a verdict for row ``rid`` to reviews.csv; returns the logged record."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
+        reviewer = " ".join(str(reviewer or "").split())[:100]
+        if not reviewer:
+            raise ValueError("a verdict needs a reviewer name")
+        r = self.df.loc[rid]
+        rec = {
+            "reviewed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "reviewer": _safe_cell(reviewer),
+            "path": r["path"],
+            "verdict": verdict,
+            "note": _safe_cell(" ".join(str(note or "").split())[:MAX_NOTE]),
+            "label": _text(r["label"]) or "",
+            "score": "" if _text(r["score"]) is None else f"{float(r['score']):.6f}",
+            "bundle_id": _text(r.get("bundle_id")) or "",
+        }
+        with self._lock:
+            self.log.append(rec)
+            for c in ("verdict", "reviewer", "note", "reviewed_at"):
+                self.df.at[rid, c] = rec[c]
+        return rec
