@@ -27,7 +27,7 @@ from raytumor import formats
 from raytumor.ingest import decode_batch, list_labelled
 from raytumor.review.export import export_corrections
 from raytumor.review.scans import ScanViewer
-from raytumor.review.store import REVIEW_FIELDS, Query, ReviewStore, row_source
+from raytumor.review.store import REVIEW_FIELDS, Query, ReviewStore, natural_key, row_source
 from raytumor.score.job import ScoreConfig, score
 from raytumor.storage import MEMBER_SEP, StorageOptions, parse_member_id
 from raytumor.synth_dicom import new_uid, write_series
@@ -137,7 +137,8 @@ def test_the_table_filters_sorts_and_pages_a_real_output(output):
     assert (df.loc[out_scope, "in_scope"] == False).all()  # noqa: E712
     both = store.select(Query(label="yes", source="br35h", sort="name", desc=False))
     names = df.loc[both, "name"].tolist()
-    assert names == sorted(names) and (df.loc[both, "label"] == "yes").all()
+    assert names == sorted(names, key=natural_key) and (df.loc[both, "label"] == "yes").all()
+    assert natural_key("y2.jpg") < natural_key("Y10.jpg")
     page = store.table_rows(both[100:200])
     assert len(page) == min(100, max(0, len(both) - 100)) and json.dumps(page)  # JSON-safe (no NaN)
 
@@ -300,6 +301,15 @@ def test_the_server_guards_its_verdicts(output, tmp_path):
         assert _req(url, "POST", "/api/rows/3/review", body, {"Content-Type": "text/plain"})[0] == 415
         assert _req(url, "POST", "/api/rows/999999/review", body, j)[0] == 404
         assert _req(url, "POST", "/api/rows/3/review", b'{"verdict": "maybe"}', j)[0] == 400
+        assert _req(url, "POST", "/api/rows/3/review", b"not json", j)[0] == 400
+        assert _req(url, "POST", "/api/rows/3/review", b'{"verdict": "tumour", "note": 5}', j)[0] == 400
+        assert _req(url, "POST", "/api/rows/3/review", json.dumps({"verdict": "tumour", "note": "x" * 2001}).encode(), j)[0] == 400
+        broken = ReviewStore(str(output)).df.query("name == 'broken.jpg'")["id"].iloc[0]
+        st, out, _ = _req(url, "POST", f"/api/rows/{broken}/review", body, j)
+        assert st == 400 and "has no score" in json.loads(out)["error"]
+        for bad in ("limit=-5", "limit=abc", "limit=5000", "scope=maybe", "errors=x", "sort=bogus", "desc=maybe", "verdict=weird", "nosuch=1"):
+            st, out, _ = _req(url, path=f"/api/rows?{bad}")
+            assert st == 400 and json.loads(out)["error"], bad
         st, out, _ = _req(url, "POST", "/api/rows/3/review", body, j)
         assert st == 200 and json.loads(out)["record"]["verdict"] == "tumour"
         assert _req(url, path="/static/../store.py")[0] == 404
@@ -425,10 +435,12 @@ def test_the_review_page_in_chromium(output, tmp_path):
         Select(driver.find_element(By.ID, "f-kind")).select_by_value("volume")
         wait.until(lambda d: rows_text().endswith("of 2"))
         driver.find_elements(By.CSS_SELECTOR, "tr.row")[0].click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#d-curve svg circle"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#d-curve svg rect.hit"))
         vid = int(driver.find_elements(By.CSS_SELECTOR, "tr.row")[0].get_attribute("data-id"))
-        circles = driver.find_elements(By.CSS_SELECTOR, "#d-curve svg circle")
-        assert len(circles) == store.df.at[vid, "n_slices"]
+        hits = driver.find_elements(By.CSS_SELECTOR, "#d-curve svg rect.hit")
+        assert len(hits) == len(driver.find_elements(By.CSS_SELECTOR, "#d-curve svg circle"))
+        assert len(hits) == store.df.at[vid, "n_slices"]
+        assert "lowest slice score over the best run" in driver.find_element(By.ID, "d-curve-note").text
         wait.until(lambda d: loaded("d-image") and loaded("d-overlay"))
         detail_png = driver.get_screenshot_as_png()
         (shots / "review_detail.png").write_bytes(detail_png)
@@ -437,9 +449,31 @@ def test_the_review_page_in_chromium(output, tmp_path):
         for img_id in ("d-image", "d-overlay"):
             el = driver.find_element(By.ID, img_id)
             assert not _blank(el.screenshot_as_png), img_id
-        circles[3].click()
-        wait.until(lambda d: "slice=" in d.find_element(By.ID, "d-image").get_attribute("src"))
+        z3 = hits[3].get_attribute("data-slice")
+        hits[3].click()
+        wait.until(lambda d: f"slice={z3}" in d.find_element(By.ID, "d-image").get_attribute("src"))
         wait.until(lambda d: loaded("d-image"))
+        assert driver.find_element(By.ID, "d-slice").text.startswith(f"(slice {z3}: score ")
+
+        # a narrow window: the detail view lies over the table, which keeps its columns
+        driver.set_window_size(1000, 800)
+        narrow = driver.get_screenshot_as_png()
+        (shots / "review_detail_narrow.png").write_bytes(narrow)
+        assert driver.execute_script("return getComputedStyle(document.getElementById('detail')).position") == "fixed"
+        table_w = driver.execute_script("return document.getElementById('rows').getBoundingClientRect().width")
+        assert table_w > 900, table_w
+        driver.set_window_size(1600, 1000)
+
+        # an error row: shown with its reason, and it takes no verdict
+        key(Keys.ESCAPE)
+        Select(driver.find_element(By.ID, "f-kind")).select_by_value("")
+        Select(driver.find_element(By.ID, "f-errors")).select_by_value("only")
+        wait.until(lambda d: rows_text().endswith("of 1"))
+        driver.find_elements(By.CSS_SELECTOR, "tr.row")[0].click()
+        wait.until(lambda d: d.find_element(By.ID, "d-noverdict").is_displayed())
+        assert "error:" in driver.find_element(By.ID, "d-image-msg").text
+        assert all(not b.is_enabled() for b in driver.find_elements(By.CSS_SELECTOR, "[data-verdict]"))
+        key("1")
 
         # reload: the verdicts are kept (from reviews.csv, not the browser)
         driver.get(url.split("?")[0])
@@ -467,6 +501,19 @@ def test_the_review_page_in_chromium(output, tmp_path):
         env=run_env(tmp_path / "ray"), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0 and "2 reviewed rows" in res.stdout, res.stdout + res.stderr
+    # Parquet by its name, and training's listing reads it
+    res = subprocess.run(
+        [sys.executable, "-m", "raytumor.cli", "review", str(output), "--export", str(tmp_path / "c.parquet")],
+        env=run_env(tmp_path / "ray"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert sorted(pd.read_parquet(tmp_path / "c.parquet")["verdict"]) == ["no_tumour", "tumour"]
+    assert sorted(list_labelled(str(tmp_path / "c.parquet")).files["class_name"]) == ["no", "yes"]
+    res = subprocess.run(
+        [sys.executable, "-m", "raytumor.cli", "review", str(output), "--export", str(tmp_path / "c.txt")],
+        env=run_env(tmp_path / "ray"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 2 and ".csv or .parquet" in res.stderr
 
 
 @needs_data

@@ -70,10 +70,21 @@ def volume_score(
     run's minimum score; the slice returned is the most suspicious one of the best run. Fewer contiguous
     slices than ``k`` anywhere: ``k`` shrinks to the longest run (a short volume is still scored). NaN
     scores count as 0 (a slice that cannot be scored never supports a positive)."""
+    score, pos, _ = volume_run(scores, slice_index, spacing_mm, min_extent_mm)
+    return score, pos
+
+
+def volume_run(
+    scores: np.ndarray,
+    slice_index: np.ndarray,
+    spacing_mm: float | None,
+    min_extent_mm: float = DEFAULT_MIN_EXTENT_MM,
+) -> tuple[float, int, np.ndarray]:
+    """:func:`volume_score`, and the slice indices of the run that sets it (what the review page shades)."""
     s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0)
     z = np.asarray(slice_index, dtype=np.int64)
     if len(s) == 0:
-        return float("nan"), -1
+        return float("nan"), -1, z[:0]
     order = np.argsort(z, kind="stable")
     s, z = s[order], z[order]
     k = 1
@@ -83,7 +94,7 @@ def volume_score(
     breaks = np.flatnonzero(np.diff(z) != 1) + 1
     runs = np.split(np.arange(len(z)), breaks)
     k = min(k, max(len(r) for r in runs))
-    best, best_pos = -np.inf, -1
+    best, best_pos, best_window = -np.inf, -1, np.arange(0)
     for r in runs:
         if len(r) < k:
             continue
@@ -95,5 +106,5 @@ def volume_score(
         i = int(np.argmax(mins))
         if mins[i] > best:
             window = r[i : i + k]
-            best, best_pos = float(mins[i]), int(window[np.argmax(s[window])])
-    return best, int(order[best_pos])
+            best, best_pos, best_window = float(mins[i]), int(window[np.argmax(s[window])]), window
+    return best, int(order[best_pos]), z[best_window]

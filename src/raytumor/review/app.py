@@ -136,7 +136,10 @@ def build_app(
         )
 
     def rows(req: Request) -> Response:
-        q = Query.from_params(dict(req.query_params))
+        try:
+            q = Query.from_params(dict(req.query_params))
+        except ValueError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
         ids = store.select(q)
         page_ids = ids[q.offset : q.offset + q.limit]
         return JSONResponse(
@@ -162,12 +165,19 @@ def build_app(
     async def review(req: Request) -> Response:
         try:
             rid = row_id(req)
-            body = json.loads(await req.body() or b"{}")
+            try:
+                body = json.loads(await req.body())
+            except ValueError:
+                raise ValueError("the body must be a JSON object: {verdict, note, reviewer}") from None
             if not isinstance(body, dict):
-                raise ValueError("expected a JSON object")
-            rec = store.record(
-                rid, str(body.get("verdict", "")), str(body.get("note", "")), str(body.get("reviewer") or reviewer)
-            )
+                raise ValueError("the body must be a JSON object: {verdict, note, reviewer}")
+            fields = {"verdict": "", "note": "", "reviewer": reviewer, **{k: v for k, v in body.items() if v is not None}}
+            bad = [k for k in ("verdict", "note", "reviewer") if not isinstance(fields[k], str)]
+            if bad or set(body) - {"verdict", "note", "reviewer"}:
+                raise ValueError("verdict, note and reviewer are strings, and nothing else is taken")
+            # a blank name is no name: the page's own reviewer (--reviewer, else the login name) stands
+            who = fields["reviewer"] if fields["reviewer"].strip() else reviewer
+            rec = store.record(rid, fields["verdict"], fields["note"], who)
         except KeyError:
             return JSONResponse({"error": "no such row"}, status_code=404)
         except ValueError as e:
@@ -178,6 +188,7 @@ def build_app(
         Route("/", page),
         Route("/static/{name}", static),
         Route("/healthz", lambda _: JSONResponse({"ok": True, "rows": len(store.df)})),
+        Route("/favicon.ico", lambda _: Response(b"", status_code=204)),
         Route("/api/summary", summary),
         Route("/api/rows", rows),
         Route("/api/rows/{rid:int}", one),

@@ -50,6 +50,9 @@ def export_corrections(
     store: ReviewStore, viewer: ScanViewer, dest: str, storage: StorageOptions | None = None
 ) -> dict[str, Any]:
     """Write the manifest ``dest`` (local or bucket); returns counts and the rows left out, with why."""
+    fmt = "parquet" if dest.lower().endswith(".parquet") else "csv" if dest.lower().endswith(".csv") else None
+    if fmt is None:  # training reads a manifest by its name
+        raise ValueError(f"--export {dest}: name the manifest .csv or .parquet")
     df = store.df[store.df["verdict"].isin(["tumour", "no_tumour", "unsure"])]
     fs, path = get_filesystem(dest, storage)
     stem = posixpath.splitext(path)[0]
@@ -92,13 +95,18 @@ def export_corrections(
             }
         )  # fmt: skip
     manifest = pd.DataFrame(out, columns=MANIFEST_COLUMNS)
-    buf = io.StringIO()
-    manifest.to_csv(buf, index=False)
+    manifest["score"] = manifest["score"].astype(float)
     parent = posixpath.dirname(path)
     if parent and local:
         fs.create_dir(parent, recursive=True)
+    if fmt == "csv":
+        data = manifest.to_csv(index=False).encode()
+    else:
+        buf = io.BytesIO()
+        manifest.astype({c: object for c in MANIFEST_COLUMNS if c != "score"}).to_parquet(buf, index=False)
+        data = buf.getvalue()
     with fs.open_output_stream(path) as f:
-        f.write(buf.getvalue().encode())
+        f.write(data)
     return {
         "manifest": dest,
         "rows": len(manifest),

@@ -35,6 +35,7 @@ from raytumor.score.decode import ReadDecode, columns, decoded_row, series_row
 from raytumor.score.job import ScoreConfig
 from raytumor.score.series import SERIES_FILES
 from raytumor.storage import StorageOptions, archive_kind, get_filesystem, join, parse_member_id
+from raytumor.volumes import volume_run
 
 # Recomputed and stored scores further apart than this: the file or the bundle changed since scoring.
 CONSISTENT_TOL = 1e-4
@@ -299,9 +300,20 @@ class ScanViewer:
             and abs(float(stored) - float(now)) <= CONSISTENT_TOL
         )  # fmt: skip
         meta = self.meta()
+        indices = [int(i) for i in (s.get("slice_indices") or [])]
+        spacing = row.get("spacing_mm")
+        spacing = float(spacing) if spacing is not None and np.isfinite(spacing) else None
+        run: list[int] = []
+        if len(indices) > 1:
+            _, _, z = volume_run(np.asarray(s["slice_scores"]), np.asarray(indices), spacing, self.cfg.volume_min_extent_mm)
+            run = [int(z.min()), int(z.max())] if len(z) else []
         return {
             "kind": row["kind"],
-            "indices": [int(i) for i in (s.get("slice_indices") or [])],
+            "view": row.get("view"),
+            "run": run,
+            "spacing_mm": spacing,
+            "min_extent_mm": float(self.cfg.volume_min_extent_mm),
+            "indices": indices,
             "scores": [float(x) for x in (s.get("slice_scores") or [])],
             "slice": s.get("slice"),
             "threshold": float(self.scorer().threshold),

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,6 +40,7 @@ REVIEW_FIELDS = ["reviewed_at", "reviewer", "path", "verdict", "note", "label", 
 # Verdict code -> what the page's button says.
 VERDICTS = {"tumour": "confirm tumour", "no_tumour": "no tumour", "unsure": "unsure"}
 MAX_NOTE = 2000
+MAX_REVIEWER = 100
 # Columns the table sorts and filters on; the detail view gets the whole row.
 TABLE_COLUMNS = [
     "id", "name", "path", "kind", "score", "label", "view", "in_scope", "scope_reason", "source", "error",
@@ -70,6 +72,11 @@ def json_value(v: Any) -> Any:
     if isinstance(v, (pd.Timestamp, datetime)):
         return v.isoformat()
     return v
+
+
+def _clean(text: str) -> str:
+    """One line of printable text: control characters (NUL, newlines...) become spaces, runs collapse."""
+    return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
 
 
 def _safe_cell(text: str) -> str:
@@ -170,22 +177,40 @@ class Query:
 
     @classmethod
     def from_params(cls, p: dict[str, str]) -> Query:
+        """The query from URL parameters; a value the page never sends is a ValueError (400), not ignored."""
+
         def flag(name: str, default: bool) -> bool:
             v = p.get(name)
-            return default if v is None else v.lower() in ("1", "true", "yes", "on")
+            if v is None:
+                return default
+            if v.lower() not in ("1", "0", "true", "false"):
+                raise ValueError(f"{name} must be 1 or 0, not {v!r}")
+            return v.lower() in ("1", "true")
 
         def num(name: str, default: int, lo: int, hi: int) -> int:
-            try:
-                return min(hi, max(lo, int(p.get(name, default))))
-            except ValueError:
+            v = p.get(name)
+            if v is None:
                 return default
+            if not v.isdigit() or not lo <= int(v) <= hi:
+                raise ValueError(f"{name} must be a whole number from {lo} to {hi}, not {v!r}")
+            return int(v)
 
-        sort = p.get("sort", "score")
+        def one_of(name: str, allowed: tuple[str, ...]) -> str:
+            v = p.get(name, "")
+            if v not in allowed:
+                names = ", ".join(a or "(empty)" for a in allowed)
+                raise ValueError(f"{name} must be one of {names}, not {v!r}")
+            return v
+
+        unknown = set(p) - {f for f in cls.__dataclass_fields__} - {"row", "token"}
+        if unknown:
+            raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
         return cls(
             q=p.get("q", "")[:500], label=p.get("label", ""), view=p.get("view", ""), source=p.get("source", ""),
-            kind=p.get("kind", ""), scope=p.get("scope", ""), errors=p.get("errors", ""),
-            verdict=p.get("verdict", ""), flagged=flag("flagged", False),
-            sort=sort if sort in SORTABLE else "score", desc=flag("desc", True),
+            kind=p.get("kind", ""), scope=one_of("scope", ("", "in", "out")),
+            errors=one_of("errors", ("", "only", "none")),
+            verdict=one_of("verdict", ("", "reviewed", "unreviewed", *VERDICTS)), flagged=flag("flagged", False),
+            sort=one_of("sort", ("", *sorted(SORTABLE))) or "score", desc=flag("desc", True),
             offset=num("offset", 0, 0, 1 << 40), limit=num("limit", 100, 1, 1000),
         )  # fmt: skip
 
@@ -207,6 +232,11 @@ def row_source(path: str, root: str, manifest_sources: dict[str, str] | None = N
         rel = cut[len(root) + 1 :]
         return rel.split("/", 1)[0] if "/" in rel else posixpath.basename(root) or root
     return posixpath.basename(posixpath.dirname(cut)) or cut
+
+
+def natural_key(text: str) -> str:
+    """A sort key that orders names as people read them: case-insensitive, ``y2`` before ``y10``."""
+    return re.sub(r"\d+", lambda m: m.group(0).rjust(12, "0"), text.lower())
 
 
 def display_name(path: str) -> str:
@@ -240,6 +270,7 @@ class ReviewStore:
         root = "" if is_manifest(src_root) else src_root
         df["source"] = [row_source(p, root, manifest_sources) for p in df["path"]]
         df["name"] = [display_name(p) for p in df["path"]]
+        df["name_key"] = [natural_key(n) for n in df["name"]]
         self.classes = [c[len("prob_") :] for c in df.columns if c.startswith("prob_")]
         self.negative_class = negative_class if negative_class in self.classes else self._negative_class()
         lab = df["label"].astype(object)
@@ -330,8 +361,9 @@ class ReviewStore:
             m &= df["verdict"].isna().to_numpy()
         elif q.verdict:
             m &= (df["verdict"] == q.verdict).to_numpy()
-        sub = df.loc[m, ["id", q.sort]]
-        key = sub[q.sort]
+        col = "name_key" if q.sort == "name" else q.sort
+        sub = df.loc[m, ["id", col]]
+        key = sub[col]
         if key.dtype == object:
             key = key.astype(str).where(key.notna(), None)
         order = sub.assign(_k=key).sort_values(
@@ -357,21 +389,26 @@ class ReviewStore:
         return log[log["path"] == path].to_dict("records")
 
     def record(self, rid: int, verdict: str, note: str, reviewer: str) -> dict[str, Any]:
-        """Append a verdict for row ``rid`` to reviews.csv; returns the logged record."""
+        """Append a verdict for row ``rid`` to reviews.csv; returns the logged record. A row without a score
+        (an error, a skipped series) takes no verdict: there is nothing to confirm or correct."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
-        reviewer = " ".join(str(reviewer or "").split())[:100]
+        reviewer, note = _clean(reviewer), _clean(note)
         if not reviewer:
             raise ValueError("a verdict needs a reviewer name")
+        if len(reviewer) > MAX_REVIEWER or len(note) > MAX_NOTE:
+            raise ValueError(f"a reviewer name is at most {MAX_REVIEWER} characters and a note {MAX_NOTE}")
         r = self.df.loc[rid]
+        if r["has_error"] or _text(r["score"]) is None:
+            raise ValueError(f"{r['path']} has no score ({_text(r['error']) or _text(r.get('reason')) or 'not scored'})")
         rec = {
             "reviewed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "reviewer": _safe_cell(reviewer),
             "path": r["path"],
             "verdict": verdict,
-            "note": _safe_cell(" ".join(str(note or "").split())[:MAX_NOTE]),
+            "note": _safe_cell(note),
             "label": _text(r["label"]) or "",
-            "score": "" if _text(r["score"]) is None else f"{float(r['score']):.6f}",
+            "score": f"{float(r['score']):.6f}",
             "bundle_id": _text(r.get("bundle_id")) or "",
         }
         with self._lock:

@@ -11,6 +11,8 @@ const S = {
   open: false,                   // detail view shown
   detail: null,                  // {row, history} of the current row
   slice: null,                   // slice shown in the detail view (volumes)
+  curve: null,                   // the current volume's per-slice scores
+  drafts: {},                    // row id -> note typed but not yet saved with a verdict
   loading: 0,
 };
 const $ = (id) => document.getElementById(id);
@@ -88,9 +90,11 @@ async function loadSummary() {
   showCounts(s.facets);
 }
 
+function plural(n, one, many) { return `${n.toLocaleString()} ${n === 1 ? one : many}`; }
+
 function showCounts(f) {
-  $("counts").textContent = `${f.total.toLocaleString()} rows · ${f.flagged.toLocaleString()} flagged · ` +
-    `${f.reviewed_flagged.toLocaleString()}/${f.flagged.toLocaleString()} flagged reviewed · ${f.errors.toLocaleString()} errors`;
+  $("counts").textContent = `${plural(f.total, "row", "rows")} · ${f.flagged.toLocaleString()} flagged · ` +
+    `${f.reviewed_flagged.toLocaleString()}/${f.flagged.toLocaleString()} flagged reviewed · ${plural(f.errors, "error", "errors")}`;
 }
 
 async function refreshCounts() {
@@ -169,7 +173,7 @@ async function moveTo(pos) {
 async function openDetail() {
   if (S.pos < 0 || S.pos >= S.ids.length) return;
   const id = S.ids[S.pos];
-  S.open = true; S.slice = null;
+  S.open = true; S.slice = null; S.curve = null;
   $("detail").hidden = false;
   markCurrent();
   saveState();
@@ -201,9 +205,17 @@ function renderDetail() {
     if (typeof v === "boolean") v = v ? "yes" : "no";
     dl.append(el("dt", { text: k }), el("dd", { text: String(v) }));
   }
-  for (const b of document.querySelectorAll("[data-verdict]")) b.classList.toggle("active", b.dataset.verdict === r.verdict);
-  $("d-note").value = r.note || "";
-  $("d-saved").textContent = r.verdict ? `${verdictName(r.verdict)} — ${r.reviewer}, ${r.reviewed_at}` : "";
+  const scored = r.score != null && !r.error && !r.reason;
+  for (const b of document.querySelectorAll("[data-verdict]")) {
+    b.classList.toggle("active", b.dataset.verdict === r.verdict);
+    b.disabled = !scored;
+  }
+  $("d-noverdict").hidden = scored;
+  // a new verdict starts with an empty note (the last one's note is in the history), or this row's draft
+  $("d-note").value = S.drafts[r.id] || "";
+  $("d-note").disabled = !scored;
+  $("d-saved").textContent = r.verdict ? `${verdictName(r.verdict)} — ${r.reviewer}, ${r.reviewed_at}${r.note ? " — " + r.note : ""}` : "";
+  if (S.drafts[r.id]) $("d-saved").textContent += " (a note you typed earlier is not saved yet: give a verdict)";
   const hist = $("d-history");
   hist.replaceChildren();
   for (const h of S.detail.history.slice().reverse()) {
@@ -211,6 +223,7 @@ function renderDetail() {
   }
   showPictures();
   $("d-curve").hidden = true;
+  $("d-curve-note").hidden = true;
   $("d-cam").textContent = "";
   if (!r.error && !r.reason) loadCurve(r.id);
 }
@@ -218,7 +231,10 @@ function renderDetail() {
 function showPictures() {
   const r = S.detail.row;
   const q = S.slice != null ? `?slice=${S.slice}` : "";
-  $("d-slice").textContent = S.slice != null ? `(slice ${S.slice})` : (r.slice != null ? `(slice ${r.slice}, the most suspicious)` : "");
+  const c = S.curve;
+  const at = (i) => (c && c.indices.indexOf(i) >= 0 ? ` score ${c.scores[c.indices.indexOf(i)].toFixed(3)}` : "");
+  $("d-slice").textContent = S.slice != null ? `(slice ${S.slice}:${at(S.slice)})`
+    : (r.slice != null ? `(slice ${r.slice}:${at(r.slice)}, the peak of the run that sets the volume score)` : "");
   for (const [img, kind] of [["d-image", "image"], ["d-overlay", "overlay"]]) {
     const node = $(img), msg = $(img + "-msg");
     msg.hidden = true; node.hidden = false;
@@ -240,7 +256,17 @@ async function loadCurve(id) {
     $("d-warn").hidden = false;
     $("d-warn").textContent = `Scored ${fmtScore(c.score_stored)} by the run, ${fmtScore(c.score_now)} now: the file or the bundle changed since scoring.`;
   }
-  if (c.indices.length > 1) drawCurve(c);
+  if (c.indices.length > 1) {
+    S.curve = c;
+    drawCurve(c);
+    showPictures();
+    const note = $("d-curve-note");
+    const k = c.spacing_mm ? Math.max(1, Math.ceil(c.min_extent_mm / c.spacing_mm - 1e-9)) : 1;
+    note.textContent = `Volume score ${fmtScore(c.score_stored)} = the lowest slice score over the best run of ${k} consecutive ` +
+      `slices (${c.min_extent_mm} mm at ${c.spacing_mm ? c.spacing_mm.toFixed(2) + " mm" : "unknown"} spacing; shaded` +
+      `${c.run.length ? `: slices ${c.run[0]}–${c.run[1]}` : ""}); score_max is the highest single slice, prob_* are the shown slice's.`;
+    note.hidden = false;
+  }
 }
 
 function drawCurve(c) {
@@ -254,24 +280,29 @@ function drawCurve(c) {
   const y = (s) => T + (1 - s) * (H - T - B);
   const add = (tag, attrs, text) => { const e = document.createElementNS(ns, tag); for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); if (text != null) e.textContent = text; svg.append(e); return e; };
   for (const v of [0, 0.5, 1]) { add("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), stroke: "#e1e5ea" }); add("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end", "font-size": 10, fill: "#5b6670" }, v.toFixed(1)); }
+  if (c.run.length) add("rect", { x: x(c.run[0]) - 3, y: T, width: Math.max(6, x(c.run[1]) - x(c.run[0]) + 6), height: H - T - B, fill: "#f6d8d0", opacity: 0.7 });
+  if (c.view === "axial") add("text", { x: (L + W - R) / 2, y: H - B + 12, "text-anchor": "middle", "font-size": 10, fill: "#5b6670" }, "\u2190 inferior (skull base)   superior (vertex) \u2192");
   for (const i of [lo, hi]) add("text", { x: x(i), y: H - B + 12, "text-anchor": i === lo ? "start" : "end", "font-size": 10, fill: "#5b6670" }, String(i));
   add("line", { x1: L, x2: W - R, y1: y(c.threshold), y2: y(c.threshold), stroke: "#d2553f", "stroke-dasharray": "4 3" });
   add("text", { x: W - R, y: y(c.threshold) - 3, "text-anchor": "end", "font-size": 10, fill: "#d2553f" }, `threshold ${c.threshold.toFixed(2)}`);
   add("polyline", { points: c.indices.map((i, k) => `${x(i)},${y(c.scores[k])}`).join(" "), fill: "none", stroke: "#3a6ea5", "stroke-width": 1.5 });
   const shown = S.slice != null ? S.slice : c.slice;
   c.indices.forEach((i, k) => {
-    const p = add("circle", { cx: x(i), cy: y(c.scores[k]), r: i === shown ? 5 : 2.5, fill: i === shown ? "#d2553f" : "#3a6ea5" });
+    add("circle", { cx: x(i), cy: y(c.scores[k]), r: i === shown ? 5 : 2.5, fill: i === shown ? "#d2553f" : "#3a6ea5", "pointer-events": "none" });
+    // an invisible, wider target per slice: the whole column is clickable, not the 5 px dot
+    const w = Math.max(4, (W - L - R) / Math.max(1, c.indices.length));
+    const p = add("rect", { x: x(i) - w / 2, y: T, width: w, height: H - T - B, fill: "transparent", class: "hit", "data-slice": i });
     const t = document.createElementNS(ns, "title"); t.textContent = `slice ${i}: ${c.scores[k].toFixed(3)}`; p.append(t);
     p.addEventListener("click", () => { S.slice = i; showPictures(); drawCurve(c); });
   });
-  add("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle", "font-size": 11, fill: "#5b6670" }, `slice (source index) — click a point to see it; scored ${c.kind} score ${fmtScore(c.score_stored)}`);
+  add("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", "font-size": 11, fill: "#5b6670" }, "slice (source index): click anywhere above a slice to see it");
   const box = $("d-curve");
   box.replaceChildren(svg);
   box.hidden = false;
 }
 
 async function recordVerdict(verdict) {
-  if (!S.open || !S.detail) return;
+  if (!S.open || !S.detail || !$("d-noverdict").hidden) return;
   const reviewer = $("reviewer").value.trim();
   if (!reviewer) { $("d-saved").textContent = "Enter your name (top right) first."; $("reviewer").focus(); return; }
   localStorage.setItem("raytumor-reviewer", reviewer);
@@ -283,6 +314,7 @@ async function recordVerdict(verdict) {
     });
     const i = S.rows.findIndex((r) => r.id === id);
     if (i >= 0) S.rows[i] = res.row;
+    delete S.drafts[id];
     renderTable();
     refreshCounts();
     $("d-saved").textContent = `Saved: ${verdictName(verdict)} — ${res.record.reviewer}, ${res.record.reviewed_at}`;
@@ -339,6 +371,7 @@ function wire() {
   $("d-next").addEventListener("click", () => moveTo(S.pos + 1));
   $("d-close").addEventListener("click", closeDetail);
   for (const b of document.querySelectorAll("[data-verdict]")) b.addEventListener("click", () => recordVerdict(b.dataset.verdict));
+  $("d-note").addEventListener("input", () => { if (S.detail) S.drafts[S.detail.row.id] = $("d-note").value; });
   $("reviewer").addEventListener("change", () => localStorage.setItem("raytumor-reviewer", $("reviewer").value.trim()));
   document.addEventListener("keydown", onKey);
 }
