@@ -12,7 +12,12 @@ The plain loop runs twice each time: as a user would start it (glibc's malloc de
 allocator settings raytumor gives its training workers (``raytumor.runtime.TORCH_PROCESS_ENV``). The
 second ratio separates Ray's own cost from that setting's gain.
 
+``--pairs N`` interleaves instead: plain, Ray, plain, Ray, ..., plain (N Ray runs per worker count, each
+divided by the mean of the plain runs just before and just after it), and reports the median of the N
+ratios with their range, so one drift of the machine's speed moves one ratio, not the result.
+
     python bench/train_overhead.py --data ../shared/data/br35h-3000 --limit-per-class 300
+    python bench/train_overhead.py --workers 2 --pairs 5
 """
 
 from __future__ import annotations
@@ -66,13 +71,13 @@ def plain_loop(files: list[str], labels: np.ndarray, args, threads: int) -> list
     return rates
 
 
-def train_config(args, workers: int, out: Path):
+def train_config(args, workers: int, out: Path, tag: str = ""):
     from raytumor.train import TrainConfig
 
     return TrainConfig(
         data=args.data,
         out=str(out),
-        name=f"overhead-{workers}w",
+        name=f"overhead-{workers}w{tag}",
         backbone=args.backbone,
         weights=args.weights,
         image_size=args.image_size,
@@ -94,10 +99,10 @@ def training_files(args, out: Path) -> pd.DataFrame:
     return prepare_split(train_config(args, 1, out)).files("train")
 
 
-def ray_run(args, workers: int, out: Path) -> tuple[list[float], pd.DataFrame]:
+def ray_run(args, workers: int, out: Path, tag: str = "") -> tuple[list[float], pd.DataFrame]:
     from raytumor.train import run_training
 
-    cfg = train_config(args, workers, out)
+    cfg = train_config(args, workers, out, tag)
     summary = run_training(cfg)
     hist = pd.read_csv(Path(summary["bundle"]) / "history.csv")
     manifest = pd.read_parquet(cfg.run_dir / "split_manifest.parquet")
@@ -134,6 +139,7 @@ def main() -> None:
     p.add_argument("--workers", default="1,2", help="Ray Train worker counts to measure")
     p.add_argument("--out", default="/tmp/raytumor-bench-overhead")
     p.add_argument("--augment-in", default="auto", choices=("auto", "data", "worker"))
+    p.add_argument("--pairs", type=int, default=0, help="interleave N plain/Ray pairs; report the median ratio")
     p.add_argument("--plain-only", help=argparse.SUPPRESS)  # internal: one plain loop over a JSON file list
     args = p.parse_args()
     cores = os.cpu_count() or 1
@@ -157,6 +163,8 @@ def main() -> None:
     runs.mkdir(parents=True, exist_ok=True)
     files_json = runs / "plain_files.json"
     files_json.write_text(json.dumps({"files": files, "labels": labels.tolist()}))
+    if args.pairs > 0:
+        return interleaved(args, runs, files, files_json)
     plain_before = plain_process(files_json, args, tuned=False)
     tuned_before = plain_process(files_json, args, tuned=True)
     results = {}
@@ -175,9 +183,6 @@ def main() -> None:
         }
     tuned_after = plain_process(files_json, args, tuned=True)
     plain_after = plain_process(files_json, args, tuned=False)
-
-    def rate(epochs: list[float]) -> float:
-        return float(np.mean(epochs[1:] or epochs))
 
     before, after = rate(plain_before), rate(plain_after)
     base = (before + after) / 2
@@ -198,6 +203,50 @@ def main() -> None:
             print(f"{k:<26}{v['img_s']:>8.1f}{v['ratio']:>10.2f}{v['ratio_tuned']:>15.2f}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "train_overhead.json").write_text(json.dumps(results, indent=2))
+
+
+def rate(epochs: list[float]) -> float:
+    """A run's epoch rate: epochs >= 1 (epoch 0 carries the warm-up)."""
+    return float(np.mean(epochs[1:] or epochs))
+
+
+def interleaved(args, runs: Path, files: list[str], files_json: Path) -> None:
+    """plain, Ray (each worker count), plain, Ray, ..., plain: each Ray run against its two neighbours."""
+    import ray
+
+    from raytumor.runtime import init_ray
+
+    workers = [int(x) for x in args.workers.split(",")]
+    plains = [rate(plain_process(files_json, args, tuned=False))]
+    ray_rates: dict[int, list[float]] = {w: [] for w in workers}
+    neighbours: dict[int, list[tuple[int, int]]] = {w: [] for w in workers}
+    for k in range(args.pairs):
+        for w in workers:
+            init_ray()
+            rates, manifest = ray_run(args, w, runs, tag=f"-{k}")
+            ray.shutdown()
+            if sorted(manifest.loc[manifest["split"] == "train", "path"]) != sorted(files):
+                raise SystemExit("the Ray run trained on other files than the plain loop")
+            ray_rates[w].append(rate(rates))
+            neighbours[w].append((len(plains) - 1, len(plains)))
+            print(f"ray {w}w run {k}: {rate(rates):.1f} img/s", flush=True)
+        plains.append(rate(plain_process(files_json, args, tuned=False)))
+    print(
+        f"\n{args.backbone} {args.weights} {args.image_size}px, global batch {args.batch_size}, {len(files)} "
+        f"training images, {os.cpu_count()} cores, augmentation in: {args.augment_in}, {args.pairs} pairs"
+    )
+    print("plain runs (img/s, in order): " + ", ".join(f"{p:.1f}" for p in plains))
+    results: dict = {"plain": plains}
+    for w in workers:
+        ratios = [r / ((plains[a] + plains[b]) / 2) for r, (a, b) in zip(ray_rates[w], neighbours[w], strict=True)]
+        med = float(np.median(ratios))
+        print(
+            f"ray {w}w: img/s {', '.join(f'{r:.1f}' for r in ray_rates[w])}; ratio to its neighbours "
+            f"{', '.join(f'{r:.2f}' for r in ratios)}; median {med:.2f} (range {min(ratios):.2f}-{max(ratios):.2f})"
+        )
+        results[f"ray_{w}w"] = {"img_s": ray_rates[w], "ratios": ratios, "median_ratio": med}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "train_overhead_pairs.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import build_head_bundle, run_env, shared_dataset, stop_group
+from conftest import SHARED_DATA, build_head_bundle, run_env, stop_group
 from PIL import Image
 
 from raytumor import formats
@@ -32,7 +32,7 @@ from raytumor.score.job import ScoreConfig, score
 from raytumor.storage import MEMBER_SEP, StorageOptions, parse_member_id
 from raytumor.synth_dicom import new_uid, write_series
 
-DATA = shared_dataset("br35h-3000").parent
+DATA = SHARED_DATA
 N_IMAGES = 1000  # the issue: a scoring output of >= 1,000 rows
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
