@@ -11,7 +11,6 @@ a file or bundle that changed since scoring is shown as such, never silently.
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 import threading
 from collections import OrderedDict
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -52,7 +52,8 @@ class Unavailable(Exception):
 class Detail:
     stack: np.ndarray  # (K, S, S) uint8 model inputs
     slice_index: np.ndarray  # (K,) source slice of each
-    scored: dict[str, Any] | None  # the recomputed score row (None before the model ran)
+    decoded_row: dict[str, Any]  # what ReadDecode gives the scoring actors for this unit
+    scored: dict[str, Any] | None = None  # the recomputed score row (None before the model ran)
 
 
 def run_config(store: ReviewStore) -> ScoreConfig:
@@ -153,8 +154,6 @@ class ScanViewer:
             fs, p = get_filesystem(join(self.store.output, SERIES_FILES), self.storage)
             groups: dict[str, list[str]] = {}
             if fs.get_file_info(p).type == pafs.FileType.File:
-                import pyarrow.parquet as pq
-
                 with fs.open_input_file(p) as f:
                     t = pq.read_table(f).to_pydict()
                 for file, sp in zip(t["file"], t["series_path"], strict=True):
@@ -223,16 +222,14 @@ class ScanViewer:
         size = rd.image_size
         stack = np.frombuffer(dec["pixels"], dtype=np.uint8).reshape(-1, size, size)
         idx = np.frombuffer(dec["slice_index"], dtype=np.int32) if dec["slice_index"] else np.arange(len(stack))
-        detail = Detail(stack, np.asarray(idx), None)
-        detail.decoded_row = dec  # type: ignore[attr-defined]
-        return detail
+        return Detail(stack, np.asarray(idx), dec)
 
     def scored(self, rid: int) -> dict[str, Any]:
         d = self.decoded(rid)
         if d.scored is None:
             scorer = self.scorer()
             with self._model_lock:
-                table, _ = scorer.score_batch(columns([d.decoded_row]))  # type: ignore[attr-defined]
+                table, _ = scorer.score_batch(columns([d.decoded_row]))
             d.scored = table.to_pylist()[0]
         return d.scored
 
@@ -350,6 +347,3 @@ class ScanViewer:
         Image.fromarray(np.ascontiguousarray(scan.slices[int(hit[0])]), mode="L").save(buf, format="PNG")
         return buf.getvalue(), ".png"
 
-
-def dump(obj: Any) -> bytes:
-    return json.dumps(obj).encode()
