@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,25 @@ def output_schema(classes: list[str], explain: bool, slice_rows: bool, with_uids
             pa.field("slice_scores", pa.list_(pa.float32())),
         ]
     return pa.schema(fields)
+
+
+def json_value(v: Any) -> Any:
+    """A score-row value as JSON (the review page, the Serve endpoint): NaN/NA -> null, numpy scalars -> Python, arrays -> lists, times -> ISO 8601."""
+    if isinstance(v, np.ndarray):
+        return [json_value(x) for x in v.tolist()]
+    if isinstance(v, (list, tuple)):
+        return [json_value(x) for x in v]
+    if v is None or v is pd.NA or v is pd.NaT:
+        return None
+    if isinstance(v, (np.bool_, bool)):
+        return bool(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v) if np.isfinite(v) else None
+    if isinstance(v, (pd.Timestamp, datetime)):
+        return v.isoformat()
+    return v
 
 
 def part_name(paths: list[str]) -> str:

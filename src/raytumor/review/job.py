@@ -59,8 +59,7 @@ def open_review(cfg: ReviewConfig) -> tuple[ReviewStore, ScanViewer, StorageOpti
     try:  # the bundle's own negative class beats guessing it from the class names
         neg = viewer.meta().negative_class
         if neg in store.classes and neg != store.negative_class:
-            store = ReviewStore(cfg.output, storage, negative_class=neg)
-            viewer = ScanViewer(store, cfg.bundle, storage)
+            store.set_negative_class(neg)
     except Exception as e:
         print(f"[review] {e}: pictures and overlays are not available", file=sys.stderr, flush=True)
     return store, viewer, storage

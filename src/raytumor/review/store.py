@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from raytumor.ingest import is_negative_name
-from raytumor.results import OUT_OF_SCOPE, RUN_FILE, read_scores
+from raytumor.results import OUT_OF_SCOPE, RUN_FILE, json_value, read_scores
 from raytumor.storage import (
     MEMBER_SEP,
     StorageOptions,
@@ -53,25 +53,6 @@ def _text(v: Any) -> str | None:
     if v is None or (isinstance(v, float) and not np.isfinite(v)) or v is pd.NA or v is pd.NaT:
         return None
     return str(v)
-
-
-def json_value(v: Any) -> Any:
-    """A table cell as JSON: NaN/NA -> null, numpy scalars -> Python, arrays -> lists, times -> ISO 8601."""
-    if isinstance(v, np.ndarray):
-        return [json_value(x) for x in v.tolist()]
-    if isinstance(v, (list, tuple)):
-        return [json_value(x) for x in v]
-    if v is None or v is pd.NA or v is pd.NaT:
-        return None
-    if isinstance(v, (np.bool_, bool)):
-        return bool(v)
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return float(v) if np.isfinite(v) else None
-    if isinstance(v, (pd.Timestamp, datetime)):
-        return v.isoformat()
-    return v
 
 
 def _clean(text: str) -> str:
@@ -272,20 +253,24 @@ class ReviewStore:
         df["name"] = [display_name(p) for p in df["path"]]
         df["name_key"] = [natural_key(n) for n in df["name"]]
         self.classes = [c[len("prob_") :] for c in df.columns if c.startswith("prob_")]
-        self.negative_class = negative_class if negative_class in self.classes else self._negative_class()
-        lab = df["label"].astype(object)
         err = df["error"].astype(object)
         df["has_error"] = err.notna() & (err.astype(str) != "")
-        # Flagged: the bundle called a tumour (a class other than the negative one, in scope, no error).
-        df["flagged"] = lab.notna() & ~lab.isin([OUT_OF_SCOPE, self.negative_class]) & ~df["has_error"]
         for c in ("view", "scope_reason", "kind", "label", "error"):
             if c not in df.columns:
                 df[c] = None
         self.df = df
+        self.set_negative_class(negative_class)
         self.by_path = dict(zip(df["path"], df["id"], strict=True))
         self.log = ReviewLog(self.output, storage)
         self._lock = threading.Lock()
         self._apply_reviews(self.log.read())
+
+    def set_negative_class(self, negative_class: str | None) -> None:
+        """The bundle's negative class (else guessed from the class names), and what it makes flagged: the
+        bundle called a tumour (a class other than the negative one, in scope, no error)."""
+        self.negative_class = negative_class if negative_class in self.classes else self._negative_class()
+        lab = self.df["label"].astype(object)
+        self.df["flagged"] = lab.notna() & ~lab.isin([OUT_OF_SCOPE, self.negative_class]) & ~self.df["has_error"]
 
     def _negative_class(self) -> str | None:
         found = [c for c in self.classes if is_negative_name(c)]

@@ -12,15 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import math
 import time
-from datetime import datetime
 from typing import Any
 
 import numpy as np
 from ray import serve
 
 from raytumor.preprocess import PreprocessConfig
+from raytumor.results import json_value
 from raytumor.score.actors import ScorePredictor
 from raytumor.score.decode import columns, decoded_row
 from raytumor.serve.config import ServeConfig
@@ -29,14 +28,7 @@ from raytumor.storage import StorageOptions
 
 def json_row(row: dict[str, Any]) -> dict[str, Any]:
     """A score row as JSON values: NaN/inf -> null, timestamps -> ISO 8601."""
-    out = {}
-    for k, v in row.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None
-        elif isinstance(v, datetime):
-            v = v.isoformat()
-        out[k] = v
-    return out
+    return {k: json_value(v) for k, v in row.items()}
 
 
 class ScoreEndpoint:
