@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -172,6 +173,84 @@ def test_concurrency_leaves_ray_data_a_cpu(ray_session):
         SearchConfig(train=TrainConfig(data="x", cpus_per_worker=0.25), num_samples=1, workers_per_trial=1)
     )
     assert one["max_concurrent_trials"] == 1  # never more trials at once than there are trials
+
+
+def _train_run(root, trial_id: str, val_auc: list[float], keep: set[int]) -> dict[int, str]:
+    """A Train run's storage as the loop writes it: one checkpoint_* folder per kept epoch, each with the
+    progress (epoch, history so far) in train_state.json. Returns {epoch: checkpoint folder}."""
+    from raytumor.train.loop import CHECKPOINT_PROGRESS
+
+    history, kept = [], {}
+    for epoch, auc in enumerate(val_auc):
+        history.append({"epoch": epoch, "epochs_done": epoch + 1, "val_roc_auc": auc, "val_loss": 1 - auc})
+        if epoch in keep:
+            ck = root / trial_id / f"checkpoint_2026-12-08_01-00-{epoch:02d}.000000"
+            ck.mkdir(parents=True)
+            state = {"epoch": epoch, "best": max(h["val_roc_auc"] for h in history), "history": history}
+            (ck / CHECKPOINT_PROGRESS).write_text(json.dumps(state))
+            kept[epoch] = str(ck)
+    (root / trial_id / "checkpoint_manager_snapshot.json").write_text("{}")  # Train's own, not a checkpoint
+    return kept
+
+
+def test_leaderboard_reads_each_trial_from_its_own_checkpoints(tmp_path):
+    """A resumed search: Tune restored the trials without their results (it gets metrics, never a checkpoint,
+    from TuneReportCallback), so a finished trial the last snapshot called RUNNING came back with an empty
+    result.json, and one resumed mid-way lost its first epochs. The leaderboard reads each trial's history
+    from its Train run's checkpoints instead, so neither is ranked on what Tune lost."""
+    runs = tmp_path / "trials"
+    done = _train_run(runs, "ab12c_00000", [0.70, 0.90, 0.80], keep={1, 2})  # finished; best epoch 1
+    cut = _train_run(runs, "ab12c_00001", [0.95, 0.60, 0.65, 0.70], keep={0, 3})  # resumed after epoch 1
+    grid = [
+        SimpleNamespace(  # Tune's view after the restart: no metrics at all
+            metrics={}, config={"lr": 1e-3}, error=None, metrics_dataframe=None,
+            path=str(tmp_path / "s" / "trial_driver_ab12c_00000_0_lr=0.0010_2026-12-08_01-00-00"),
+        ),
+        SimpleNamespace(  # only the epochs after the restart
+            metrics={"trial_id": "ab12c_00001"}, config={"lr": 3e-3}, error=None,
+            path=str(tmp_path / "s" / "trial_driver_ab12c_00001_1_lr=0.0030_2026-12-08_01-00-01"),
+            metrics_dataframe=pd.DataFrame(
+                {"epoch": [2, 3], "epochs_done": [3, 4], "val_roc_auc": [0.65, 0.70], "val_loss": [0.35, 0.3]}
+            ),
+        ),
+        SimpleNamespace(  # a trial that never saved a checkpoint keeps Tune's results
+            metrics={"trial_id": "ab12c_00002"}, config={"lr": 1.0}, error=None,
+            path=str(tmp_path / "s" / "trial_driver_ab12c_00002_2_lr=1.0000_2026-12-08_01-00-02"),
+            metrics_dataframe=pd.DataFrame({"epoch": [0], "epochs_done": [1], "val_roc_auc": [0.5]}),
+        ),
+    ]  # fmt: skip
+    tune_only = leaderboard(grid, "val_roc_auc", "max", max_epochs=4).set_index("trial_id")
+    assert tune_only.loc["ab12c_00000", "epochs_run"] == 0  # what the old leaderboard saw
+    assert tune_only.loc["ab12c_00001", "val_roc_auc"] == 0.70
+
+    board = leaderboard(grid, "val_roc_auc", "max", max_epochs=4, train_runs=(str(runs), None))
+    assert board["trial_id"].tolist() == ["ab12c_00001", "ab12c_00000", "ab12c_00002"]
+    b = board.set_index("trial_id")
+    assert b.loc["ab12c_00001", "val_roc_auc"] == 0.95 and b.loc["ab12c_00001", "best_epoch"] == 0
+    assert b.loc["ab12c_00001", "checkpoint_path"] == cut[0] and b.loc["ab12c_00001", "status"] == "completed"
+    assert b.loc["ab12c_00000", "val_roc_auc"] == 0.90 and b.loc["ab12c_00000", "checkpoint_path"] == done[1]
+    assert b.loc["ab12c_00000", "epochs_run"] == 3 and b.loc["ab12c_00000", "status"] == "stopped_early"
+    assert b.loc["ab12c_00002", "epochs_run"] == 1 and b.loc["ab12c_00002", "val_roc_auc"] == 0.5
+
+
+def test_run_history_on_s3(tmp_path, s3_server, s3_client):
+    """The same history from a Train run stored in a bucket (``--storage-path s3://...``); checkpoint paths
+    are on the bucket's filesystem, as Train reports them."""
+    from raytumor.train import run_history
+    from raytumor.tune import _storage
+
+    kept = _train_run(tmp_path, "cd34e_00000", [0.6, 0.8], keep={0, 1})
+    s3_client.create_bucket(Bucket="runs")
+    for p in (tmp_path / "cd34e_00000").rglob("*"):
+        if p.is_file():
+            s3_client.upload_file(str(p), "runs", f"search/trials/{p.relative_to(tmp_path).as_posix()}")
+    path, fs = _storage("s3://runs/search/trials", s3_server)
+    hist = run_history(f"{path}/cd34e_00000", fs)
+    assert hist["val_roc_auc"].tolist() == [0.6, 0.8]
+    assert hist["checkpoint_path"].tolist() == [
+        f"runs/search/trials/{Path(k).relative_to(tmp_path).as_posix()}" for k in kept.values()
+    ]
+    assert run_history(f"{path}/no-such-trial", fs) is None
 
 
 @pytest.mark.ray

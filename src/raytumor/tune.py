@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from raytumor.train import (
     pin_augment_in,
     prepare_split,
     resolve_metric,
+    run_history,
     write_split,
     write_test_report,
 )
@@ -303,16 +305,47 @@ def trial_driver(config: dict[str, Any], payload: dict[str, Any]) -> None:
 # The search
 
 
+# Tune's trial directory name: <trainable>_<trial id>_<index>_<config>_<date>
+_TRIAL_ID = re.compile(r"_([0-9a-f]+_\d{5})_\d+_")
+
+
+def trial_id_of(result: Any) -> str:
+    """The Tune trial id of a result (the name its Train run is stored under), even with no metrics."""
+    m = _TRIAL_ID.search(Path(result.path).name)
+    return (result.metrics or {}).get("trial_id") or (m.group(1) if m else Path(result.path).name)
+
+
+def _fill_lost_epochs(tune_hist: pd.DataFrame | None, own: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Tune's per-epoch results of a trial with the epochs before its first one taken from the Train run's
+    own history: a restored trial's ``result.json`` starts again empty (Tune gets metrics, never a
+    checkpoint, from ``TuneReportCallback``), so a resumed trial loses its first epochs and a finished one
+    that the last state snapshot still called RUNNING loses them all. Tune's rows are kept as they are:
+    epochs a trial ran after ASHA's stop but before it took effect stay off the board, as ASHA saw it."""
+    if own is None:
+        return tune_hist
+    if tune_hist is None or tune_hist.empty or "epoch" not in tune_hist:
+        return own
+    lost = own[own["epoch"] < tune_hist["epoch"].min()]
+    return pd.concat([lost, tune_hist], ignore_index=True) if len(lost) else tune_hist
+
+
 def leaderboard(
-    result_grid: Any, metric: str, mode: str, max_epochs: int, interrupted: frozenset[str] = frozenset()
-) -> pd.DataFrame:
+    result_grid: Any, metric: str, mode: str, max_epochs: int, interrupted: frozenset[str] = frozenset(),
+    train_runs: tuple[str, Any] | None = None,
+) -> pd.DataFrame:  # fmt: skip
     """One row per trial: its config, best epoch's metrics and checkpoint, and how it ended
     (``completed``, ``stopped_early`` by ASHA, ``error``, or ``interrupted``: the trials whose directory
-    names are in ``interrupted``, unfinished when the search was stopped; they resume when it is rerun)."""
+    names are in ``interrupted``, unfinished when the search was stopped; they resume when it is rerun).
+
+    ``train_runs``: (path, filesystem) where the trials' Train runs are stored: the epochs a resumed
+    search's Tune results lost are read back from each trial's own checkpoints (:func:`_fill_lost_epochs`)."""
     rows = []
     for r in result_grid:
+        tid = trial_id_of(r)
         hist = r.metrics_dataframe
-        row: dict[str, Any] = {"trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name}
+        if train_runs is not None:
+            hist = _fill_lost_epochs(hist, run_history(f"{train_runs[0].rstrip('/')}/{tid}", train_runs[1]))
+        row: dict[str, Any] = {"trial_id": tid}
         row.update({f"config/{k}": v for k, v in (r.config or {}).items()})
         if hist is not None and metric in hist.columns and hist[metric].notna().any():
             vals = hist[metric]
@@ -524,7 +557,9 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         f"{res['cpus_per_worker']} CPU{' + 1 GPU' if res['use_gpu'] else ''} per trial"
     )
     grid, unfinished = fit_search(tuner)
-    board = leaderboard(grid, metric, mode, cfg.max_epochs, unfinished)
+    board = leaderboard(
+        grid, metric, mode, cfg.max_epochs, unfinished, _storage(payload["trials_storage"], base.s3_endpoint)
+    )
     board.to_csv(run_dir / "leaderboard.csv", index=False)
     board.to_parquet(run_dir / "leaderboard.parquet", index=False)
     if unfinished:

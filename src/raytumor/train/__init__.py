@@ -21,6 +21,7 @@ from raytumor.train.package import (
     discard_staging,
     export_bundle,
     load_checkpoint_files,
+    run_history,
     write_split,
     write_test_report,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "TrainConfig",
     "build_datasets",
     "pin_augment_in",
+    "run_history",
     "check_metric",
     "cosine_lambda",
     "discard_staging",

@@ -38,7 +38,7 @@ from raytumor.scope import (
 from raytumor.storage import StorageOptions, read_manifest
 from raytumor.train.config import TrainConfig, known_views
 from raytumor.train.data import SplitData
-from raytumor.train.loop import CHECKPOINT_MODEL, read_progress
+from raytumor.train.loop import CHECKPOINT_MODEL, CHECKPOINT_PROGRESS, read_progress
 
 TEST_PREDICTIONS_FILE = "test_predictions.parquet"
 
@@ -49,6 +49,43 @@ def load_checkpoint_files(checkpoint: Any) -> tuple[dict[str, torch.Tensor], dic
         state_dict = torch.load(Path(d) / CHECKPOINT_MODEL, map_location="cpu", weights_only=True)
         state = read_progress(d)
     return state_dict, state
+
+
+def run_history(run_path: str, filesystem: Any = None) -> pd.DataFrame | None:
+    """A Train run's per-epoch metrics, read from its own checkpoints on local or remote storage: the
+    history the latest checkpoint carries, each epoch with ``checkpoint_path`` where that epoch's
+    checkpoint is still kept (retention deletes some). None when the run saved no checkpoint.
+
+    Why not Tune's ``result.json``: Tune gets only metrics from ``TuneReportCallback``, so a trial it
+    restores has no Tune checkpoint, its ``result.json`` restarts empty, and a finished trial that the
+    last state snapshot still called RUNNING comes back with no results at all."""
+    from pyarrow import fs as pafs
+
+    fs = filesystem
+    if fs is None:
+        fs, run_path = (
+            pafs.FileSystem.from_uri(run_path) if "://" in run_path else (pafs.LocalFileSystem(), run_path)
+        )
+    found = fs.get_file_info(pafs.FileSelector(run_path.rstrip("/"), allow_not_found=True))
+    by_epoch: dict[int, tuple[str, dict[str, Any]]] = {}
+    for info in found:
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{CHECKPOINT_PROGRESS}") as f:
+                state = json.loads(f.read())
+        except (FileNotFoundError, OSError, ValueError):
+            continue  # a checkpoint being written or deleted right now, or from an older raytumor
+        by_epoch[int(state["epoch"])] = (info.path, state)
+    if not by_epoch:
+        return None
+    _, latest = by_epoch[max(by_epoch)]
+    hist = pd.DataFrame(latest["history"])
+    if hist.empty:
+        return None
+    # Paths on ``filesystem``, as Train reports them (``ray.train.Checkpoint(path, filesystem=...)``).
+    hist["checkpoint_path"] = [by_epoch[int(e)][0] if int(e) in by_epoch else None for e in hist["epoch"]]
+    return hist
 
 
 def bundle_meta(
